@@ -1,0 +1,138 @@
+"""Typed settings, one class per process (pydantic-settings, env prefix ``METERING_``, ``.env`` support).
+
+Every process validates its settings at start and passes them down; nothing else reads the
+environment. ``KAFKA_BOOTSTRAP_SERVERS`` (without prefix) is honoured too because it is the
+conventional name users and CI already export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = REPO_ROOT / ".cache"
+
+
+class CommonSettings(BaseSettings):
+    """What every process needs: where Kafka and ClickHouse are."""
+
+    model_config = SettingsConfigDict(env_prefix="METERING_", env_file=".env", extra="ignore")
+
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("METERING_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),
+        description="An existing Kafka cluster. Unset: the project's local broker is started.",
+    )
+    kafka_port: int = Field(default=9092, ge=1, le=65535, description="Port of the local broker.")
+    kafka_data_dir: Path = DEFAULT_CACHE / "kafka" / "data"
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+
+    topic_events: str = "metering.events"
+    topic_dead_letter: str = "metering.events.dlq"
+    topic_partitions: int = Field(default=4, ge=1)
+
+    clickhouse_dsn: SecretStr = Field(
+        default=SecretStr(f"chdb://{DEFAULT_CACHE / 'chdb'}"),
+        description="chdb:///<dir> (embedded engine) or http(s)://user:pass@host:8123",
+    )
+    clickhouse_database: str = Field(default="metering", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    clickhouse_cluster: str | None = Field(
+        default=None, description="Set to a cluster name: DDL runs ON CLUSTER with Replicated engines."
+    )
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("clickhouse_dsn")
+    @classmethod
+    def _known_scheme(cls, v: SecretStr) -> SecretStr:
+        raw = v.get_secret_value()
+        if not raw.startswith(("chdb://", "http://", "https://")):
+            raise ValueError("clickhouse_dsn must start with chdb://, http:// or https://")
+        return v
+
+    @property
+    def embedded_clickhouse(self) -> bool:
+        return self.clickhouse_dsn.get_secret_value().startswith("chdb://")
+
+    def kafka_client_config(self, bootstrap: str) -> dict[str, Any]:
+        """librdkafka settings shared by producers, consumers and admin clients."""
+        conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "security.protocol": self.kafka_security_protocol}
+        if self.kafka_sasl_mechanism:
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+            conf["sasl.username"] = self.kafka_sasl_username or ""
+            conf["sasl.password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
+            )
+        return conf
+
+
+class HttpSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METERING_", env_file=".env", extra="ignore")
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+
+
+class IngestSettings(CommonSettings, HttpSettings):
+    """The HTTP ingest process."""
+
+    ingest_max_events_per_request: int = Field(default=100, ge=1)
+    ingest_max_body_bytes: int = 1024 * 1024
+    ingest_max_event_bytes: int = 32 * 1024
+    ingest_delivery_timeout_s: float = Field(default=10.0, gt=0)
+    ingest_rate_limit_per_minute: int = Field(default=6000, ge=1, description="Per API key.")
+
+
+class AggregatorSettings(CommonSettings):
+    """The faust stream processor."""
+
+    consumer_group: str = "metering-aggregator"
+    batch_max_messages: int = Field(default=500, ge=1, description="Kafka messages per processing batch.")
+    batch_within_s: float = Field(default=0.25, gt=0, description="Longest wait to fill a batch.")
+    dedupe_bloom_capacity: int = Field(default=20_000_000, ge=1000)
+    dedupe_bloom_error_rate: float = Field(default=0.001, gt=0, lt=0.5)
+    clickhouse_retry_max_s: float = Field(default=30.0, gt=0, description="Longest backoff between retries.")
+    faust_data_dir: Path = DEFAULT_CACHE / "faust"
+
+
+class QuerySettings(CommonSettings, HttpSettings):
+    """The query API process."""
+
+    query_rate_limit_per_minute: int = Field(default=600, ge=1, description="Per credential.")
+    query_cache_ttl_s: float = Field(default=2.0, ge=0, description="Credential/entity cache lifetime.")
+
+
+class RunSettings(AggregatorSettings, IngestSettings, QuerySettings):
+    """The all-in-one process ``metering run``: ingest + aggregator + query API in one process,
+    required with the embedded ClickHouse engine, which locks its data directory to one process."""
+
+
+def masked(settings: BaseSettings) -> dict[str, Any]:
+    """Effective settings for display; secrets are masked, and so is the password part of a DSN."""
+    out: dict[str, Any] = {}
+    for name, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):
+            raw = value.get_secret_value()
+            out[name] = _mask_dsn(raw) if "://" in raw else "**********"
+        elif isinstance(value, Path):
+            out[name] = str(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _mask_dsn(dsn: str) -> str:
+    scheme, _, rest = dsn.partition("://")
+    if "@" in rest:
+        cred, _, host = rest.rpartition("@")
+        user = cred.split(":", 1)[0]
+        return f"{scheme}://{user}:****@{host}"
+    return dsn

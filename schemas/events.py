@@ -1,0 +1,427 @@
+"""Usage and lifecycle events: the one definition of what an event is.
+
+Every event is a CloudEvents 1.0 JSON envelope (``specversion``, ``id``, ``source``, ``type``,
+``subject``, ``time``, ``data``) plus the extension attribute ``tenant``: the tenant the event
+belongs to. Over HTTP the tenant comes from the API key, never from the payload; producers using
+the SDK name it explicitly.
+
+``subject`` is always the id of the entity the event is about (a CI step, a workstation, a
+workspace…): each data model names that field in ``SUBJECT_FIELD``. If the producer sets
+``subject`` it must equal that id; if it leaves it out, it is filled in.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0, le=2**53)]
+
+
+class EventType(StrEnum):
+    # usage
+    CI_STEP_CPU = "ci.step.cpu"
+    CI_STEP_MEMORY = "ci.step.memory"
+    WORKSTATION_CPU = "workstation.cpu"
+    WORKSTATION_GPU = "workstation.gpu"
+    WORKSTATION_MEMORY = "workstation.memory"
+    RENDER_COMPLETED = "render.completed"
+    AI_TASK_SUBMITTED = "ai.task.submitted"
+    EGRESS_DOWNLOAD = "egress.download"
+    DATASTREAM_ROWS = "datastream.rows"
+    GATEWAY_REQUEST = "gateway.request"
+    # lifecycle
+    WORKSPACE_CREATED = "workspace.created"
+    WORKSPACE_UPDATED = "workspace.updated"
+    CONTRACT_CREATED = "contract.created"
+    CONTRACT_WORKSPACE_ADDED = "contract.workspace_added"
+    MEMBER_JOINED = "member.joined"
+    MEMBER_LEFT = "member.left"
+    MEMBER_ACTIVATED = "member.activated"
+    MEMBER_DEACTIVATED = "member.deactivated"
+    VIRTUAL_KEY_CREATED = "virtual_key.created"
+    VIRTUAL_KEY_REVOKED = "virtual_key.revoked"
+    VIRTUAL_KEY_EXTRA_PURCHASED = "virtual_key.extra_purchased"
+    AGENT_CREATED = "agent.created"
+    AGENT_ACTIVATED = "agent.activated"
+    AGENT_DEACTIVATED = "agent.deactivated"
+    WORKSTATION_CREATED = "workstation.created"
+    DATASTREAM_CREATED = "datastream.created"
+    API_KEY_CREATED = "api_key.created"
+    API_KEY_REVOKED = "api_key.revoked"
+    ACCESS_TOKEN_ISSUED = "access_token.issued"
+    ACCESS_TOKEN_REVOKED = "access_token.revoked"
+
+
+class EntityKind(StrEnum):
+    WORKSPACE = "workspace"
+    CONTRACT = "contract"
+    MEMBER = "member"
+    VIRTUAL_KEY = "virtual_key"
+    AGENT = "agent"
+    WORKSTATION = "workstation"
+    DATASTREAM = "datastream"
+    API_KEY = "api_key"
+    ACCESS_TOKEN = "access_token"
+
+
+class Data(BaseModel):
+    """Base of every ``data`` object: closed (unknown fields rejected), finite numbers only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    SUBJECT_FIELD: ClassVar[str]
+
+    def subject(self) -> str:
+        return str(getattr(self, self.SUBJECT_FIELD))
+
+
+# ---- usage data -------------------------------------------------------------------------------
+
+
+class CiStepCpu(Data):
+    """CPU consumed by one CI step since its previous report (document 001)."""
+
+    SUBJECT_FIELD = "step_id"
+    contract_id: Id
+    workspace_id: Id
+    step_id: Id
+    cpu_seconds: NonNegative
+
+
+class CiStepMemory(Data):
+    """A memory sample of a CI step: held until the step's next sample (at most the meter's gap)."""
+
+    SUBJECT_FIELD = "step_id"
+    contract_id: Id
+    workspace_id: Id
+    step_id: Id
+    memory_mib: NonNegative
+
+
+class WorkstationCpu(Data):
+    SUBJECT_FIELD = "workstation_id"
+    workstation_id: Id
+    cpu_seconds: NonNegative
+
+
+class WorkstationGpu(Data):
+    SUBJECT_FIELD = "workstation_id"
+    workstation_id: Id
+    gpu_seconds: NonNegative
+
+
+class WorkstationMemory(Data):
+    """A memory sample of a workstation in GB (10^9 bytes), held until the next sample."""
+
+    SUBJECT_FIELD = "workstation_id"
+    workstation_id: Id
+    memory_gb: NonNegative
+
+
+class RenderCompleted(Data):
+    SUBJECT_FIELD = "render_id"
+    workspace_id: Id
+    render_id: Id
+    output_duration_seconds: NonNegative
+
+
+class AiTaskSubmitted(Data):
+    SUBJECT_FIELD = "task_id"
+    workspace_id: Id
+    task_id: Id
+    task_type: Name
+
+
+class EgressDownload(Data):
+    SUBJECT_FIELD = "artifact_id"
+    workspace_id: Id
+    artifact_id: Id
+    bytes: Count
+
+
+class DatastreamRows(Data):
+    """Rows processed by a datastream run. ``row_keys`` are the rows' identities (any stable
+    string, e.g. a hash of the row) so unique rows are exact over a day *and* over a month."""
+
+    SUBJECT_FIELD = "workspace_id"
+    workspace_id: Id
+    datastream_id: Id | None = None
+    total_rows: Count
+    row_keys: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(max_length=2000)
+
+    @model_validator(mode="after")
+    def _unique_within_total(self) -> DatastreamRows:
+        if len(set(self.row_keys)) > self.total_rows:
+            raise ValueError("row_keys holds more distinct rows than total_rows")
+        return self
+
+
+class GatewayRequest(Data):
+    """One AI-gateway request log (document 000 counts these against the workspace's log limit)."""
+
+    SUBJECT_FIELD = "workspace_id"
+    workspace_id: Id
+    virtual_key_id: Id
+    request_id: Id
+    model: Name | None = None
+    status_code: int | None = Field(default=None, ge=100, le=599)
+
+
+# ---- lifecycle data ---------------------------------------------------------------------------
+
+
+class WorkspaceCreated(Data):
+    SUBJECT_FIELD = "workspace_id"
+    workspace_id: Id
+    name: Name
+    parent_id: Id | None = None
+    tier: Name = "free"
+    billing_anchor_day: int = Field(default=1, ge=1, le=28)
+
+
+class WorkspaceUpdated(Data):
+    SUBJECT_FIELD = "workspace_id"
+    workspace_id: Id
+    name: Name | None = None
+    tier: Name | None = None
+
+
+class ContractCreated(Data):
+    SUBJECT_FIELD = "contract_id"
+    contract_id: Id
+    name: Name
+
+
+class ContractWorkspaceAdded(Data):
+    SUBJECT_FIELD = "workspace_id"
+    contract_id: Id
+    workspace_id: Id
+
+
+class MemberJoined(Data):
+    SUBJECT_FIELD = "membership_id"
+    workspace_id: Id
+    member_id: Id
+    email: Annotated[str, Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")]
+
+    @property
+    def membership_id(self) -> str:
+        return membership_id(self.workspace_id, self.member_id)
+
+
+class MemberChanged(Data):
+    SUBJECT_FIELD = "membership_id"
+    workspace_id: Id
+    member_id: Id
+
+    @property
+    def membership_id(self) -> str:
+        return membership_id(self.workspace_id, self.member_id)
+
+
+class VirtualKeyChanged(Data):
+    SUBJECT_FIELD = "virtual_key_id"
+    workspace_id: Id
+    virtual_key_id: Id
+
+
+class VirtualKeyExtraPurchased(Data):
+    SUBJECT_FIELD = "workspace_id"
+    workspace_id: Id
+    count: int = Field(ge=1, le=1_000_000)
+
+
+class AgentChanged(Data):
+    SUBJECT_FIELD = "agent_id"
+    workspace_id: Id
+    agent_id: Id
+
+
+Price = Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
+
+
+class WorkstationCreated(Data):
+    """A workstation and its rate card (document 002)."""
+
+    SUBJECT_FIELD = "workstation_id"
+    workstation_id: Id
+    name: Name
+    usd_per_cpu_hour: Price
+    usd_per_gpu_hour: Price
+    usd_per_gb_hour: Price
+
+
+class DatastreamCreated(Data):
+    SUBJECT_FIELD = "datastream_id"
+    datastream_id: Id
+    workspace_id: Id
+    name: Name
+
+
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ApiKeyCreated(Data):
+    """An API key, stored only as its SHA-256. ``scope`` says what it opens: a member's own
+    access (documents 001) or a workspace and its subtree (documents 003, 004)."""
+
+    SUBJECT_FIELD = "key_id"
+    key_id: Id
+    key_hash: Sha256Hex
+    prefix: Annotated[str, Field(min_length=1, max_length=32)]
+    scope: Literal["member", "workspace"]
+    workspace_id: Id | None = None
+    member_id: Id | None = None
+    email: str | None = Field(default=None, max_length=254)
+
+    @model_validator(mode="after")
+    def _scope_fields(self) -> ApiKeyCreated:
+        if self.scope == "workspace" and not self.workspace_id:
+            raise ValueError("a workspace-scoped key needs workspace_id")
+        if self.scope == "member" and not (self.member_id and self.email):
+            raise ValueError("a member-scoped key needs member_id and email")
+        return self
+
+
+class ApiKeyRevoked(Data):
+    SUBJECT_FIELD = "key_id"
+    key_id: Id
+
+
+class AccessTokenIssued(Data):
+    """A bearer access token of a member (documents 000 and 002), stored only as its SHA-256."""
+
+    SUBJECT_FIELD = "token_id"
+    token_id: Id
+    token_hash: Sha256Hex
+    member_id: Id
+    email: str = Field(max_length=254)
+    expires_at: AwareDatetime
+
+
+class AccessTokenRevoked(Data):
+    SUBJECT_FIELD = "token_id"
+    token_id: Id
+
+
+def membership_id(workspace_id: str, member_id: str) -> str:
+    """Entity id of one member in one workspace (a person may belong to several workspaces)."""
+    return f"{workspace_id}/{member_id}"
+
+
+# ---- the registry -----------------------------------------------------------------------------
+
+DATA_MODELS: dict[EventType, type[Data]] = {
+    EventType.CI_STEP_CPU: CiStepCpu,
+    EventType.CI_STEP_MEMORY: CiStepMemory,
+    EventType.WORKSTATION_CPU: WorkstationCpu,
+    EventType.WORKSTATION_GPU: WorkstationGpu,
+    EventType.WORKSTATION_MEMORY: WorkstationMemory,
+    EventType.RENDER_COMPLETED: RenderCompleted,
+    EventType.AI_TASK_SUBMITTED: AiTaskSubmitted,
+    EventType.EGRESS_DOWNLOAD: EgressDownload,
+    EventType.DATASTREAM_ROWS: DatastreamRows,
+    EventType.GATEWAY_REQUEST: GatewayRequest,
+    EventType.WORKSPACE_CREATED: WorkspaceCreated,
+    EventType.WORKSPACE_UPDATED: WorkspaceUpdated,
+    EventType.CONTRACT_CREATED: ContractCreated,
+    EventType.CONTRACT_WORKSPACE_ADDED: ContractWorkspaceAdded,
+    EventType.MEMBER_JOINED: MemberJoined,
+    EventType.MEMBER_LEFT: MemberChanged,
+    EventType.MEMBER_ACTIVATED: MemberChanged,
+    EventType.MEMBER_DEACTIVATED: MemberChanged,
+    EventType.VIRTUAL_KEY_CREATED: VirtualKeyChanged,
+    EventType.VIRTUAL_KEY_REVOKED: VirtualKeyChanged,
+    EventType.VIRTUAL_KEY_EXTRA_PURCHASED: VirtualKeyExtraPurchased,
+    EventType.AGENT_CREATED: AgentChanged,
+    EventType.AGENT_ACTIVATED: AgentChanged,
+    EventType.AGENT_DEACTIVATED: AgentChanged,
+    EventType.WORKSTATION_CREATED: WorkstationCreated,
+    EventType.DATASTREAM_CREATED: DatastreamCreated,
+    EventType.API_KEY_CREATED: ApiKeyCreated,
+    EventType.API_KEY_REVOKED: ApiKeyRevoked,
+    EventType.ACCESS_TOKEN_ISSUED: AccessTokenIssued,
+    EventType.ACCESS_TOKEN_REVOKED: AccessTokenRevoked,
+}
+
+#: Which entity a lifecycle event changes (its subject is that entity's id).
+LIFECYCLE_KIND: dict[EventType, EntityKind] = {
+    EventType.WORKSPACE_CREATED: EntityKind.WORKSPACE,
+    EventType.WORKSPACE_UPDATED: EntityKind.WORKSPACE,
+    EventType.CONTRACT_WORKSPACE_ADDED: EntityKind.WORKSPACE,
+    EventType.VIRTUAL_KEY_EXTRA_PURCHASED: EntityKind.WORKSPACE,
+    EventType.CONTRACT_CREATED: EntityKind.CONTRACT,
+    EventType.MEMBER_JOINED: EntityKind.MEMBER,
+    EventType.MEMBER_LEFT: EntityKind.MEMBER,
+    EventType.MEMBER_ACTIVATED: EntityKind.MEMBER,
+    EventType.MEMBER_DEACTIVATED: EntityKind.MEMBER,
+    EventType.VIRTUAL_KEY_CREATED: EntityKind.VIRTUAL_KEY,
+    EventType.VIRTUAL_KEY_REVOKED: EntityKind.VIRTUAL_KEY,
+    EventType.AGENT_CREATED: EntityKind.AGENT,
+    EventType.AGENT_ACTIVATED: EntityKind.AGENT,
+    EventType.AGENT_DEACTIVATED: EntityKind.AGENT,
+    EventType.WORKSTATION_CREATED: EntityKind.WORKSTATION,
+    EventType.DATASTREAM_CREATED: EntityKind.DATASTREAM,
+    EventType.API_KEY_CREATED: EntityKind.API_KEY,
+    EventType.API_KEY_REVOKED: EntityKind.API_KEY,
+    EventType.ACCESS_TOKEN_ISSUED: EntityKind.ACCESS_TOKEN,
+    EventType.ACCESS_TOKEN_REVOKED: EntityKind.ACCESS_TOKEN,
+}
+USAGE_TYPES: frozenset[EventType] = frozenset(t for t in EventType if t not in LIFECYCLE_KIND)
+
+
+class Event(BaseModel):
+    """The CloudEvents 1.0 envelope shared by every event type."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    specversion: Literal["1.0"]
+    id: Id
+    source: Annotated[str, Field(min_length=1, max_length=256)]
+    type: EventType
+    subject: Id | None = None
+    time: AwareDatetime
+    tenant: Id | None = None
+    datacontenttype: Literal["application/json"] | None = None
+    data: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _data_matches_type(self) -> Event:
+        model = DATA_MODELS[self.type]
+        parsed = model.model_validate(self.data)
+        subject = parsed.subject()
+        if self.subject is not None and self.subject != subject:
+            raise ValueError(f"subject must be the event's {model.SUBJECT_FIELD} ({subject!r})")
+        object.__setattr__(self, "subject", subject)
+        object.__setattr__(self, "data", parsed.model_dump(mode="json"))
+        return self
+
+    def typed_data(self) -> Data:
+        return DATA_MODELS[self.type].model_validate(self.data)
+
+
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def event_json_schema(event_type: EventType) -> dict[str, Any]:
+    """JSON Schema of one event type: the envelope with ``type`` fixed and ``data`` typed."""
+    envelope = Event.model_json_schema()
+    data_schema = DATA_MODELS[event_type].model_json_schema()
+    defs = {**envelope.pop("$defs", {}), **data_schema.pop("$defs", {})}
+    envelope["properties"]["type"] = {"const": event_type.value, "title": "Type"}
+    envelope["properties"]["data"] = data_schema
+    envelope["title"] = f"{event_type.value} event"
+    envelope["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    if defs:
+        envelope["$defs"] = defs
+    return envelope
+
+
+def parse_time(value: str) -> datetime:
+    return TypeAdapter(AwareDatetime).validate_python(value)

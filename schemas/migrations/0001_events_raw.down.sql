@@ -1,0 +1,1 @@
+DROP TABLE IF EXISTS {db}.events_raw {on_cluster} SYNC

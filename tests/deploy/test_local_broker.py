@@ -1,0 +1,351 @@
+"""Tests for deploy/kafka/local_broker.py.
+
+Unmarked tests cover the pure helpers and the fail-fast paths (no JVM).
+``@pytest.mark.kafka`` tests start the real broker from the shared jar cache
+(``<repo>/.cache/kafka/lib``, fetched by Maven on first use) with a temp data
+dir on free ports, so they never collide with a developer's running broker.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.kafka import local_broker as lb
+
+# ---------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------
+
+
+def test_render_server_properties_single_node_kraft(tmp_path: Path) -> None:
+    text = lb.render_server_properties(port=19092, controller_port=19093, data_dir=tmp_path)
+    props = lb.parse_properties(text)
+
+    assert props["process.roles"] == "broker,controller"
+    assert props["node.id"] == "1"
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:19093"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093"
+    assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:19092"
+    assert props["controller.listener.names"] == "CONTROLLER"
+    assert props["log.dirs"] == str(tmp_path / "kraft-logs")
+    for key in (
+        "offsets.topic.replication.factor",
+        "transaction.state.log.replication.factor",
+        "transaction.state.log.min.isr",
+    ):
+        assert props[key] == "1", key
+    assert props["num.partitions"] == "4"
+    assert props["auto.create.topics.enable"] == "true"
+    assert props["group.initial.rebalance.delay.ms"] == "0"
+
+
+def test_render_server_properties_rejects_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="differ"):
+        lb.render_server_properties(port=1, controller_port=1, data_dir=tmp_path)
+    with pytest.raises(ValueError, match="comma"):
+        lb.render_server_properties(port=1, controller_port=2, data_dir=tmp_path / "a,b")
+
+
+def test_render_server_properties_escapes_backslashes() -> None:
+    text = lb.render_server_properties(port=1, controller_port=2, data_dir=Path("/tmp/we\\ird"))
+    assert "log.dirs=/tmp/we\\\\ird/kraft-logs" in text
+    assert lb.parse_properties(text)["log.dirs"] == "/tmp/we\\ird/kraft-logs"
+
+
+def test_generate_cluster_id_is_kafka_uuid_text() -> None:
+    ids = {lb.generate_cluster_id() for _ in range(200)}
+    assert len(ids) == 200
+    for cluster_id in ids:
+        assert re.fullmatch(r"[A-Za-z0-9_-]{22}", cluster_id)
+        assert not cluster_id.startswith("-")
+        assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
+
+
+def test_pid_file_round_trip() -> None:
+    record = lb.PidRecord(pid=1234, port=19092, controller_port=19093)
+    assert lb.parse_pid_file(lb.format_pid_file(record)) == record
+    assert record.bootstrap == "127.0.0.1:19092"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "garbage",
+        "1234",  # bare pid without ports
+        "[]",
+        '{"pid": 1, "port": 2}',
+        '{"pid": "1", "port": 2, "controller_port": 3}',
+        '{"pid": true, "port": 2, "controller_port": 3}',
+        '{"pid": 0, "port": 2, "controller_port": 3}',
+        '{"pid": 1, "port": 70000, "controller_port": 3}',
+    ],
+)
+def test_parse_pid_file_rejects_malformed(text: str) -> None:
+    assert lb.parse_pid_file(text) is None
+
+
+def test_is_kafka_cmdline(tmp_path: Path) -> None:
+    props = tmp_path / "server.properties"
+    ours = ["/usr/bin/java", "-Xmx512m", "-cp", "lib/*", "kafka.Kafka", str(props)]
+    assert lb.is_kafka_cmdline(ours, props)
+    assert not lb.is_kafka_cmdline(ours[:-1] + ["/elsewhere/server.properties"], props)
+    assert not lb.is_kafka_cmdline(["/bin/sleep", "100"], props)
+
+
+def test_build_broker_command_caps_heap(tmp_path: Path) -> None:
+    cmd = lb.build_broker_command(java="java", lib_dir=tmp_path / "lib", data_dir=tmp_path)
+    assert "-Xmx512m" in cmd and "-Xms128m" in cmd
+    assert cmd[-2:] == ["kafka.Kafka", str(tmp_path / "server.properties")]
+    assert f"-Dkafka.logs.dir={tmp_path / 'logs'}" in cmd
+    assert any(arg.startswith("-Dlog4j.configuration=file:") for arg in cmd)
+    with pytest.raises(ValueError, match="heap_mb"):
+        lb.build_broker_command(java="java", lib_dir=tmp_path, data_dir=tmp_path, heap_mb=1024)
+
+
+def test_build_format_command_uses_storage_tool(tmp_path: Path) -> None:
+    cmd = lb.build_format_command(java="java", lib_dir=tmp_path, data_dir=tmp_path, cluster_id="abc")
+    i = cmd.index("kafka.tools.StorageTool")
+    assert cmd[i + 1 :] == [
+        "format",
+        "-t",
+        "abc",
+        "-c",
+        str(tmp_path / "server.properties"),
+        "--ignore-formatted",
+    ]
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    """A plain TCP listener on a free port: 'something that is not our broker'."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+def test_port_checks(listener: int) -> None:
+    assert not lb.is_port_free(listener)
+    free = lb.find_free_port()
+    assert lb.is_port_free(free)
+    assert lb.find_free_port(exclude=frozenset({free})) != free
+
+
+def test_choose_controller_port(listener: int) -> None:
+    # Explicit request wins; a taken explicit port is an error.
+    free = lb.find_free_port()
+    assert lb.choose_controller_port(1, free) == free
+    with pytest.raises(lb.PortInUseError):
+        lb.choose_controller_port(1, listener)
+    # port + 1 taken -> falls back to some other free port.
+    chosen = lb.choose_controller_port(listener - 1, None)
+    assert chosen != listener and chosen != listener - 1
+    assert lb.is_port_free(chosen)
+
+
+def test_start_fails_fast_when_port_taken(listener: int, tmp_path: Path) -> None:
+    # Empty cache dir: if the port check ever moved after ensure_jars(), this
+    # test would start downloading and blow the time bound below.
+    began = time.monotonic()
+    with pytest.raises(lb.PortInUseError) as excinfo:
+        lb.start(port=listener, data_dir=tmp_path / "data", cache_dir=tmp_path / "cache", timeout_s=60)
+    assert time.monotonic() - began < 5
+    message = str(excinfo.value)
+    assert str(listener) in message
+    assert "METERING_KAFKA_PORT" in message and "--port" in message
+    assert not (tmp_path / "data" / "broker.pid").exists()
+
+
+def test_stop_and_status_without_broker(tmp_path: Path) -> None:
+    assert lb.stop(tmp_path / "nothing-here") is False
+    assert lb.status(tmp_path) == lb.BrokerStatus(running=False, pid=None, bootstrap=None)
+    # A pid file naming an unrelated live process (pid reuse) is never signalled.
+    (tmp_path / "broker.pid").write_text(
+        lb.format_pid_file(lb.PidRecord(pid=os.getpid(), port=1, controller_port=2))
+    )
+    assert lb.status(tmp_path).running is False
+    assert lb.stop(tmp_path) is False
+    assert not (tmp_path / "broker.pid").exists()
+
+
+# ---------------------------------------------------------------------------
+# Real broker
+# ---------------------------------------------------------------------------
+
+
+def _processes_mentioning(needle: str) -> list[int]:
+    """Pids whose command line mentions ``needle`` (our data dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if needle in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "kafka-data"
+    yield path
+    # Whatever a test did, never leak a JVM.
+    lb.stop(path, timeout_s=10)
+    assert _processes_mentioning(str(path)) == []
+
+
+def _produce_and_consume(bootstrap: str) -> None:
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"smoke-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
+    futures[topic].result(timeout=30)
+    assert topic in admin.list_topics(timeout=10).topics
+
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    producer.produce(topic, key=b"k", value=b"hello")
+    assert producer.flush(30) == 0
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"g-{topic}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            msg = consumer.poll(1.0)
+            if msg is None:
+                continue
+            assert msg.error() is None, msg.error()
+            assert (msg.key(), msg.value()) == (b"k", b"hello")
+            return
+        pytest.fail("no message consumed within 60 s")
+    finally:
+        consumer.close()
+
+
+@pytest.mark.kafka
+def test_start_produce_consume_reuse_stop(data_dir: Path) -> None:
+    port = lb.find_free_port()
+    bootstrap = lb.start(port=port, data_dir=data_dir)
+    assert bootstrap == f"127.0.0.1:{port}"
+    first = lb.status(data_dir)
+    assert first.running and first.bootstrap == bootstrap and first.pid is not None
+
+    _produce_and_consume(bootstrap)
+
+    # Second start reuses the same process instead of launching another.
+    assert lb.start(port=port, data_dir=data_dir) == bootstrap
+    assert lb.status(data_dir).pid == first.pid
+
+    # Same data dir, different port: refuse rather than fight over the dir.
+    with pytest.raises(lb.DataDirInUseError, match=str(port)):
+        lb.start(port=lb.find_free_port(), data_dir=data_dir)
+
+    # The port is now ours, but a *different* data dir must still fail fast.
+    with pytest.raises(lb.PortInUseError, match=str(port)):
+        lb.start(port=port, data_dir=data_dir.parent / "other")
+
+    assert lb.stop(data_dir) is True
+    assert not lb.status(data_dir).running
+    assert not (data_dir / "broker.pid").exists()
+    assert _processes_mentioning(str(data_dir)) == []
+    assert lb.is_port_free(port)
+    assert lb.stop(data_dir) is False  # idempotent
+
+
+@pytest.mark.kafka
+def test_stale_pid_file_is_replaced_and_data_survives_restart(data_dir: Path) -> None:
+    port = lb.find_free_port()
+    data_dir.mkdir(parents=True)
+    dead = _dead_pid()
+    (data_dir / "broker.pid").write_text(
+        json.dumps({"pid": dead, "port": port, "controller_port": port + 1})
+    )
+
+    bootstrap = lb.start(port=port, data_dir=data_dir)
+    pid = lb.status(data_dir).pid
+    assert pid is not None and pid != dead
+    assert lb.parse_pid_file((data_dir / "broker.pid").read_text()) is not None
+
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic("kept", 1, 1)])["kept"].result(timeout=30)
+
+    # A broker killed without cleanup leaves a stale pid file behind too.
+    os.kill(pid, 9)
+    lb._terminate(pid, timeout_s=5)  # reap it (it is our child)
+    assert not lb.status(data_dir).running
+
+    # Restart on the already-formatted dir keeps the cluster id and topics.
+    assert lb.start(port=port, data_dir=data_dir) == bootstrap
+    assert lb.status(data_dir).pid not in (None, pid)
+    assert "kept" in AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics
+
+
+@pytest.mark.kafka
+def test_running_broker_stops_only_what_it_started(data_dir: Path) -> None:
+    port = lb.find_free_port()
+    with lb.running_broker(port=port, data_dir=data_dir) as bootstrap:
+        outer_pid = lb.status(data_dir).pid
+        with lb.running_broker(port=port, data_dir=data_dir) as again:
+            assert again == bootstrap
+        # The inner context reused the broker, so leaving it must not stop it.
+        assert lb.status(data_dir).pid == outer_pid
+    assert not lb.status(data_dir).running
+    assert _processes_mentioning(str(data_dir)) == []
+
+
+@pytest.mark.kafka
+def test_cli_up_status_down(data_dir: Path) -> None:
+    port = str(lb.find_free_port())
+    repo_root = Path(lb.__file__).resolve().parents[2]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "deploy.kafka.local_broker", *args, "--data-dir", str(data_dir)],
+            capture_output=True,
+            text=True,
+            cwd=repo_root,
+            timeout=120,
+            check=False,
+        )
+
+    up = cli("up", "--port", port)
+    assert up.returncode == 0, up.stderr
+    assert up.stdout.strip() == f"127.0.0.1:{port}"
+    st = cli("status")
+    assert st.returncode == 0 and f"bootstrap=127.0.0.1:{port}" in st.stdout
+    down = cli("down")
+    assert down.returncode == 0 and "stopped" in down.stderr
+    assert cli("status").returncode == 3
