@@ -88,7 +88,9 @@ def _fmt_time(t: datetime | None) -> str:
     return (t or datetime(1970, 1, 1)).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def fold(tenant: str, kind: EntityKind, entity_id: str, events: Iterable[LifecycleEvent]) -> EntityState | None:
+def fold(
+    tenant: str, kind: EntityKind, entity_id: str, events: Iterable[LifecycleEvent]
+) -> EntityState | None:
     """The state after all ``events`` (any order in; sorted here). None if none of them applies."""
     state = EntityState(tenant=tenant, kind=kind, entity_id=entity_id)
     seen = False

@@ -418,17 +418,33 @@ def _read_cmdline(pid: int) -> list[str] | None:
 
 
 def _is_zombie(pid: int) -> bool:
+    """Whether every thread of ``pid`` has exited (only reaping is left).
+
+    Checked per thread: when a JVM dies, its main thread can show as a zombie
+    while other threads are still tearing down and holding its sockets, so a
+    zombie *leader* alone does not mean the port is free yet.
+    """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
-        return False
-    # Format: "pid (comm) S ..."; comm may contain spaces, so split after ')'.
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+        return False  # no procfs or already gone; os.kill decides
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # thread vanished while we looked
+        # Format: "tid (comm) S ..."; comm may contain spaces, so split after ')'.
+        if stat.rpartition(")")[2].split()[:1] not in (["Z"], ["X"]):
+            return False
+    return True
 
 
 def _pid_alive(pid: int) -> bool:
     child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
+    if child is not None:
+        # Our own child: waitpid is authoritative and reaps it when it is done.
+        if child.poll() is None:
+            return True
         del _CHILDREN[pid]
         return False
     try:
@@ -648,8 +664,8 @@ def _start(
     """Start (or reuse) the broker; return its bootstrap and whether we started it."""
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
     with _file_lock(data_dir / LOCK_FILE):
+        deadline = time.monotonic() + timeout_s
         record = _read_pid_record(data_dir)
         if record is not None and _is_our_broker(record.pid, data_dir):
             if record.port != port:
@@ -689,6 +705,9 @@ def _start(
         log_dir = data_dir / LOG_DIR
         log_dir.mkdir(exist_ok=True)
         cmd = build_broker_command(java=java, lib_dir=lib_dir, data_dir=data_dir, heap_mb=heap_mb)
+        # The clock starts here so a slow first-run Maven download does not
+        # eat into the time the broker itself gets to boot.
+        deadline = time.monotonic() + timeout_s
         with open(log_dir / STDOUT_FILE, "ab") as out:
             proc = subprocess.Popen(
                 cmd,
@@ -702,7 +721,8 @@ def _start(
                 start_new_session=True,
             )
         _CHILDREN[proc.pid] = proc
-        # Written before waiting so a concurrent `down` can find the process.
+        # Written before waiting: if this Python process dies mid-wait, the
+        # next start/stop still finds (and can reuse or stop) the JVM.
         _write_atomically(
             data_dir / PID_FILE,
             format_pid_file(PidRecord(pid=proc.pid, port=port, controller_port=cport)),
@@ -736,7 +756,8 @@ def start(
 ) -> str:
     """Start a single-node KRaft broker (or reuse ours); return ``"127.0.0.1:PORT"``.
 
-    Returns only once a metadata request succeeds. Raises ``PortInUseError``
+    Returns only once a metadata request succeeds; ``timeout_s`` bounds that
+    wait (a first-run jar download is not counted). Raises ``PortInUseError``
     at once if ``port`` is held by anything else, ``DataDirInUseError`` if
     this data dir's broker runs on another port, and ``BrokerStartError``
     (with the broker log tail) if it dies or is not ready within ``timeout_s``;

@@ -1,0 +1,73 @@
+"""Apply events to ClickHouse through the real processing path, without Kafka.
+
+For tests that concern storage and queries, and for loading benchmark data: events are packed
+into messages exactly as the SDK packs them (one tenant per message) and handed to the same
+``BatchProcessor`` the faust agent uses, with offsets continuing after the table's watermark.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+from aggregators.decode import SourceMessage
+from aggregators.dedupe import BloomFilter
+from aggregators.processor import BatchProcessor, BatchStats, ListSink
+from aggregators.writer import ClickHouseWriter
+from schemas.clickhouse import Table
+from schemas.meters import Catalog, default_catalog
+from schemas.wire import batch_headers, encode_batch
+
+
+def make_processor(client: Client, database: str, catalog: Catalog | None = None) -> BatchProcessor:
+    writer = ClickHouseWriter(client, database, catalog or default_catalog())
+    return BatchProcessor(writer, ListSink(), BloomFilter(100_000, 0.001))
+
+
+def pack(
+    events: Iterable[Mapping[str, Any]],
+    partition: int,
+    start_offset: int,
+    per_message: int = 500,
+    received_at: datetime | None = None,
+    backfill: bool = False,
+) -> list[SourceMessage]:
+    """Group events by tenant into messages of at most ``per_message`` events."""
+    by_tenant: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for e in events:
+        by_tenant[str(e.get("tenant", ""))].append(e)
+    ts = int((received_at or datetime.now(UTC)).timestamp() * 1000)
+    out, offset = [], start_offset
+    for tenant, evs in by_tenant.items():
+        for i in range(0, len(evs), per_message):
+            out.append(
+                SourceMessage(
+                    partition,
+                    offset,
+                    ts,
+                    tenant.encode() or None,
+                    encode_batch(evs[i : i + per_message]),
+                    batch_headers(backfill),
+                )
+            )
+            offset += 1
+    return out
+
+
+def apply_events(
+    client: Client,
+    database: str,
+    events: Iterable[Mapping[str, Any]],
+    partition: int = 0,
+    processor: BatchProcessor | None = None,
+    received_at: datetime | None = None,
+    backfill: bool = False,
+) -> BatchStats:
+    proc = processor or make_processor(client, database)
+    wm = proc.writer.watermarks(Table.EVENTS_RAW, [partition])[partition]
+    messages = pack(events, partition, wm + 1, received_at=received_at, backfill=backfill)
+    return proc.process(messages)

@@ -1,0 +1,193 @@
+"""SQL that turns raw rows into period rows, generated from the meter catalog (pure).
+
+Every statement reads ``events_raw`` rows of a set of offset ranges, one per Kafka partition, and
+is one INSERT: ClickHouse writes it as one part, so a statement is applied completely or not at
+all. The same statements with a time filter instead of offsets rebuild the tables from raw
+(``metering replay --from-raw``), which is why a rebuild gives the same numbers.
+
+Meter slugs, event types and field names are validated identifiers (schemas/meters.py); they are
+the only things written into the SQL text. Offsets and times are query parameters.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from schemas.clickhouse import Table
+from schemas.events import DATA_MODELS, LIFECYCLE_KIND
+from schemas.meters import Aggregation, Catalog, Meter
+
+
+class Grain(StrEnum):
+    FIFTEEN_MINUTES = "15m"
+    HOUR = "1h"
+    DAY = "1d"
+    MONTH = "1mo"
+
+
+GRAIN_TABLE: dict[Grain, Table] = {
+    Grain.FIFTEEN_MINUTES: Table.USAGE_15M,
+    Grain.HOUR: Table.USAGE_1H,
+    Grain.DAY: Table.USAGE_1D,
+    Grain.MONTH: Table.USAGE_1MO,
+}
+GRAIN_FN: dict[Grain, str] = {
+    Grain.FIFTEEN_MINUTES: "toStartOfFifteenMinutes",
+    Grain.HOUR: "toStartOfHour",
+    Grain.DAY: "toStartOfDay",
+    Grain.MONTH: "toStartOfMonth",
+}
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """Offsets (lo, hi] per partition: the raw rows a statement reads."""
+
+    by_partition: Mapping[int, tuple[int, int]]
+
+    def nonempty(self) -> Ranges:
+        return Ranges({p: r for p, r in self.by_partition.items() if r[1] > r[0]})
+
+    def __bool__(self) -> bool:
+        return any(hi > lo for lo, hi in self.by_partition.values())
+
+    def sql(self) -> tuple[str, dict[str, Any]]:
+        parts, params = [], {}
+        for i, (p, (lo, hi)) in enumerate(sorted(self.by_partition.items())):
+            parts.append(
+                f"(src_partition = {{p{i}:Int32}} AND src_offset > {{lo{i}:Int64}} AND src_offset <= {{hi{i}:Int64}})"
+            )
+            params.update({f"p{i}": p, f"lo{i}": lo, f"hi{i}": hi})
+        return "(" + " OR ".join(parts or ["0"]) + ")", params
+
+
+def _is_list_field(meter: Meter) -> bool:
+    assert meter.value is not None
+    annotation = DATA_MODELS[meter.event_type].model_fields[meter.value].annotation
+    return typing.get_origin(annotation) is list
+
+
+def _dims_sql(meter: Meter) -> str:
+    if not meter.group_by:
+        return "map()"
+    return "map(" + ", ".join(f"'{f}', JSONExtractString(data, '{f}')" for f in meter.group_by) + ")"
+
+
+def _value_sql(meter: Meter) -> str:
+    if meter.aggregation in (Aggregation.COUNT, Aggregation.UNIQUE_COUNT):
+        return "toDecimal128(0, 9)"
+    # From the JSON text of the number, not a Float64, so 0.1 is exactly 0.1.
+    return f"toDecimal128(JSONExtractRaw(data, '{meter.value}'), 9)"
+
+
+def _unique_sql(meter: Meter) -> str:
+    if meter.aggregation is not Aggregation.UNIQUE_COUNT:
+        return "CAST([], 'Array(String)')"
+    if _is_list_field(meter):
+        return f"JSONExtract(data, '{meter.value}', 'Array(String)')"
+    return f"[JSONExtractString(data, '{meter.value}')]"
+
+
+def period_insert(catalog: Catalog, grain: Grain, database: str, where: str) -> str | None:
+    """One INSERT into the period table of ``grain`` for every non-gauge meter, reading the raw
+    rows that match ``where`` (a parameterized condition on events_raw)."""
+    meters = [m for m in catalog.meters if not m.is_gauge]
+    if not meters:
+        return None
+    branches = [
+        f"SELECT tenant, '{m.slug}' AS meter, time, src_partition, src_offset, "
+        f"{_dims_sql(m)} AS dims, {_value_sql(m)} AS v, {_unique_sql(m)} AS ukeys "
+        f"FROM {database}.{Table.EVENTS_RAW} WHERE type = '{m.event_type.value}' AND {where}"
+        for m in meters
+    ]
+    fn = GRAIN_FN[grain]
+    return (
+        f"INSERT INTO {database}.{GRAIN_TABLE[grain]} (tenant, meter, window_start, group_key, src_partition, dims, "
+        "value_sum, value_count, value_min, value_max, value_latest, value_unique, src_offset) "
+        f"SELECT tenant, meter, {fn}(time) AS w, toJSONString(dims) AS group_key, src_partition, any(dims), "
+        "sum(v), count(), min(v), max(v), argMaxState(v, (time, src_offset)), "
+        "uniqExactMergeState(arrayReduce('uniqExactState', ukeys)), max(src_offset) "
+        f"FROM ({' UNION ALL '.join(branches)}) "
+        "GROUP BY tenant, meter, w, group_key, src_partition"
+    )
+
+
+def gauge_touched(meter: Meter, database: str, where: str) -> str:
+    """The series (tenant, subject) a set of raw rows touches, and the time span of their samples."""
+    return (
+        f"SELECT tenant, subject, toUnixTimestamp64Milli(min(time)), toUnixTimestamp64Milli(max(time)), "
+        f"max(src_offset) FROM {database}.{Table.EVENTS_RAW} "
+        f"WHERE type = '{meter.event_type.value}' AND {where} GROUP BY tenant, subject"
+    )
+
+
+def gauge_select(meter: Meter, database: str, prefix: str) -> str:
+    """The 15-minute integrals of some series over a window span, as rows of ``gauge_15m``.
+
+    Parameters (named with ``prefix``): ``tenants``/``series`` (parallel arrays naming the
+    series), ``w_lo``/``w_hi`` (window span to rewrite, ms, multiples of 15 minutes); and, shared,
+    ``src_partition``, ``src_offset``. Each sample holds its value from its time until the
+    series' next sample, at most ``max_gap_seconds``; that interval is cut at 15-minute
+    boundaries. Samples are read from one gap before the span (an earlier sample still holding
+    into it) to one gap after (the next sample that ends the hold of the last one).
+    """
+    assert meter.max_gap_seconds is not None and meter.value is not None
+    gap = meter.max_gap_seconds * 1000
+    lo, hi = f"{{{prefix}w_lo:Int64}}", f"{{{prefix}w_hi:Int64}}"
+    return f"""
+SELECT tenant, '{meter.slug}' AS meter, toDateTime(intDiv(ws, 1000), 'UTC') AS window_start, any(group_key),
+       series, any(dims), sum(piece), sum(starts_here), {{src_partition:Int32}}, {{src_offset:Int64}},
+       toUnixTimestamp64Nano(now64(9))
+FROM (
+    SELECT tenant, series, dims, toJSONString(dims) AS group_key, v, t0, t1,
+           arrayJoin(range(intDiv(t0, 900000) * 900000, t1, 900000)) AS ws,
+           toDecimal128(v * toDecimal128(least(t1, ws + 900000) - greatest(t0, ws), 0), 9) / 1000 AS piece,
+           toUInt64(t0 >= ws AND t0 < ws + 900000) AS starts_here
+    FROM (
+        SELECT tenant, series, dims, v, t0, if(nxt = 0 OR nxt - t0 > {gap}, t0 + {gap}, nxt) AS t1
+        FROM (
+            SELECT tenant, subject AS series, {_dims_sql(meter)} AS dims, {_value_sql(meter)} AS v,
+                   toUnixTimestamp64Milli(time) AS t0,
+                   leadInFrame(toUnixTimestamp64Milli(time), 1, toInt64(0)) OVER (
+                       PARTITION BY tenant, subject ORDER BY time, src_offset
+                       ROWS BETWEEN CURRENT ROW AND 1 FOLLOWING) AS nxt
+            FROM {database}.{Table.EVENTS_RAW}
+            WHERE type = '{meter.event_type.value}'
+              AND (tenant, subject) IN (
+                  SELECT arrayJoin(arrayZip({{{prefix}tenants:Array(String)}}, {{{prefix}series:Array(String)}})))
+              AND time >= fromUnixTimestamp64Milli({lo} - {gap}, 'UTC')
+              AND time < fromUnixTimestamp64Milli({hi} + {gap}, 'UTC')
+        )
+    )
+    WHERE t1 > t0
+)
+WHERE ws >= {lo} AND ws < {hi}
+GROUP BY tenant, series, ws
+"""
+
+
+GAUGE_COLUMNS = "tenant, meter, window_start, group_key, series, dims, integral, samples, src_partition, src_offset, version"
+
+
+LIFECYCLE_TYPES: tuple[str, ...] = tuple(sorted(t.value for t in LIFECYCLE_KIND))
+
+
+def lifecycle_touched(database: str, where: str) -> str:
+    types = ", ".join(f"'{t}'" for t in LIFECYCLE_TYPES)
+    return (
+        f"SELECT DISTINCT tenant, type, subject FROM {database}.{Table.EVENTS_RAW} "
+        f"WHERE type IN ({types}) AND {where}"
+    )
+
+
+def lifecycle_events(database: str) -> str:
+    """All lifecycle events of some entities (parameters: tenant, subjects, types)."""
+    return (
+        f"SELECT type, subject, time, data, src_partition, src_offset FROM {database}.{Table.EVENTS_RAW} "
+        "WHERE tenant = {tenant:String} AND type IN {types:Array(String)} AND subject IN {subjects:Array(String)} "
+        "ORDER BY time, src_offset"
+    )

@@ -1,0 +1,261 @@
+"""All ClickHouse I/O of the aggregator: watermarks, the raw insert, and the derived tables.
+
+Ordering is what makes a batch exactly-once (docs/exactly-once.md):
+1. raw rows are inserted in ONE statement (one part: all or nothing), tagged with their Kafka
+   partition and offset;
+2. every derived table is brought up to the raw table from its own watermark, each in ONE
+   statement per table (and partition, where rows are recomputed), tagged likewise;
+3. only then does the caller let Kafka offsets be committed.
+A watermark is ``max(src_offset)`` of a table for a partition, read back from the table itself,
+so a table and its watermark can never disagree, whatever crashed in between.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import orjson
+from clickhouse_connect.driver.client import Client
+
+from aggregators import rollup
+from aggregators.decode import RawRow, raw_row_json
+from aggregators.dedupe import KEY_HASH_SQL
+from aggregators.projection import LifecycleEvent, fold
+from aggregators.rollup import Grain, Ranges
+from schemas.clickhouse import Table
+from schemas.events import LIFECYCLE_KIND, EntityKind, EventType
+from schemas.meters import Catalog
+
+log = logging.getLogger(__name__)
+
+DERIVED: tuple[Table, ...] = (
+    Table.USAGE_15M,
+    Table.USAGE_1H,
+    Table.USAGE_1D,
+    Table.USAGE_1MO,
+    Table.GAUGE_15M,
+    Table.ENTITIES,
+)
+_GRAIN_OF = {t: g for g, t in rollup.GRAIN_TABLE.items()}
+_TYPES_OF_KIND: dict[EntityKind, list[str]] = defaultdict(list)
+for _t, _k in LIFECYCLE_KIND.items():
+    _TYPES_OF_KIND[_k].append(_t.value)
+
+NO_OFFSET = -1
+
+
+def fmt_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+class ClickHouseWriter:
+    def __init__(self, client: Client, database: str, catalog: Catalog) -> None:
+        self.client = client
+        self.db = database
+        self.catalog = catalog
+        self._wm: dict[Table, dict[int, int]] = defaultdict(dict)
+
+    # ---- watermarks ---------------------------------------------------------------------------
+
+    def watermarks(self, table: Table, partitions: Iterable[int]) -> dict[int, int]:
+        cache = self._wm[table]
+        missing = sorted(set(partitions) - set(cache))
+        if missing:
+            rows = self.client.query(
+                f"SELECT src_partition, max(src_offset) FROM {self.db}.{table} "
+                "WHERE src_partition IN {ps:Array(Int32)} GROUP BY src_partition",
+                parameters={"ps": missing},
+            ).result_rows
+            found = {int(p): int(o) for p, o in rows}
+            for p in missing:
+                cache[p] = found.get(p, NO_OFFSET)
+        return {p: cache[p] for p in partitions}
+
+    def forget(self, partitions: Iterable[int] | None = None) -> None:
+        """Drop cached watermarks (after an error or when partitions move to another process)."""
+        for cache in self._wm.values():
+            if partitions is None:
+                cache.clear()
+            else:
+                for p in partitions:
+                    cache.pop(p, None)
+
+    # ---- dedupe support -----------------------------------------------------------------------
+
+    def existing_ids(self, tenant: str, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        rows = self.client.query(
+            f"SELECT DISTINCT event_id FROM {self.db}.{Table.EVENTS_RAW} "
+            "WHERE tenant = {t:String} AND event_id IN {ids:Array(String)}",
+            parameters={"t": tenant, "ids": list(ids)},
+        ).result_rows
+        return {str(r[0]) for r in rows}
+
+    def key_hashes(self, partitions: Sequence[int], since: datetime) -> np.ndarray:
+        rows = self.client.query(
+            f"SELECT {KEY_HASH_SQL} FROM {self.db}.{Table.EVENTS_RAW} "
+            "WHERE src_partition IN {ps:Array(Int32)} AND time >= {since:DateTime64(3, 'UTC')}",
+            parameters={"ps": list(partitions), "since": fmt_time(since)},
+        ).result_columns
+        return np.asarray(rows[0] if rows else [], dtype=np.uint64)
+
+    # ---- raw ----------------------------------------------------------------------------------
+
+    def insert_raw(self, rows: Sequence[RawRow], ingested_at: datetime) -> None:
+        """One INSERT, hence one part: all rows or none. No deduplication token here on purpose:
+        after an error the processor re-reads the watermark, which says whether the insert
+        landed; a token could instead drop rows legitimately re-inserted by a replay."""
+        if not rows:
+            return
+        stamp = fmt_time(ingested_at)
+        body = b"\n".join(raw_row_json(r, stamp) for r in rows)
+        first, last = rows[0], rows[-1]
+        token = f"raw:{first.partition}:{first.offset}:{last.partition}:{last.offset}:{len(rows)}"
+        self.client.raw_insert(
+            f"{self.db}.{Table.EVENTS_RAW}",
+            None,
+            body,
+            fmt="JSONEachRow",
+            settings={"insert_deduplication_token": token},
+        )
+        cache = self._wm[Table.EVENTS_RAW]
+        for r in rows:
+            if r.offset > cache.get(r.partition, NO_OFFSET):
+                cache[r.partition] = r.offset
+
+    # ---- derived tables -----------------------------------------------------------------------
+
+    def catch_up(self, partitions: Iterable[int]) -> dict[Table, int]:
+        """Bring every derived table up to the raw table for ``partitions``; returns the number of
+        statements run per table."""
+        parts = sorted(set(partitions))
+        raw_wm = self.watermarks(Table.EVENTS_RAW, parts)
+        done: dict[Table, int] = {}
+        for table in DERIVED:
+            wm = self.watermarks(table, parts)
+            ranges = Ranges({p: (wm[p], raw_wm[p]) for p in parts}).nonempty()
+            if not ranges:
+                continue
+            done[table] = self._apply(table, ranges)
+            for p, (_, hi) in ranges.by_partition.items():
+                self._wm[table][p] = hi
+        return done
+
+    def _apply(self, table: Table, ranges: Ranges) -> int:
+        if table in _GRAIN_OF:
+            return self._apply_period(_GRAIN_OF[table], ranges)
+        if table is Table.GAUGE_15M:
+            return self._apply_gauges(ranges)
+        return self._apply_entities(ranges)
+
+    def _apply_period(self, grain: Grain, ranges: Ranges) -> int:
+        where, params = ranges.sql()
+        sql = rollup.period_insert(self.catalog, grain, self.db, where)
+        if sql is None:
+            return 0
+        self.client.command(sql, parameters=params, settings=_token(grain.value, ranges))
+        return 1
+
+    def _apply_gauges(self, ranges: Ranges) -> int:
+        gauges = [m for m in self.catalog.meters if m.is_gauge]
+        statements = 0
+        for p, rng in sorted(ranges.by_partition.items()):
+            one = Ranges({p: rng})
+            where, wparams = one.sql()
+            selects, params = [], {"src_partition": p}
+            top = NO_OFFSET
+            for i, meter in enumerate(gauges):
+                touched = self.client.query(
+                    rollup.gauge_touched(meter, self.db, where), parameters=wparams
+                ).result_rows
+                if not touched:
+                    continue
+                gap = meter.max_gap_seconds * 1000 if meter.max_gap_seconds else 0
+                lo = min(int(r[2]) for r in touched) - gap
+                hi = max(int(r[3]) for r in touched) + gap
+                prefix = f"g{i}_"
+                params.update(
+                    {
+                        f"{prefix}tenants": [str(r[0]) for r in touched],
+                        f"{prefix}series": [str(r[1]) for r in touched],
+                        f"{prefix}w_lo": lo // 900_000 * 900_000,
+                        f"{prefix}w_hi": (hi // 900_000 + 1) * 900_000,
+                    }
+                )
+                selects.append(rollup.gauge_select(meter, self.db, prefix))
+                top = max(top, max(int(r[4]) for r in touched))
+            if not selects:
+                continue
+            params["src_offset"] = top
+            self.client.command(
+                f"INSERT INTO {self.db}.{Table.GAUGE_15M} ({rollup.GAUGE_COLUMNS}) "
+                + " UNION ALL ".join(selects),
+                parameters=params,
+            )
+            statements += 1
+        return statements
+
+    def _apply_entities(self, ranges: Ranges) -> int:
+        where, params = ranges.sql()
+        touched = self.client.query(rollup.lifecycle_touched(self.db, where), parameters=params).result_rows
+        if not touched:
+            return 0
+        # entity -> partition it lives in (a tenant's events are all in one partition)
+        by_entity: dict[tuple[str, EntityKind, str], None] = {}
+        for tenant, type_, subject in touched:
+            by_entity[(str(tenant), LIFECYCLE_KIND[EventType(type_)], str(subject))] = None
+        groups: dict[tuple[str, EntityKind], list[str]] = defaultdict(list)
+        for tenant, kind, subject in by_entity:
+            groups[(tenant, kind)].append(subject)
+        rows_by_partition: dict[int, list[bytes]] = defaultdict(list)
+        for (tenant, kind), subjects in groups.items():
+            events: dict[str, list[LifecycleEvent]] = defaultdict(list)
+            result = self.client.query(
+                rollup.lifecycle_events(self.db),
+                parameters={"tenant": tenant, "types": _TYPES_OF_KIND[kind], "subjects": subjects},
+            ).result_rows
+            for type_, subject, time, data, part, offset in result:
+                events[str(subject)].append(
+                    LifecycleEvent(
+                        EventType(type_),
+                        time.replace(tzinfo=UTC) if time.tzinfo is None else time,
+                        orjson.loads(data),
+                        int(part),
+                        int(offset),
+                    )
+                )
+            for subject in subjects:
+                state = fold(tenant, kind, subject, events.get(subject, ()))
+                if state is not None:
+                    rows_by_partition[state.src_partition].append(orjson.dumps(state.row()))
+        for _p, rows in sorted(rows_by_partition.items()):
+            self.client.raw_insert(f"{self.db}.{Table.ENTITIES}", None, b"\n".join(rows), fmt="JSONEachRow")
+        return len(rows_by_partition)
+
+    def touch_freshness(self, last_event_time: dict[str, datetime], now: datetime) -> None:
+        if not last_event_time:
+            return
+        stamp = fmt_time(now)
+        body = b"\n".join(
+            orjson.dumps({"tenant": t, "refreshed_at": stamp, "last_event_time": fmt_time(ts)})
+            for t, ts in sorted(last_event_time.items())
+        )
+        self.client.raw_insert(f"{self.db}.{Table.TENANT_FRESHNESS}", None, body, fmt="JSONEachRow")
+
+    # ---- rebuild ------------------------------------------------------------------------------
+
+    def truncate_derived(self) -> None:
+        for table in DERIVED:
+            self.client.command(f"TRUNCATE TABLE {self.db}.{table}")
+        self.forget()
+
+
+def _token(kind: str, ranges: Ranges) -> dict[str, Any]:
+    spans = ",".join(f"{p}:{lo}-{hi}" for p, (lo, hi) in sorted(ranges.by_partition.items()))
+    return {"insert_deduplication_token": f"{kind}:{spans}"}
