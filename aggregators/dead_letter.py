@@ -1,0 +1,47 @@
+"""The dead-letter topic: rejected events with the reason and the original bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import confluent_kafka
+
+from aggregators.decode import Reject
+from schemas.wire import HEADER_DLQ_CODE, HEADER_DLQ_REASON, HEADER_DLQ_SOURCE
+
+
+class KafkaDeadLetterSink:
+    """Produces rejects to the dead-letter topic. ``flush`` raises if any delivery failed, so
+    the batch is retried instead of committing past an event that went nowhere."""
+
+    def __init__(self, config: dict[str, Any], topic: str, source_topic: str) -> None:
+        self._producer = confluent_kafka.Producer({**config, "enable.idempotence": True, "acks": "all"})
+        self._topic = topic
+        self._source = source_topic
+        self._errors: list[str] = []
+
+    def _on_delivery(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+
+    def send(self, rejects: Sequence[Reject]) -> None:
+        for r in rejects:
+            source = f"{self._source}/{r.partition}/{r.offset}" + (f"/{r.index}" if r.index >= 0 else "")
+            self._producer.produce(
+                self._topic,
+                value=r.original,
+                headers=[
+                    (HEADER_DLQ_CODE, r.code.encode()),
+                    (HEADER_DLQ_REASON, r.message.encode()[:4000]),
+                    (HEADER_DLQ_SOURCE, source.encode()),
+                ],
+                on_delivery=self._on_delivery,
+            )
+            self._producer.poll(0)
+
+    def flush(self) -> None:
+        remaining = self._producer.flush(30)
+        errors, self._errors = self._errors, []
+        if remaining or errors:
+            raise RuntimeError(f"dead-letter delivery failed: {remaining} pending, errors {errors[:3]}")

@@ -1,0 +1,153 @@
+"""Starting the processes: the all-in-one ``metering run`` and the separate parts.
+
+``metering run`` = HTTP ingest + the faust aggregator + the query API in ONE process sharing ONE
+ClickHouse client, which the embedded engine requires (chdb locks its data directory). With a
+ClickHouse server the same parts start separately (``ingest-api``, ``aggregator``,
+``query-api``) and scale out.
+
+Shutdown order on Ctrl-C / SIGTERM: stop accepting HTTP, stop the aggregator (its current batch
+finishes and is committed, or is retried by whoever consumes next), flush producers, then stop
+the broker if this process started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from enum import StrEnum
+from typing import Any
+
+import uvicorn
+from fastapi import APIRouter, FastAPI
+
+from aggregators.app import build_app
+from aggregators.dead_letter import KafkaDeadLetterSink
+from aggregators.dedupe import BloomFilter
+from aggregators.processor import BatchProcessor
+from aggregators.writer import ClickHouseWriter
+from deploy.settings import CommonSettings, RunSettings
+from query_api.health import build_health_router, clickhouse_check, kafka_check
+from schemas.clickhouse import connect
+from schemas.meters import default_catalog
+from schemas.migrate import migrate
+
+log = logging.getLogger(__name__)
+
+
+class Part(StrEnum):
+    INGEST = "ingest"
+    AGGREGATOR = "aggregator"
+    QUERY = "query"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: this module owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.contextmanager
+def kafka_bootstrap(settings: CommonSettings, start_local: bool) -> Iterator[str]:
+    """The bootstrap address: the configured cluster, or the project's local broker (started
+    here, and stopped on exit, only when ``start_local`` and it was not already running)."""
+    if settings.kafka_bootstrap_servers:
+        yield settings.kafka_bootstrap_servers
+        return
+    from deploy.kafka import local_broker
+
+    if not start_local:
+        yield local_broker.bootstrap_for(settings.kafka_port)
+        return
+    with local_broker.running_broker(port=settings.kafka_port, data_dir=settings.kafka_data_dir) as bootstrap:
+        yield bootstrap
+
+
+def open_clickhouse(settings: CommonSettings, apply_migrations: bool = True) -> Any:
+    client = connect(settings.clickhouse_dsn.get_secret_value(), settings.clickhouse_database)
+    if apply_migrations:
+        for line in migrate(client, settings.clickhouse_database, settings.clickhouse_cluster):
+            log.info("migration: %s", line)
+    return client
+
+
+def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) -> BatchProcessor:
+    writer = ClickHouseWriter(client, settings.clickhouse_database, default_catalog())
+    dlq = KafkaDeadLetterSink(settings.kafka_client_config(bootstrap), settings.topic_dead_letter, settings.topic_events)
+    bloom = BloomFilter(settings.dedupe_bloom_capacity, settings.dedupe_bloom_error_rate)
+    return BatchProcessor(writer, dlq, bloom)
+
+
+def build_http_app(settings: Any, client: Any, bootstrap: str, parts: set[Part]) -> tuple[FastAPI, list[Any]]:
+    """The FastAPI app of this process and the things to close when it stops."""
+    routers: list[APIRouter] = [
+        build_health_router(
+            {"kafka": kafka_check(settings.kafka_client_config(bootstrap)), "clickhouse": clickhouse_check(client)}
+        )
+    ]
+    closers: list[Any] = []
+    if Part.INGEST in parts:
+        from ingest.wiring import ingest_router
+
+        router, producer = ingest_router(settings, client, bootstrap)
+        routers.append(router)
+        closers.append(producer)
+    from query_api.app import create_app
+
+    app = create_app(settings, client, extra_routers=routers, include_query=Part.QUERY in parts)
+    return app, closers
+
+
+async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    with kafka_bootstrap(settings, start_local_kafka) as bootstrap:
+        client = await asyncio.to_thread(open_clickhouse, settings)
+        from ingest.kafka_config import ensure_topics
+
+        await asyncio.to_thread(ensure_topics, settings, bootstrap)
+        faust_app = None
+        if Part.AGGREGATOR in parts:
+            faust_app = build_app(settings, bootstrap, build_processor(settings, client, bootstrap))
+            await faust_app.start()
+        server = None
+        closers: list[Any] = []
+        if parts & {Part.INGEST, Part.QUERY}:
+            app, closers = build_http_app(settings, client, bootstrap, parts)
+            server = _Server(
+                uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning", lifespan="on")
+            )
+            server_task = asyncio.create_task(server.serve())
+        print(_banner(settings, bootstrap, parts), flush=True)
+        await stop.wait()
+        print("stopping…", flush=True)
+        if server is not None:
+            server.should_exit = True
+            await server_task
+        if faust_app is not None:
+            faust_app.metering_stopping.set()  # type: ignore[attr-defined]
+            await faust_app.stop()
+        for closer in closers:
+            with contextlib.suppress(Exception):
+                closer.close()
+    print("stopped.", flush=True)
+
+
+def _banner(settings: Any, bootstrap: str, parts: set[Part]) -> str:
+    lines = [f"metering: {', '.join(sorted(p.value for p in parts))} running"]
+    if parts & {Part.INGEST, Part.QUERY}:
+        base = f"http://{settings.http_host}:{settings.http_port}"
+        lines.append(f"  HTTP API      {base}  (docs {base}/docs, readiness {base}/readyz)")
+    lines.append(f"  Kafka         {bootstrap}  topic {settings.topic_events}")
+    dsn = settings.clickhouse_dsn.get_secret_value()
+    shown = dsn if dsn.startswith("chdb://") else dsn.split("@")[-1]
+    lines.append(f"  ClickHouse    {shown}  database {settings.clickhouse_database}")
+    lines.append("  Ctrl-C stops everything this process started.")
+    return "\n".join(lines)
