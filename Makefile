@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)
+.PHONY: install
 
 run: $(STAMP)
 	$(BIN)/metering run

@@ -24,6 +24,7 @@ from typing import Protocol
 from aggregators import metrics
 from aggregators.decode import Decoded, RawRow, Reject, SourceMessage, decode_messages
 from aggregators.dedupe import BloomFilter, first_occurrences, key_hash
+from aggregators.faults import CrashPoint, checkpoint
 from aggregators.writer import ClickHouseWriter
 from schemas.clickhouse import Table
 from schemas.validation import MAX_AGE
@@ -116,9 +117,12 @@ class BatchProcessor:
         rows = self._new_rows(decoded)
         stats.duplicates = len(decoded.rows) - len(rows)
         now = self.clock()
+        checkpoint(CrashPoint.BEFORE_RAW_INSERT)
         self.writer.insert_raw(rows, now)
+        checkpoint(CrashPoint.AFTER_RAW_INSERT)
         stats.written = len(rows)
         applied = self.writer.catch_up(partitions)
+        checkpoint(CrashPoint.AFTER_DERIVED)
 
         last_time: dict[str, datetime] = {}
         for r in rows:
@@ -138,6 +142,7 @@ class BatchProcessor:
         for table, n in applied.items():
             metrics.ROWS_WRITTEN.labels(table.value).inc(n)
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
+        checkpoint(CrashPoint.AFTER_BATCH)
         return stats
 
     def _new_rows(self, decoded: Decoded) -> list[RawRow]:

@@ -25,6 +25,7 @@ from clickhouse_connect.driver.client import Client
 from aggregators import rollup
 from aggregators.decode import RawRow, raw_row_json
 from aggregators.dedupe import KEY_HASH_SQL
+from aggregators.faults import CrashPoint, checkpoint
 from aggregators.projection import LifecycleEvent, fold
 from aggregators.rollup import Grain, Ranges
 from schemas.clickhouse import Table
@@ -143,6 +144,7 @@ class ClickHouseWriter:
             if not ranges:
                 continue
             done[table] = self._apply(table, ranges)
+            checkpoint(CrashPoint.BETWEEN_DERIVED)
             for p, (_, hi) in ranges.by_partition.items():
                 self._wm[table][p] = hi
         return done
