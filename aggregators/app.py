@@ -43,6 +43,8 @@ def build_app(settings: AggregatorSettings, bootstrap: str, processor: BatchProc
         broker_commit_interval=1.0,
         stream_wait_empty=False,
         producer_acks=-1,
+        broker_session_timeout=settings.consumer_session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.consumer_session_timeout_s / 10),
     )
     topic = app.topic(settings.topic_events, value_type=bytes, value_serializer="raw", key_serializer="raw")
     stopping = asyncio.Event()

@@ -95,6 +95,9 @@ class AggregatorSettings(CommonSettings):
     """The faust stream processor."""
 
     consumer_group: str = "metering-aggregator"
+    consumer_session_timeout_s: float = Field(
+        default=10.0, gt=1, description="How soon a dead aggregator's partitions move to another one."
+    )
     batch_max_messages: int = Field(default=500, ge=1, description="Kafka messages per processing batch.")
     batch_within_s: float = Field(default=0.25, gt=0, description="Longest wait to fill a batch.")
     dedupe_bloom_capacity: int = Field(default=20_000_000, ge=1000)
