@@ -91,7 +91,7 @@ def build_http_app(settings: Any, client: Any, bootstrap: str, parts: set[Part])
     ]
     closers: list[Any] = []
     if Part.INGEST in parts:
-        from ingest.wiring import ingest_router
+        from ingest.http import ingest_router
 
         router, producer = ingest_router(settings, client, bootstrap)
         routers.append(router)

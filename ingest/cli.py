@@ -1,0 +1,696 @@
+"""Command-line producers: ``metering emit``, ``metering load``, ``metering demo`` and
+``metering admin …`` (entities created and changed by *emitting lifecycle events*).
+
+The top-level ``metering`` app registers these (``deploy/cli.py``)::
+
+    app.command()(emit); app.command()(load); app.command()(demo)
+    app.add_typer(admin_app, name="admin")
+
+Every command validates its events before connecting, so bad input fails fast without a broker,
+then sends through the SDK and waits for Kafka's acknowledgement (``acks=all``) before it says
+"accepted" or prints an id. Kafka is ``KAFKA_BOOTSTRAP_SERVERS`` or the local broker on
+``127.0.0.1:$METERING_KAFKA_PORT``; these commands never start a broker.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from deploy.settings import CommonSettings
+from ingest.kafka_config import KafkaUnavailable, check_reachable, ensure_topics, resolve_bootstrap
+from ingest.sdk import DeliveryError, InvalidEvent, UsageProducer, format_time, new_event, prepare_event
+from ingest.synth import World, usage_events, world_lifecycle_events
+from query_api.credentials import display_prefix, hash_secret, new_access_token, new_api_key
+from schemas.events import EventType, membership_id
+from schemas.validation import RejectCode
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+ADMIN_SOURCE = "metering-cli/admin"
+
+
+# ---- shared plumbing --------------------------------------------------------------------------
+
+
+def _connect(settings: CommonSettings, **producer_kwargs: Any) -> UsageProducer:
+    """A producer on the configured cluster or the local broker, topics ensured; exit 2 with a
+    clear message when no broker answers."""
+    bootstrap = resolve_bootstrap(settings)
+    try:
+        check_reachable(settings, bootstrap, timeout_s=5.0)
+        ensure_topics(settings, bootstrap)
+    except KafkaUnavailable as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    return UsageProducer(bootstrap, settings=settings, **producer_kwargs)
+
+
+def _send(
+    settings: CommonSettings, by_tenant: Mapping[str, list[dict[str, Any]]], backfill: bool
+) -> list[str]:
+    """Send prepared events per tenant, waiting for acks; return the ids that failed."""
+    failed: list[str] = []
+    producer = _connect(settings)
+    try:
+        for tenant, events in by_tenant.items():
+            try:
+                producer.send_batch(events, tenant, backfill=backfill, validated=True)
+            except DeliveryError as exc:
+                err.print(f"[red]error:[/red] {exc}")
+                failed.extend(exc.failed_ids or [str(e["id"]) for e in events])
+    finally:
+        try:
+            producer.close(timeout=10)
+        except DeliveryError as exc:  # already reported per batch
+            failed.extend(i for i in exc.failed_ids if i not in failed)
+    return failed
+
+
+def _read_events(file: str) -> Iterator[tuple[str, Any]]:
+    """(label, parsed JSON or an error string) per event of a .json (object or array) or .jsonl
+    file, or of stdin for ``-`` (either form)."""
+    text = sys.stdin.read() if file == "-" else Path(file).read_text()
+    if not file.endswith(".jsonl"):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            if file != "-":
+                raise typer.BadParameter(f"{file} is not JSON (use .jsonl for one event per line)") from None
+        else:
+            items = parsed if isinstance(parsed, list) else [parsed]
+            for n, item in enumerate(items):
+                yield f"#{n}", item
+            return
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {n}", json.loads(line)
+        except ValueError as exc:
+            yield f"line {n}", f"invalid JSON: {exc}"
+
+
+# ---- metering emit ----------------------------------------------------------------------------
+
+
+def emit(
+    type_: Annotated[str | None, typer.Option("--type", help="Event type, e.g. ci.step.cpu.")] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="Tenant of the event(s); events in a file may name their own.")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="The event's data as a JSON object.")] = None,
+    subject: Annotated[str | None, typer.Option(help="Subject (default: the data's id field).")] = None,
+    time_: Annotated[str | None, typer.Option("--time", help="ISO-8601 event time (default: now).")] = None,
+    id_: Annotated[str | None, typer.Option("--id", help="Event id (default: a new UUID).")] = None,
+    source: Annotated[str, typer.Option(help="CloudEvents source.")] = "metering-cli",
+    file: Annotated[
+        str | None, typer.Option("--file", "-f", help="Events from a .json/.jsonl file, or - for stdin.")
+    ] = None,
+    backfill: Annotated[bool, typer.Option(help="Allow events older than 35 days.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON result per event.")] = False,
+) -> None:
+    """Send events straight to Kafka: one from options, or many from a file. Prints accepted or
+    rejected per event; exits 1 if any was rejected or not delivered."""
+    if file is not None and (type_ or data):
+        raise typer.BadParameter("give either --file or --type/--data, not both")
+    raw: list[tuple[str, Any]]
+    if file is not None:
+        raw = list(_read_events(file))
+    else:
+        if not type_ or data is None:
+            raise typer.BadParameter("--type and --data are required without --file")
+        try:
+            data_obj = json.loads(data)
+        except ValueError as exc:
+            raise typer.BadParameter(f"--data is not JSON: {exc}") from None
+        if tenant is None:
+            raise typer.BadParameter("--tenant is required")
+        event = new_event(type_, data_obj, tenant, source, time=time_, id=id_, subject=subject)
+        raw = [("#0", event)]
+
+    results: list[dict[str, Any]] = []
+    by_tenant: dict[str, list[dict[str, Any]]] = {}
+    now = datetime.now(UTC)
+    for label, item in raw:
+        result: dict[str, Any] = {"event": label, "id": item.get("id") if isinstance(item, dict) else None}
+        results.append(result)
+        if isinstance(item, str):
+            result.update(status="rejected", code=RejectCode.INVALID_JSON, message=item)
+            continue
+        owner = tenant or (item.get("tenant") if isinstance(item, dict) else None)
+        if not isinstance(owner, str) or not owner:
+            result.update(status="rejected", code=RejectCode.MISSING_TENANT, message="give --tenant")
+            continue
+        try:
+            prepared = prepare_event(item, owner, received_at=now, backfill=backfill)
+        except InvalidEvent as exc:
+            result.update(status="rejected", code=exc.code, message=exc.message)
+            continue
+        result.update(status="accepted", tenant=owner)
+        by_tenant.setdefault(owner, []).append(prepared)
+
+    failed: set[str] = set()
+    if by_tenant:
+        failed = set(_send(CommonSettings(), by_tenant, backfill))
+    for result in results:
+        if result["status"] == "accepted" and result["id"] in failed:
+            result.update(
+                status="failed", code="not_delivered", message="Kafka did not acknowledge the event"
+            )
+        _print_result(result, json_output)
+    if any(r["status"] != "accepted" for r in results):
+        raise typer.Exit(1)
+
+
+def _print_result(result: Mapping[str, Any], as_json: bool) -> None:
+    if as_json:
+        out.print(orjson.dumps(result).decode(), markup=False)
+        return
+    status = result["status"]
+    colour = "green" if status == "accepted" else "red"
+    line = f"[{colour}]{status:<8}[/{colour}] {result['event']} {result['id'] or '-'}"
+    if status != "accepted":
+        line += f"  {result['code']}: {result['message']}"
+    out.print(line)
+
+
+# ---- metering load ----------------------------------------------------------------------------
+
+
+def load(
+    tenants: Annotated[int, typer.Option(min=1, help="Tenants in the synthetic world.")] = 20,
+    rate: Annotated[float, typer.Option(min=0, help="Events per second (0: as fast as possible).")] = 5000,
+    count: Annotated[int | None, typer.Option(min=1, help="Stop after this many usage events.")] = None,
+    duration: Annotated[float | None, typer.Option(min=0.1, help="Stop after this many seconds.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the world and the traffic (same seed, same ids).")] = 0,
+    window_hours: Annotated[
+        float, typer.Option(min=0.01, max=24 * 34, help="Usage is spread over this many past hours.")
+    ] = 2.0,
+    lifecycle: Annotated[bool, typer.Option(help="Send the world's lifecycle events first.")] = True,
+) -> None:
+    """Realistic synthetic traffic of every event type for many tenants (default: 100,000 events)."""
+    if count is None and duration is None:
+        count = 100_000
+    settings = CommonSettings()
+    now = datetime.now(UTC)
+    window = timedelta(hours=window_hours)
+    world = World.generate(seed, tenants, created_at=now - window - timedelta(minutes=1))
+    producer = _connect(settings)
+    sent: Counter[str] = Counter()
+    rejected = 0
+    failed = 0
+    started = time.monotonic()
+    try:
+        if lifecycle:
+            life = world_lifecycle_events(world)
+            by_tenant: dict[str, list[dict[str, Any]]] = {}
+            for event in life:
+                by_tenant.setdefault(event["tenant"], []).append(event)
+            for tenant, events in by_tenant.items():
+                producer.send_batch(events, tenant)  # entities exist before their usage
+            err.print(f"lifecycle: {len(life)} events for {tenants} tenants acknowledged")
+        rng = random.Random(seed)
+        deadline = started + duration if duration is not None else float("inf")
+        total = 0
+        progress = Progress(
+            SpinnerColumn(),
+            TextColumn("usage events"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>8.0f} ev/s"),
+            TimeElapsedColumn(),
+            console=err,
+        )
+        with progress:
+            task = progress.add_task("load", total=count, rate=0.0)
+            t0 = time.monotonic()
+            while (count is None or total < count) and time.monotonic() < deadline:
+                # One pass over the window; another pass (fresh ids) if more is asked for.
+                before = total
+                for event in usage_events(world, now - window, now, rng):
+                    try:
+                        producer.emit(event, event["tenant"])
+                        sent[event["type"]] += 1
+                    except InvalidEvent:
+                        rejected += 1
+                    total += 1
+                    if total % 500 == 0:
+                        elapsed = time.monotonic() - t0
+                        if rate > 0 and total / rate > elapsed:
+                            time.sleep(total / rate - elapsed)  # pace to --rate
+                        elapsed = max(time.monotonic() - t0, 1e-9)
+                        progress.update(task, completed=total, rate=total / elapsed)
+                        if time.monotonic() >= deadline:
+                            break
+                    if count is not None and total >= count:
+                        break
+                if total == before:
+                    break  # the window is too short to hold any usage
+            progress.update(task, completed=total, rate=total / max(time.monotonic() - t0, 1e-9))
+    except KeyboardInterrupt:
+        err.print("interrupted: flushing what was queued…")
+    finally:
+        try:
+            producer.close()
+        except DeliveryError as exc:
+            failed = len(exc.failed_ids)
+            err.print(f"[red]error:[/red] {exc}")
+    elapsed = time.monotonic() - started
+    _load_summary(sent, rejected, failed, elapsed, producer.stats.messages)
+    if failed or rejected:
+        raise typer.Exit(1)
+
+
+def _load_summary(sent: Counter[str], rejected: int, failed: int, elapsed: float, messages: int) -> None:
+    table = Table(title="metering load", show_footer=True)
+    total = sum(sent.values())
+    table.add_column("event type", footer="total")
+    table.add_column("events", justify="right", footer=f"{total:,}")
+    for event_type, n in sorted(sent.items()):
+        table.add_row(event_type, f"{n:,}")
+    out.print(table)
+    out.print(
+        f"{total:,} usage events in {messages:,} Kafka messages, {elapsed:.1f} s "
+        f"({total / max(elapsed, 1e-9):,.0f} ev/s); rejected {rejected}, not delivered {failed}"
+    )
+
+
+# ---- metering demo ----------------------------------------------------------------------------
+
+
+def demo(
+    tenants: Annotated[int, typer.Option(min=1, help="Tenants in the demo world.")] = 2,
+    hours: Annotated[float, typer.Option(min=0.01, max=24 * 30, help="Hours of past usage.")] = 6.0,
+    seed: Annotated[int, typer.Option(help="Seed of the demo world.")] = 42,
+) -> None:
+    """A small synthetic world with usage of every type, then the credentials and curl commands
+    to query it through every documented endpoint (test keys: for local deployments only)."""
+    now = datetime.now(UTC)
+    world = World.generate(seed, tenants, created_at=now - timedelta(hours=hours, minutes=1))
+    by_tenant: dict[str, list[dict[str, Any]]] = {}
+    for event in world_lifecycle_events(world):
+        by_tenant.setdefault(event["tenant"], []).append(event)
+    for event in usage_events(world, now - timedelta(hours=hours), now, random.Random(seed)):
+        by_tenant.setdefault(event["tenant"], []).append(event)
+    prepared = {t: [prepare_event(e, t, received_at=now) for e in evs] for t, evs in by_tenant.items()}
+    failed = _send(CommonSettings(), prepared, backfill=False)
+    total = sum(len(v) for v in prepared.values())
+    out.print(f"sent {total:,} events for {tenants} tenant(s); {len(failed)} not delivered")
+    base = "http://127.0.0.1:8080"
+    t = world.tenants[0]
+    ws_key = next(k for k in t.api_keys if k.scope == "workspace")
+    out.print(f"\n[bold]tenant {t.id}[/bold] (workspace {ws_key.workspace_id})", markup=True)
+    out.print(f"curl -H 'Authorization: Bearer {ws_key.raw}' {base}/v1/workspace/usage", markup=False)
+    out.print(
+        f"curl -H 'Authorization: Bearer {ws_key.raw}' '{base}/api/v1/usage/?granularity=daily'", markup=False
+    )
+    member_key = next((k for k in t.api_keys if k.scope == "member"), None)
+    if member_key is not None:
+        contract = next(w.contract_id for w in t.workspaces if w.id == member_key.workspace_id)
+        out.print(
+            f"curl -u '{member_key.email}:{member_key.raw}' '{base}/v2/quota-usages/contracts/{contract}?period=week'",
+            markup=False,
+        )
+    if t.access_tokens:
+        token = t.access_tokens[0]
+        member_ws = next(
+            m.workspace_id for m in t.members if m.member_id == token.member_id and m.status == "active"
+        )
+        out.print(
+            f"curl -H 'Authorization: Bearer {token.raw}' {base}/api/v1/workspaces/{member_ws}/stats",
+            markup=False,
+        )
+        if t.workstations:
+            out.print(
+                f"curl -H 'Authorization: Bearer {token.raw}' {base}/v1/workstations/{t.workstations[0].id}/usage",
+                markup=False,
+            )
+    if failed:
+        raise typer.Exit(1)
+
+
+# ---- metering admin … -------------------------------------------------------------------------
+
+admin_app = typer.Typer(
+    help="Create and change tenants' entities by emitting lifecycle events.", no_args_is_help=True
+)
+_groups: dict[str, typer.Typer] = {}
+for _name, _help in (
+    ("workspace", "Workspaces (a tree: --parent-id) and their tier."),
+    ("contract", "Contracts and the workspaces they cover."),
+    ("member", "Members of a workspace."),
+    ("vk", "AI-gateway virtual keys."),
+    ("agent", "Agents of a workspace."),
+    ("workstation", "Workstations and their rate cards."),
+    ("datastream", "Datastreams of a workspace."),
+    ("api-key", "API keys (stored as a hash; the key is printed once)."),
+    ("token", "Members' access tokens (stored as a hash; printed once)."),
+):
+    _groups[_name] = typer.Typer(help=_help, no_args_is_help=True)
+    admin_app.add_typer(_groups[_name], name=_name)
+
+Tenant = Annotated[str, typer.Option(help="The tenant that owns the entity.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+NewId = Annotated[str | None, typer.Option("--id", help="Id of the new entity (default: a new UUID).")]
+ExistingId = Annotated[str, typer.Option("--id", help="Id of the entity.")]
+WorkspaceId = Annotated[str, typer.Option(help="Workspace id.")]
+MemberId = Annotated[str, typer.Option(help="Member id.")]
+
+
+def _lifecycle(
+    tenant: str,
+    events: list[tuple[EventType, dict[str, Any]]],
+    result: dict[str, Any],
+    as_json: bool,
+    secret: tuple[str, str] | None = None,
+) -> None:
+    """Validate, send and acknowledge lifecycle events, then print ``result`` (and a secret,
+    shown this once: only its hash was sent)."""
+    now = datetime.now(UTC)
+    try:
+        prepared = [
+            prepare_event(new_event(t, d, tenant, ADMIN_SOURCE, time=now), tenant, received_at=now)
+            for t, d in events
+        ]
+    except InvalidEvent as exc:
+        err.print(f"[red]rejected:[/red] {exc.code}: {exc.message}")
+        raise typer.Exit(1) from None
+    failed = _send(CommonSettings(), {tenant: prepared}, backfill=False)
+    if failed:
+        raise typer.Exit(1)
+    result = {"tenant": tenant, **result, "event_ids": [e["id"] for e in prepared]}
+    if as_json:
+        out.print(orjson.dumps(result | dict([secret] if secret else [])).decode(), markup=False)
+        return
+    shown = " ".join(
+        f"{k}={v}" for k, v in result.items() if k not in ("event_ids", "tenant") and v is not None
+    )
+    out.print(f"ok tenant={tenant} {shown}", markup=False)
+    if secret is not None:
+        out.print(f"{secret[0]}: {secret[1]}", markup=False)
+        err.print("Store it now: it is not shown again and cannot be recovered (only its hash is kept).")
+
+
+def _new_id(given: str | None) -> str:
+    return given or str(uuid.uuid4())
+
+
+@_groups["workspace"].command("create")
+def workspace_create(
+    tenant: Tenant,
+    name: Annotated[str, typer.Option(help="Workspace name.")],
+    id_: NewId = None,
+    parent_id: Annotated[str | None, typer.Option(help="Parent workspace (subtree).")] = None,
+    tier: Annotated[str, typer.Option(help="Plan tier.")] = "free",
+    billing_anchor_day: Annotated[
+        int, typer.Option(min=1, max=28, help="Day the billing period starts.")
+    ] = 1,
+    json_output: Json = False,
+) -> None:
+    """Create a workspace."""
+    ws = _new_id(id_)
+    data: dict[str, Any] = {
+        "workspace_id": ws,
+        "name": name,
+        "tier": tier,
+        "billing_anchor_day": billing_anchor_day,
+    }
+    if parent_id:
+        data["parent_id"] = parent_id
+    _lifecycle(tenant, [(EventType.WORKSPACE_CREATED, data)], {"workspace_id": ws}, json_output)
+
+
+@_groups["workspace"].command("update")
+def workspace_update(
+    tenant: Tenant,
+    id_: ExistingId,
+    name: Annotated[str | None, typer.Option(help="New name.")] = None,
+    tier: Annotated[str | None, typer.Option(help="New tier.")] = None,
+    json_output: Json = False,
+) -> None:
+    """Rename a workspace or change its tier."""
+    if name is None and tier is None:
+        raise typer.BadParameter("give --name and/or --tier")
+    data: dict[str, Any] = {"workspace_id": id_}
+    data |= {k: v for k, v in (("name", name), ("tier", tier)) if v is not None}
+    _lifecycle(tenant, [(EventType.WORKSPACE_UPDATED, data)], {"workspace_id": id_}, json_output)
+
+
+@_groups["contract"].command("create")
+def contract_create(
+    tenant: Tenant,
+    name: Annotated[str, typer.Option(help="Contract name.")],
+    id_: NewId = None,
+    workspace_id: Annotated[
+        list[str] | None, typer.Option(help="Workspaces the contract covers (repeatable).")
+    ] = None,
+    json_output: Json = False,
+) -> None:
+    """Create a contract (optionally with its workspaces)."""
+    cid = _new_id(id_)
+    events: list[tuple[EventType, dict[str, Any]]] = [
+        (EventType.CONTRACT_CREATED, {"contract_id": cid, "name": name})
+    ]
+    events += [
+        (EventType.CONTRACT_WORKSPACE_ADDED, {"contract_id": cid, "workspace_id": w})
+        for w in workspace_id or []
+    ]
+    _lifecycle(tenant, events, {"contract_id": cid, "workspace_ids": workspace_id or []}, json_output)
+
+
+@_groups["contract"].command("add-workspace")
+def contract_add_workspace(
+    tenant: Tenant,
+    contract_id: Annotated[str, typer.Option(help="Contract id.")],
+    workspace_id: WorkspaceId,
+    json_output: Json = False,
+) -> None:
+    """Put a workspace under a contract."""
+    data = {"contract_id": contract_id, "workspace_id": workspace_id}
+    _lifecycle(tenant, [(EventType.CONTRACT_WORKSPACE_ADDED, data)], dict(data), json_output)
+
+
+@_groups["member"].command("join")
+def member_join(
+    tenant: Tenant,
+    workspace_id: WorkspaceId,
+    email: Annotated[str, typer.Option(help="The member's email.")],
+    member_id: Annotated[str | None, typer.Option(help="Member id (default: a new UUID).")] = None,
+    json_output: Json = False,
+) -> None:
+    """Add a member to a workspace."""
+    mid = _new_id(member_id)
+    data = {"workspace_id": workspace_id, "member_id": mid, "email": email}
+    result = {"member_id": mid, "membership_id": membership_id(workspace_id, mid)}
+    _lifecycle(tenant, [(EventType.MEMBER_JOINED, data)], result, json_output)
+
+
+def _member_change(event_type: EventType, name: str, doc: str) -> None:
+    def command(
+        tenant: Tenant, workspace_id: WorkspaceId, member_id: MemberId, json_output: Json = False
+    ) -> None:
+        data = {"workspace_id": workspace_id, "member_id": member_id}
+        _lifecycle(
+            tenant,
+            [(event_type, data)],
+            {"membership_id": membership_id(workspace_id, member_id)},
+            json_output,
+        )
+
+    command.__doc__ = doc
+    _groups["member"].command(name)(command)
+
+
+_member_change(EventType.MEMBER_LEFT, "leave", "A member leaves the workspace (final).")
+_member_change(EventType.MEMBER_ACTIVATED, "activate", "Reactivate a member.")
+_member_change(EventType.MEMBER_DEACTIVATED, "deactivate", "Deactivate a member.")
+
+
+@_groups["vk"].command("create")
+def vk_create(
+    tenant: Tenant, workspace_id: WorkspaceId, id_: NewId = None, json_output: Json = False
+) -> None:
+    """Create a virtual key."""
+    vk = _new_id(id_)
+    data = {"workspace_id": workspace_id, "virtual_key_id": vk}
+    _lifecycle(tenant, [(EventType.VIRTUAL_KEY_CREATED, data)], {"virtual_key_id": vk}, json_output)
+
+
+@_groups["vk"].command("revoke")
+def vk_revoke(tenant: Tenant, workspace_id: WorkspaceId, id_: ExistingId, json_output: Json = False) -> None:
+    """Revoke a virtual key."""
+    data = {"workspace_id": workspace_id, "virtual_key_id": id_}
+    _lifecycle(tenant, [(EventType.VIRTUAL_KEY_REVOKED, data)], {"virtual_key_id": id_}, json_output)
+
+
+@_groups["vk"].command("buy-extra")
+def vk_buy_extra(
+    tenant: Tenant,
+    workspace_id: WorkspaceId,
+    count: Annotated[int, typer.Option(min=1, help="Extra virtual keys bought.")],
+    json_output: Json = False,
+) -> None:
+    """Buy extra virtual keys beyond the tier's limit."""
+    data = {"workspace_id": workspace_id, "count": count}
+    _lifecycle(tenant, [(EventType.VIRTUAL_KEY_EXTRA_PURCHASED, data)], dict(data), json_output)
+
+
+def _agent_change(event_type: EventType, name: str, doc: str, new: bool) -> None:
+    def command(
+        tenant: Tenant, workspace_id: WorkspaceId, id_: NewId = None, json_output: Json = False
+    ) -> None:
+        if not new and not id_:
+            raise typer.BadParameter("--id is required")
+        agent = _new_id(id_)
+        data = {"workspace_id": workspace_id, "agent_id": agent}
+        _lifecycle(tenant, [(event_type, data)], {"agent_id": agent}, json_output)
+
+    command.__doc__ = doc
+    _groups["agent"].command(name)(command)
+
+
+_agent_change(EventType.AGENT_CREATED, "create", "Create an agent.", new=True)
+_agent_change(EventType.AGENT_ACTIVATED, "activate", "Activate an agent (--id).", new=False)
+_agent_change(EventType.AGENT_DEACTIVATED, "deactivate", "Deactivate an agent (--id).", new=False)
+
+
+@_groups["workstation"].command("create")
+def workstation_create(
+    tenant: Tenant,
+    name: Annotated[str, typer.Option(help="Workstation name.")],
+    usd_per_cpu_hour: Annotated[float, typer.Option(min=0, help="Price of one CPU-hour.")],
+    usd_per_gpu_hour: Annotated[float, typer.Option(min=0, help="Price of one GPU-hour.")],
+    usd_per_gb_hour: Annotated[float, typer.Option(min=0, help="Price of one GB-hour of memory.")],
+    id_: NewId = None,
+    json_output: Json = False,
+) -> None:
+    """Create a workstation with its rate card."""
+    ws = _new_id(id_)
+    data = {
+        "workstation_id": ws,
+        "name": name,
+        "usd_per_cpu_hour": usd_per_cpu_hour,
+        "usd_per_gpu_hour": usd_per_gpu_hour,
+        "usd_per_gb_hour": usd_per_gb_hour,
+    }
+    _lifecycle(tenant, [(EventType.WORKSTATION_CREATED, data)], {"workstation_id": ws}, json_output)
+
+
+@_groups["datastream"].command("create")
+def datastream_create(
+    tenant: Tenant,
+    workspace_id: WorkspaceId,
+    name: Annotated[str, typer.Option(help="Datastream name.")],
+    id_: NewId = None,
+    json_output: Json = False,
+) -> None:
+    """Create a datastream in a workspace."""
+    ds = _new_id(id_)
+    data = {"datastream_id": ds, "workspace_id": workspace_id, "name": name}
+    _lifecycle(tenant, [(EventType.DATASTREAM_CREATED, data)], {"datastream_id": ds}, json_output)
+
+
+@_groups["api-key"].command("create")
+def api_key_create(
+    tenant: Tenant,
+    scope: Annotated[
+        str, typer.Option(help="workspace (the workspace and its subtree) or member.")
+    ] = "workspace",
+    workspace_id: Annotated[str | None, typer.Option(help="The key's workspace.")] = None,
+    member_id: Annotated[str | None, typer.Option(help="The member (scope member).")] = None,
+    email: Annotated[str | None, typer.Option(help="The member's email (scope member).")] = None,
+    test: Annotated[bool, typer.Option("--test", help="An fl_test_ key instead of fl_live_.")] = False,
+    id_: NewId = None,
+    json_output: Json = False,
+) -> None:
+    """Create an API key. The key is printed once; only its SHA-256 is emitted and stored."""
+    if scope not in ("workspace", "member"):
+        raise typer.BadParameter("--scope is workspace or member")
+    raw = new_api_key(live=not test)
+    key_id = id_ or f"key_{uuid.uuid4().hex}"
+    data: dict[str, Any] = {
+        "key_id": key_id,
+        "key_hash": hash_secret(raw),
+        "prefix": display_prefix(raw),
+        "scope": scope,
+    }
+    data |= {
+        k: v for k, v in (("workspace_id", workspace_id), ("member_id", member_id), ("email", email)) if v
+    }
+    result = {"key_id": key_id, "prefix": display_prefix(raw)}
+    _lifecycle(tenant, [(EventType.API_KEY_CREATED, data)], result, json_output, secret=("api_key", raw))
+
+
+@_groups["api-key"].command("revoke")
+def api_key_revoke(tenant: Tenant, id_: ExistingId, json_output: Json = False) -> None:
+    """Revoke an API key (by its key id)."""
+    _lifecycle(tenant, [(EventType.API_KEY_REVOKED, {"key_id": id_})], {"key_id": id_}, json_output)
+
+
+_TTL = re.compile(r"^(\d+)([smhd]?)$")
+
+
+def parse_ttl(text: str) -> timedelta:
+    """``3600``, ``90m``, ``12h``, ``30d`` -> a duration (seconds without a unit)."""
+    m = _TTL.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise typer.BadParameter(f"{text!r} is not a duration like 3600, 90m, 12h or 30d")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    return timedelta(seconds=int(m.group(1)) * unit)
+
+
+@_groups["token"].command("issue")
+def token_issue(
+    tenant: Tenant,
+    member_id: MemberId,
+    email: Annotated[str, typer.Option(help="The member's email.")],
+    ttl: Annotated[str, typer.Option(help="Lifetime: 3600, 90m, 12h, 30d.")] = "30d",
+    id_: NewId = None,
+    json_output: Json = False,
+) -> None:
+    """Issue a member's access token. Printed once; only its SHA-256 is emitted and stored."""
+    lifetime = parse_ttl(ttl)
+    raw = new_access_token()
+    token_id = id_ or f"tok_{uuid.uuid4().hex}"
+    expires_at = format_time(datetime.now(UTC) + lifetime)
+    data = {
+        "token_id": token_id,
+        "token_hash": hash_secret(raw),
+        "member_id": member_id,
+        "email": email,
+        "expires_at": expires_at,
+    }
+    result = {"token_id": token_id, "expires_at": expires_at}
+    _lifecycle(
+        tenant, [(EventType.ACCESS_TOKEN_ISSUED, data)], result, json_output, secret=("access_token", raw)
+    )
+
+
+@_groups["token"].command("revoke")
+def token_revoke(tenant: Tenant, id_: ExistingId, json_output: Json = False) -> None:
+    """Revoke an access token (by its token id)."""
+    _lifecycle(tenant, [(EventType.ACCESS_TOKEN_REVOKED, {"token_id": id_})], {"token_id": id_}, json_output)

@@ -1,0 +1,423 @@
+"""HTTP ingest: ``POST /api/v1/events`` puts CloudEvents into Kafka for the API key's tenant.
+
+Mount it with::
+
+    router, producer = ingest_router(settings, clickhouse_client, bootstrap)  # close producer on exit
+    app.include_router(router)
+
+or, to supply the parts yourself, ``build_ingest_router(get_producer, get_credentials, settings)``
+where ``get_producer()`` returns the process's ``UsageProducer`` (built with
+``delivery_timeout_s=settings.ingest_delivery_timeout_s``) and ``get_credentials()`` its
+``CredentialStore``; both are called per request, so they may be built lazily.
+
+The request: ``Authorization: Bearer <api key>``; the body is one CloudEvent object or a JSON
+array of up to ``ingest_max_events_per_request`` of them, at most ``ingest_max_body_bytes``.
+The tenant is the API key's, never the payload's.
+
+The answer, ``202``, reports every event by position::
+
+    {"results": [{"index": 0, "id": "...", "status": "accepted"|"duplicate"|"rejected",
+                  "code": "...", "message": "..."}],
+     "accepted": 1, "duplicates": 0, "rejected": 0}
+
+``202`` is sent only after Kafka acknowledged (``acks=all``) every accepted event; if it did not
+within ``ingest_delivery_timeout_s`` the answer is ``503`` (retry later, same ids: the pipeline
+counts an id once). ``duplicate``: the id appeared earlier in the request, or this process
+delivered it recently. Other answers, all ``{"error": {"code", "message", "details"}}``:
+``400 invalid_json``, ``401 unauthorized``, ``413 payload_too_large|too_many_events``,
+``422 invalid_body|empty_batch``, ``429 rate_limited`` (per API key, and per client address
+after repeated failed authentications; with ``Retry-After``),
+``503 kafka_unavailable|credentials_unavailable`` (with ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from deploy.settings import IngestSettings
+from ingest.sdk import InvalidEvent, UsageProducer, prepare_event
+from query_api.credentials import CredentialStore, Principal, display_prefix
+from schemas.events import EntityKind
+from schemas.validation import RejectCode
+
+log = logging.getLogger(__name__)
+
+EVENTS_PATH = "/api/v1/events"
+RETRY_AFTER_UNAVAILABLE_S = 5
+
+
+class BatchSender(Protocol):
+    """What the endpoint needs of ``ingest.sdk.UsageProducer``."""
+
+    def send_batch(
+        self,
+        events: Iterable[Mapping[str, Any]],
+        tenant: str,
+        *,
+        backfill: bool = False,
+        timeout: float | None = None,
+        validated: bool = False,
+    ) -> None: ...
+
+
+class CredentialLookup(Protocol):
+    """What the endpoint needs of ``query_api.credentials.CredentialStore``."""
+
+    def lookup(self, raw: str, kind: EntityKind) -> Principal | None: ...
+
+
+# ---- in-process state (pure, thread-safe) -----------------------------------------------------
+
+
+class TokenBucket:
+    """``capacity`` tokens, refilled at ``rate_per_s``; one request takes one token."""
+
+    def __init__(self, capacity: float, rate_per_s: float, now: float) -> None:
+        self.capacity = capacity
+        self.rate = rate_per_s
+        self.tokens = capacity
+        self.updated = now
+
+    def take(self, now: float) -> float:
+        """0.0 if a token was taken, else the seconds until one is available."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+class RateLimiter:
+    """One token bucket per credential: ``per_minute`` requests a minute, bursts up to that."""
+
+    def __init__(
+        self, per_minute: int, clock: Callable[[], float] = time.monotonic, max_keys: int = 10_000
+    ) -> None:
+        self._per_minute = per_minute
+        self._clock = clock
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str) -> float:
+        """0.0 when allowed, else the seconds to wait (``Retry-After``)."""
+        now = self._clock()
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = TokenBucket(self._per_minute, self._per_minute / 60.0, now)
+                if len(self._buckets) > self._max_keys:
+                    self._buckets.popitem(last=False)  # the least recently used key starts afresh
+            self._buckets.move_to_end(key)
+            return bucket.take(now)
+
+
+class RecentIds:
+    """Bounded LRU of ``(tenant, event id)`` delivered by this process, to answer ``duplicate``
+    to client retries. Only a hint for the client: exactly-once counting is done downstream,
+    and ids are remembered only after Kafka acknowledged them, so a failed send never makes
+    the retry look like a duplicate."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._capacity = capacity
+        self._ids: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._ids
+
+    def add_all(self, keys: Iterable[tuple[str, str]]) -> None:
+        with self._lock:
+            for key in keys:
+                self._ids[key] = None
+                self._ids.move_to_end(key)
+            while len(self._ids) > self._capacity:
+                self._ids.popitem(last=False)
+
+
+# ---- request handling -------------------------------------------------------------------------
+
+
+class _HttpError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.details = dict(details or {})
+        self.headers = dict(headers or {})
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    body = {"error": {"code": code, "message": message, "details": dict(details or {})}}
+    return Response(json_bytes(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def json_bytes(value: Any) -> bytes:
+    """orjson, or for what it refuses (a lone surrogate echoed back from a lenient parse) the
+    standard library with ASCII escapes: an answer is always sent."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return json.dumps(value, ensure_ascii=True, default=str).encode()
+
+
+def parse_body(body: bytes) -> Any:
+    """The JSON body. Non-finite numbers (``NaN``, ``Infinity``, ``1e400``) are not JSON that
+    orjson accepts, but they are a bad *value* in one event, not a broken request: the lenient
+    parser lets that event be rejected alone. Raises ``ValueError`` for anything else."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(body)
+        except RecursionError:
+            raise ValueError("the JSON is nested too deeply") from None
+
+
+def _encoded_len(item: Any) -> int:
+    """Bytes of ``item`` as compact JSON; raises ``InvalidEvent`` if it cannot be encoded."""
+    try:
+        return len(orjson.dumps(item))
+    except orjson.JSONEncodeError:  # beyond orjson: a 65-bit integer, deep nesting, a lone surrogate
+        pass
+    try:
+        return len(json.dumps(item, default=str, separators=(",", ":")).encode())
+    except (RecursionError, ValueError):
+        raise InvalidEvent(RejectCode.INVALID_EVENT, "the event is nested too deeply") from None
+
+
+def _too_many(message: str, wait_s: float) -> _HttpError:
+    seconds = max(1, math.ceil(wait_s))
+    return _HttpError(429, "rate_limited", message, {"retry_after_s": seconds}, {"Retry-After": str(seconds)})
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, credential = header.partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        raise _HttpError(
+            401,
+            "unauthorized",
+            "send an API key as `Authorization: Bearer <key>`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return credential.strip()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_large = _HttpError(
+        413, "payload_too_large", f"the body exceeds {limit} bytes", {"max_body_bytes": limit}
+    )
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_ingest_router(
+    get_producer: Callable[[], BatchSender],
+    get_credentials: Callable[[], CredentialLookup],
+    settings: IngestSettings,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    recent_ids_capacity: int = 100_000,
+    failed_auth_per_minute: int = 60,
+) -> APIRouter:
+    """The router serving ``POST /api/v1/events`` (see the module doc).
+
+    ``failed_auth_per_minute``: failed authentications allowed per client address (then 429),
+    so guessing keys is slow."""
+    router = APIRouter(tags=["ingest"])
+    limiter = RateLimiter(settings.ingest_rate_limit_per_minute, clock)
+    failures = RateLimiter(failed_auth_per_minute, clock)
+    recent = RecentIds(recent_ids_capacity)
+    max_events = settings.ingest_max_events_per_request
+
+    async def authenticate(request: Request) -> Principal:
+        raw = _bearer(request)
+        try:
+            store = get_credentials()
+            principal = await run_in_threadpool(store.lookup, raw, EntityKind.API_KEY)
+        except Exception as exc:
+            log.warning("credential lookup failed for key %s: %s", display_prefix(raw), type(exc).__name__)
+            raise _HttpError(
+                503,
+                "credentials_unavailable",
+                "API keys cannot be checked right now; retry later",
+                headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)},
+            ) from None
+        if principal is None or not principal.active:
+            wait = failures.acquire(request.client.host if request.client else "?")
+            if wait > 0:
+                raise _too_many("too many failed authentications from this address", wait)
+            raise _HttpError(
+                401, "unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"}
+            )
+        return principal
+
+    def check_events(items: list[Any], tenant: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(per-event results, prepared events to send) — pure apart from reading ``recent``."""
+        now = datetime.now(UTC)
+        results: list[dict[str, Any]] = []
+        accepted: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for index, item in enumerate(items):
+            raw_id = item.get("id") if isinstance(item, dict) else None
+            echo = raw_id if isinstance(raw_id, str) and len(raw_id) <= 256 else None
+            result: dict[str, Any] = {"index": index, "id": echo}
+            results.append(result)
+            try:
+                size = _encoded_len(item)
+                if size > settings.ingest_max_event_bytes:
+                    raise InvalidEvent(
+                        RejectCode.TOO_LARGE,
+                        f"the event takes {size} bytes; at most {settings.ingest_max_event_bytes} are allowed",
+                    )
+                if not isinstance(item, dict):
+                    raise InvalidEvent(RejectCode.INVALID_EVENT, "an event is a JSON object")
+                event = prepare_event(item, tenant, received_at=now)
+            except InvalidEvent as exc:
+                result.update(status="rejected", code=exc.code, message=exc.message)
+                continue
+            event_id = str(event["id"])
+            if event_id in seen or (tenant, event_id) in recent:
+                result["status"] = "duplicate"
+                continue
+            seen.add(event_id)
+            result["status"] = "accepted"
+            accepted.append(event)
+        return results, accepted
+
+    @router.post(
+        EVENTS_PATH,
+        status_code=202,
+        summary="Ingest usage and lifecycle events",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "oneOf": [
+                                {"type": "object", "description": "one CloudEvent"},
+                                {"type": "array", "items": {"type": "object"}, "maxItems": max_events},
+                            ]
+                        }
+                    }
+                },
+            }
+        },
+    )
+    async def ingest_events(request: Request) -> Response:
+        try:
+            principal = await authenticate(request)
+            wait = limiter.acquire(principal.credential_id)
+            if wait > 0:
+                raise _too_many(
+                    f"at most {settings.ingest_rate_limit_per_minute} requests a minute per API key", wait
+                )
+            body = await _read_body(request, settings.ingest_max_body_bytes)
+            try:
+                payload = parse_body(body)
+            except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+                raise _HttpError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+            if isinstance(payload, dict):
+                items: list[Any] = [payload]
+            elif isinstance(payload, list):
+                items = payload
+            else:
+                raise _HttpError(
+                    422, "invalid_body", "the body must be one event (an object) or an array of events"
+                )
+            if not items:
+                raise _HttpError(422, "empty_batch", "the array holds no events")
+            if len(items) > max_events:
+                raise _HttpError(
+                    413,
+                    "too_many_events",
+                    f"at most {max_events} events per request",
+                    {"max_events": max_events, "events": len(items)},
+                )
+            tenant = principal.tenant
+            # pydantic over up to 100 events: off the event loop, like the blocking send below
+            results, accepted = await run_in_threadpool(check_events, items, tenant)
+            if accepted:
+                try:
+                    producer = get_producer()
+                    # Blocks until acks=all for every accepted event: 202 means "in Kafka".
+                    await run_in_threadpool(
+                        producer.send_batch,
+                        accepted,
+                        tenant,
+                        timeout=settings.ingest_delivery_timeout_s,
+                        validated=True,
+                    )
+                except Exception as exc:  # any failure to confirm storage: never a silent 202
+                    log.warning("ingest of %d event(s) for tenant %s failed: %s", len(accepted), tenant, exc)
+                    raise _HttpError(
+                        503,
+                        "kafka_unavailable",
+                        "Kafka did not confirm the events; retry later with the same ids (an id is counted once)",
+                        {"events": len(accepted)},
+                        {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)},
+                    ) from None
+                recent.add_all((tenant, str(e["id"])) for e in accepted)
+        except _HttpError as err:
+            return error_response(err.status, err.code, err.message, err.details, err.headers)
+        counts = {
+            s: sum(1 for r in results if r["status"] == s) for s in ("accepted", "duplicate", "rejected")
+        }
+        body_out = {
+            "results": results,
+            "accepted": counts["accepted"],
+            "duplicates": counts["duplicate"],
+            "rejected": counts["rejected"],
+        }
+        return Response(json_bytes(body_out), status_code=202, media_type="application/json")
+
+    return router
+
+
+def ingest_router(settings: IngestSettings, client: Any, bootstrap: str) -> tuple[APIRouter, UsageProducer]:
+    """The router wired to this process's ClickHouse client (API keys) and a new producer whose
+    delivery timeout is the ingest one; the caller closes the producer (it flushes) on shutdown."""
+    store = CredentialStore(
+        client, settings.clickhouse_database, ttl_s=getattr(settings, "query_cache_ttl_s", 2.0)
+    )
+    producer = UsageProducer(
+        bootstrap, settings=settings, delivery_timeout_s=settings.ingest_delivery_timeout_s
+    )
+    return build_ingest_router(lambda: producer, lambda: store, settings), producer

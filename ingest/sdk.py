@@ -1,0 +1,661 @@
+"""The producer SDK: validated usage and lifecycle events into Kafka, batched per tenant.
+
+Usage::
+
+    with UsageProducer("127.0.0.1:9092") as producer:
+        producer.emit(new_event("ci.step.cpu", {...}, tenant="acme", source="runner-7"), "acme")
+    # leaving the block flushes; undelivered events raise DeliveryError listing their ids
+
+Guarantees, and where they come from:
+
+- **Nothing invalid is sent.** ``emit`` validates with the pydantic models of
+  ``schemas.events`` and the time window of ``schemas.validation`` and raises ``InvalidEvent``
+  before anything is queued.
+- **Nothing is lost silently.** Every Kafka message is tracked until the broker acknowledges it
+  (``acks=all``). ``flush()``/``close()`` raise ``DeliveryError`` with the ids of every event whose
+  message failed or was not acknowledged in time; ``send_batch`` raises it for its own events.
+  A failed event may still have reached Kafka (an ack lost on the way back): retrying is safe
+  because the pipeline deduplicates by ``(tenant, id)``.
+- **One tenant's events stay in emission order.** They are cut into batches in order, one tenant
+  per batch, keyed by tenant (one partition), produced under one lock, and the idempotent
+  producer keeps order across its own retries.
+
+The pure parts (``prepare_event``, ``Batcher``) are separate from the Kafka I/O so they can be
+tested without a broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time as _time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Protocol
+
+import confluent_kafka
+import orjson
+from confluent_kafka import KafkaError
+from pydantic import ValidationError
+
+from deploy.settings import CommonSettings
+from ingest.kafka_config import DEFAULT_DELIVERY_TIMEOUT_S, producer_config
+from schemas import wire
+from schemas.events import DATA_MODELS, Event, EventType
+from schemas.validation import RejectCode, check_event_time
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_EVENTS = 500
+DEFAULT_LINGER_S = 0.05
+MAX_MESSAGE_CHARS = 1000  # of one rejection message
+
+# ---- errors -----------------------------------------------------------------------------------
+
+
+class IngestError(Exception):
+    """Base of the SDK's errors."""
+
+
+class InvalidEvent(IngestError, ValueError):
+    """An event that cannot be sent; nothing was queued. ``code`` is a ``RejectCode`` value."""
+
+    def __init__(self, code: str, message: str, event_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}" + (f" (event {event_id})" if event_id else ""))
+        self.code = code
+        self.message = message
+        self.event_id = event_id
+
+
+@dataclass(frozen=True)
+class DeliveryFailure:
+    event_ids: tuple[str, ...]
+    reason: str
+
+
+class DeliveryError(IngestError):
+    """Events that Kafka did not acknowledge (failed, or not acknowledged within the timeout)."""
+
+    def __init__(self, failures: Iterable[DeliveryFailure]) -> None:
+        self.failures = list(failures)
+        reasons = sorted({f.reason for f in self.failures})
+        ids = self.failed_ids
+        shown = ", ".join(ids[:10]) + (f" … (+{len(ids) - 10})" if len(ids) > 10 else "")
+        super().__init__(f"{len(ids)} event(s) not delivered ({'; '.join(reasons)}): {shown}")
+
+    @property
+    def failed_ids(self) -> list[str]:
+        return [i for f in self.failures for i in f.event_ids]
+
+
+class ProducerClosed(IngestError):
+    """``emit``/``send_batch`` after ``close()``."""
+
+
+# ---- building and validating events (pure) ------------------------------------------------------
+
+
+def format_time(t: datetime) -> str:
+    """ISO-8601 in UTC with a ``Z``, millisecond precision (what ClickHouse keeps)."""
+    if t.tzinfo is None:
+        raise ValueError("event times must be timezone-aware")
+    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_event(
+    type: EventType | str,
+    data: Mapping[str, Any],
+    tenant: str,
+    source: str,
+    time: datetime | str | None = None,
+    id: str | None = None,
+    subject: str | None = None,
+) -> dict[str, Any]:
+    """A CloudEvent dict (unvalidated: ``emit`` validates). ``id`` defaults to a random UUID,
+    ``time`` to now. Give a stable ``id`` when the same usage may be reported twice (a retry
+    after a crash): the pipeline counts an id once per tenant."""
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": id or str(uuid.uuid4()),
+        "source": source,
+        "type": str(type),
+        "time": time if isinstance(time, str) else format_time(time or datetime.now(UTC)),
+        "tenant": tenant,
+        "data": dict(data),
+    }
+    if subject is not None:
+        event["subject"] = subject
+    return event
+
+
+def prepare_event(
+    event: Event | Mapping[str, Any],
+    tenant: str,
+    *,
+    received_at: datetime | None = None,
+    backfill: bool = False,
+) -> dict[str, Any]:
+    """Validate ``event`` for ``tenant`` and return the dict to send (``tenant`` and ``subject``
+    set, ``data`` normalized). Raises ``InvalidEvent``.
+
+    A ``tenant`` already in the event must equal ``tenant``: an event never changes owner.
+    The time window is checked against ``received_at`` (default: now); older than 35 days
+    needs ``backfill``.
+    """
+    now = received_at or datetime.now(UTC)
+    if isinstance(event, Event):
+        if event.tenant is not None and event.tenant != tenant:
+            raise InvalidEvent(RejectCode.TENANT_MISMATCH, _mismatch(event.tenant, tenant), event.id)
+        model = event.model_copy(update={"tenant": tenant}) if event.tenant != tenant else event
+        if not tenant:
+            raise InvalidEvent(RejectCode.MISSING_TENANT, "a tenant is required", event.id)
+    elif isinstance(event, Mapping):
+        raw_id = event.get("id")
+        event_id = raw_id if isinstance(raw_id, str) else None
+        claimed = event.get("tenant")
+        if claimed is not None and claimed != tenant:
+            raise InvalidEvent(RejectCode.TENANT_MISMATCH, _mismatch(claimed, tenant), event_id)
+        if not tenant:
+            raise InvalidEvent(RejectCode.MISSING_TENANT, "a tenant is required", event_id)
+        try:
+            model = Event.model_validate({**event, "tenant": tenant})
+        except ValidationError as exc:
+            code, message = describe_validation_error(event, exc)
+            raise InvalidEvent(code, message, event_id) from None
+    else:
+        raise InvalidEvent(RejectCode.INVALID_EVENT, f"an event is a JSON object, not {type(event).__name__}")
+    window = check_event_time(model.time, now, backfill)
+    if window is not None:
+        raise InvalidEvent(window[0], window[1], model.id)
+    out = model.model_dump(mode="json", exclude_none=True)
+    try:
+        orjson.dumps(out)  # what cannot be encoded must fail here, not when the batch is sent
+    except orjson.JSONEncodeError as exc:
+        raise InvalidEvent(
+            RejectCode.INVALID_EVENT, f"the event cannot be encoded as JSON: {exc}", model.id
+        ) from None
+    return out
+
+
+def describe_validation_error(raw: Mapping[str, Any], exc: ValidationError) -> tuple[str, str]:
+    """(reject code, one-line message) for a failed ``Event`` validation, with ``data.``-prefixed
+    paths for errors inside ``data`` (pydantic reports those relative to the data model)."""
+    errors = exc.errors(include_url=False)
+    for err in errors:
+        if err["loc"] == ("type",) and err["type"] in ("enum", "literal_error"):
+            return RejectCode.UNKNOWN_TYPE, f"unknown event type {_short(raw.get('type'))}"
+    envelope_fields = set(Event.model_fields)
+    if all(not err["loc"] or str(err["loc"][0]) in envelope_fields for err in errors):
+        return RejectCode.INVALID_EVENT, _join_errors(errors)
+    # Errors from inside ``data``: validate it alone to get paths we can prefix.
+    data = raw.get("data")
+    try:
+        model = DATA_MODELS[EventType(raw["type"])]
+        model.model_validate(data)
+    except ValidationError as inner:
+        return RejectCode.INVALID_EVENT, _join_errors(inner.errors(include_url=False), prefix="data")
+    except (KeyError, ValueError, TypeError):
+        pass
+    return RejectCode.INVALID_EVENT, _join_errors(errors)
+
+
+def _join_errors(errors: Iterable[Any], prefix: str = "") -> str:
+    parts = []
+    for err in errors:
+        path = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{path}: {msg}" if path else msg)
+    joined = "; ".join(parts)
+    # Field names come from the input: bound what is echoed back.
+    return joined if len(joined) <= MAX_MESSAGE_CHARS else joined[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+def _short(value: object, limit: int = 64) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _mismatch(claimed: object, tenant: str) -> str:
+    return f"the event names tenant {_short(claimed)} but is sent for tenant {tenant!r}"
+
+
+def encoded_size(event: Mapping[str, Any]) -> int:
+    """Bytes ``event`` takes inside ``wire.encode_batch`` (orjson, compact)."""
+    return len(orjson.dumps(event))
+
+
+# ---- batching (pure) --------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """The events of one Kafka message: one tenant, one backfill flag, emission order."""
+
+    tenant: str
+    backfill: bool
+    opened_at: float
+    events: list[dict[str, Any]] = field(default_factory=list)
+    size: int = 2  # bytes of the encoded JSON array: "[" + events joined by "," + "]"
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(str(e.get("id")) for e in self.events)
+
+    def encode(self) -> bytes:
+        return wire.encode_batch(self.events)
+
+
+class Batcher:
+    """Groups events into per-tenant batches of at most ``max_events`` events and ``max_bytes``
+    encoded bytes. Not thread-safe: the producer serializes access.
+
+    At most one batch per tenant is open; a batch is cut when the next event would not fit, when
+    it is full, when the backfill flag changes (the header is per message), or when it has
+    waited ``linger_s``. Batches come out in the order they were cut, so one tenant's events keep
+    their order.
+    """
+
+    def __init__(
+        self,
+        max_events: int = DEFAULT_MAX_BATCH_EVENTS,
+        max_bytes: int = wire.MAX_MESSAGE_BYTES,
+        linger_s: float = DEFAULT_LINGER_S,
+    ) -> None:
+        if max_events < 1 or max_bytes < 3:
+            raise ValueError("a batch must hold at least one event")
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.linger_s = linger_s
+        self._open: dict[str, Batch] = {}
+
+    def fits_alone(self, event_bytes: int) -> bool:
+        return 2 + event_bytes <= self.max_bytes
+
+    def add(
+        self, tenant: str, event: dict[str, Any], event_bytes: int, *, backfill: bool, now: float
+    ) -> list[Batch]:
+        """Queue ``event``; return the batches this closed (possibly including the new event's)."""
+        if not self.fits_alone(event_bytes):
+            raise ValueError(f"an event of {event_bytes} bytes exceeds the batch limit {self.max_bytes}")
+        closed: list[Batch] = []
+        batch = self._open.get(tenant)
+        if batch is not None and (
+            batch.backfill != backfill
+            or len(batch.events) >= self.max_events
+            or batch.size + 1 + event_bytes > self.max_bytes
+        ):
+            closed.append(self._open.pop(tenant))
+            batch = None
+        if batch is None:
+            batch = self._open[tenant] = Batch(tenant=tenant, backfill=backfill, opened_at=now)
+        batch.size += event_bytes + (1 if batch.events else 0)
+        batch.events.append(event)
+        if len(batch.events) >= self.max_events:
+            closed.append(self._open.pop(tenant))
+        return closed
+
+    def due(self, now: float) -> list[Batch]:
+        """Batches open for ``linger_s`` or longer, removed from the batcher."""
+        ready = [t for t, b in self._open.items() if now - b.opened_at >= self.linger_s]
+        return [self._open.pop(t) for t in ready]
+
+    def take(self, tenant: str) -> list[Batch]:
+        batch = self._open.pop(tenant, None)
+        return [batch] if batch is not None else []
+
+    def drain(self) -> list[Batch]:
+        out = list(self._open.values())
+        self._open.clear()
+        return out
+
+    @property
+    def pending_events(self) -> int:
+        return sum(len(b.events) for b in self._open.values())
+
+
+def pack(
+    events: Iterable[dict[str, Any]],
+    tenant: str,
+    *,
+    backfill: bool = False,
+    max_events: int = DEFAULT_MAX_BATCH_EVENTS,
+    max_bytes: int = wire.MAX_MESSAGE_BYTES,
+) -> list[Batch]:
+    """Cut prepared events of one tenant into as few batches as the limits allow, in order."""
+    batcher = Batcher(max_events=max_events, max_bytes=max_bytes, linger_s=float("inf"))
+    out: list[Batch] = []
+    for event in events:
+        out.extend(batcher.add(tenant, event, encoded_size(event), backfill=backfill, now=0.0))
+    out.extend(batcher.drain())
+    return out
+
+
+# ---- the producer (I/O) -----------------------------------------------------------------------
+
+
+class KafkaProducerLike(Protocol):
+    """The part of ``confluent_kafka.Producer`` the SDK uses (a fake in unit tests)."""
+
+    def produce(self, topic: str, *, value: bytes, key: bytes, headers: Any, on_delivery: Any) -> None: ...
+
+    def poll(self, timeout: float) -> int: ...
+
+    def flush(self, timeout: float) -> int: ...
+
+
+class _Waiter:
+    """Delivery outcome of the messages of one ``send_batch`` call."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, tuple[str, ...]] = {}
+        self.failures: list[DeliveryFailure] = []
+        self.cond = threading.Condition()
+
+    def expect(self, token: int, ids: tuple[str, ...]) -> None:
+        with self.cond:
+            self.pending[token] = ids
+
+    def done(self, token: int, ids: tuple[str, ...], reason: str | None) -> None:
+        with self.cond:
+            self.pending.pop(token, None)
+            if reason is not None:
+                self.failures.append(DeliveryFailure(ids, reason))
+            self.cond.notify_all()
+
+
+@dataclass
+class ProducerStats:
+    queued_events: int = 0  # accepted by emit/send_batch
+    delivered_events: int = 0  # acknowledged by Kafka
+    failed_events: int = 0
+    messages: int = 0  # Kafka messages produced
+
+
+class UsageProducer:
+    """Idempotent, ``acks=all`` producer of events, batched per tenant (see the module doc).
+
+    ``emit`` queues asynchronously (batched, sent after ``linger_s`` or when a batch is full);
+    ``send_batch``/``emit_and_wait`` block until Kafka acknowledged their events (the HTTP path).
+    Thread-safe. ``producer`` replaces the Kafka client (unit tests).
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        settings: CommonSettings | None = None,
+        topic: str | None = None,
+        max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS,
+        max_batch_bytes: int = wire.MAX_MESSAGE_BYTES,
+        linger_s: float = DEFAULT_LINGER_S,
+        delivery_timeout_s: float = DEFAULT_DELIVERY_TIMEOUT_S,
+        config_overrides: Mapping[str, Any] | None = None,
+        producer: KafkaProducerLike | None = None,
+        clock: Callable[[], float] = _time.monotonic,
+    ) -> None:
+        settings = settings or CommonSettings()
+        self.topic = topic or settings.topic_events
+        self.delivery_timeout_s = delivery_timeout_s
+        self._clock = clock
+        self._batcher = Batcher(max_events=max_batch_events, max_bytes=max_batch_bytes, linger_s=linger_s)
+        if producer is None:
+            conf = producer_config(settings, bootstrap, delivery_timeout_s=delivery_timeout_s)
+            conf["error_cb"] = self._on_error
+            conf.update(config_overrides or {})
+            # Looked up at call time (not imported by name) so test guards can intercept it.
+            producer = confluent_kafka.Producer(conf)
+        self._producer: KafkaProducerLike = producer
+        # _produce_lock makes "cut batches + produce them" atomic, so batches of one tenant reach
+        # librdkafka in the order they were cut. Delivery callbacks only take _state_lock, so
+        # serving callbacks while holding _produce_lock (on BufferError) cannot deadlock.
+        self._produce_lock = threading.RLock()
+        self._state_lock = threading.Lock()
+        self._failures: list[DeliveryFailure] = []
+        self._inflight: dict[int, tuple[str, ...]] = {}
+        self._next_token = 0
+        self._fatal: str | None = None
+        self._last_error: str | None = None
+        self.stats = ProducerStats()
+        self._closed = threading.Event()
+        self._tick = min(max(linger_s / 2, 0.005), 0.1)
+        self._thread = threading.Thread(target=self._run, name="usage-producer-linger", daemon=True)
+        self._thread.start()
+
+    # -- public API --
+
+    def emit(self, event: Event | Mapping[str, Any], tenant: str, *, backfill: bool = False) -> str:
+        """Validate and queue one event; return its id. Raises ``InvalidEvent`` (nothing queued).
+        Delivery is reported by ``flush()``/``close()``."""
+        self._check_open()
+        prepared = prepare_event(event, tenant, backfill=backfill)
+        size = self._checked_size(prepared)
+        with self._produce_lock:
+            closed = self._batcher.add(tenant, prepared, size, backfill=backfill, now=self._clock())
+            with self._state_lock:
+                self.stats.queued_events += 1
+            for batch in closed:
+                self._produce(batch, None)
+        return str(prepared["id"])
+
+    def send_batch(
+        self,
+        events: Iterable[Event | Mapping[str, Any]],
+        tenant: str,
+        *,
+        backfill: bool = False,
+        timeout: float | None = None,
+        validated: bool = False,
+    ) -> None:
+        """Send ``events`` of ``tenant`` and block until Kafka acknowledged all of them.
+
+        Validates every event first and raises ``InvalidEvent`` before anything is sent.
+        ``validated=True`` skips that for dicts already returned by ``prepare_event``.
+        Raises ``DeliveryError`` if any message failed or was not acknowledged within ``timeout``
+        (default: the delivery timeout plus a margin) — the caller must then report failure
+        (the HTTP path answers 503); the events may still arrive, which is safe to retry.
+        """
+        self._check_open()
+        if validated:
+            prepared = [dict(e) if isinstance(e, Mapping) else e.model_dump(mode="json") for e in events]
+        else:
+            prepared = [prepare_event(e, tenant, backfill=backfill) for e in events]
+        for event in prepared:
+            self._checked_size(event)
+        if not prepared:
+            return
+        batches = pack(
+            prepared,
+            tenant,
+            backfill=backfill,
+            max_events=self._batcher.max_events,
+            max_bytes=self._batcher.max_bytes,
+        )
+        waiter = _Waiter()
+        with self._produce_lock:
+            # Earlier emit()s of this tenant go first: per-tenant order is emission order.
+            for earlier in self._batcher.take(tenant):
+                self._produce(earlier, None)
+            with self._state_lock:
+                self.stats.queued_events += len(prepared)
+            for batch in batches:
+                self._produce(batch, waiter)
+        self._wait(waiter, self.delivery_timeout_s + 5.0 if timeout is None else timeout)
+
+    def emit_and_wait(
+        self,
+        event: Event | Mapping[str, Any],
+        tenant: str,
+        *,
+        backfill: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        self.send_batch([event], tenant, backfill=backfill, timeout=timeout)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send every queued event and wait for Kafka's acknowledgements. Raises
+        ``DeliveryError`` with the ids of events that failed since the last flush or are still
+        unacknowledged after ``timeout`` (default: the delivery timeout plus a margin)."""
+        with self._produce_lock:
+            for batch in self._batcher.drain():
+                self._produce(batch, None)
+        wait = self.delivery_timeout_s + 5.0 if timeout is None else timeout
+        self._producer.flush(wait)
+        with self._state_lock:
+            failures, self._failures = self._failures, []
+            stuck = list(self._inflight.values())
+        if stuck:
+            failures.extend(DeliveryFailure(ids, f"not acknowledged within {wait:g} s") for ids in stuck)
+        if failures:
+            raise DeliveryError(failures)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (raising ``DeliveryError`` like ``flush``) and stop. Idempotent."""
+        if self._closed.is_set():
+            return
+        try:
+            self.flush(timeout)
+        finally:
+            self._closed.set()
+            self._thread.join(timeout=5.0)
+
+    def __enter__(self) -> UsageProducer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # still deliver what was queued, but never hide the exception already on its way
+            self.close()
+        except DeliveryError as failed:
+            log.error("while handling %s: %s", type(exc).__name__, failed)
+
+    @property
+    def pending(self) -> int:
+        """Events queued or in flight, not yet acknowledged."""
+        with self._produce_lock:
+            queued = self._batcher.pending_events
+        with self._state_lock:
+            inflight = sum(len(ids) for ids in self._inflight.values())
+        return inflight + queued
+
+    @property
+    def last_error(self) -> str | None:
+        """The latest client-level error librdkafka reported (e.g. all brokers down)."""
+        return self._fatal or self._last_error
+
+    # -- internals --
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise ProducerClosed("the producer is closed")
+        if self._fatal is not None:
+            # A fatal idempotence error means librdkafka can no longer guarantee order or
+            # no-duplicates for this producer instance; refuse rather than degrade silently.
+            raise DeliveryError([DeliveryFailure((), f"producer failed fatally: {self._fatal}")])
+
+    def _checked_size(self, event: Mapping[str, Any]) -> int:
+        size = encoded_size(event)
+        if not self._batcher.fits_alone(size):
+            raise InvalidEvent(
+                RejectCode.TOO_LARGE,
+                f"the event takes {size} bytes; one Kafka message holds at most {self._batcher.max_bytes}",
+                str(event.get("id")),
+            )
+        return size
+
+    def _produce(self, batch: Batch, waiter: _Waiter | None) -> None:
+        """Hand one batch to librdkafka. Caller holds ``_produce_lock``."""
+        ids = batch.ids
+        with self._state_lock:
+            token = self._next_token
+            self._next_token += 1
+            self._inflight[token] = ids
+            self.stats.messages += 1
+        if waiter is not None:
+            waiter.expect(token, ids)
+
+        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
+            self._on_delivery(token, ids, err, waiter)
+
+        value = batch.encode()
+        headers = wire.batch_headers(batch.backfill)
+        while True:
+            try:
+                self._producer.produce(
+                    self.topic,
+                    value=value,
+                    key=batch.tenant.encode(),
+                    headers=headers,
+                    on_delivery=on_delivery,
+                )
+                return
+            except BufferError:
+                # librdkafka's local queue is full: serve delivery reports to make room.
+                self._producer.poll(0.1)
+            except Exception as exc:
+                self._on_delivery(token, ids, str(exc), waiter)
+                return
+
+    def _on_delivery(
+        self, token: int, ids: tuple[str, ...], err: KafkaError | str | None, waiter: _Waiter | None
+    ) -> None:
+        reason = None if err is None else (err if isinstance(err, str) else f"{err.name()}: {err.str()}")
+        with self._state_lock:
+            if self._inflight.pop(token, None) is None:
+                return
+            if reason is None:
+                self.stats.delivered_events += len(ids)
+            else:
+                self.stats.failed_events += len(ids)
+                if waiter is None:
+                    self._failures.append(DeliveryFailure(ids, reason))
+        if reason is not None:
+            log.warning("%d event(s) not delivered to %s: %s", len(ids), self.topic, reason)
+        if waiter is not None:
+            waiter.done(token, ids, reason)
+
+    def _on_error(self, err: KafkaError) -> None:
+        text = f"{err.name()}: {err.str()}"
+        if err.fatal():
+            self._fatal = text
+            log.error("Kafka producer fatal error: %s", text)
+        elif text != self._last_error:
+            log.warning("Kafka producer error: %s", text)
+        self._last_error = text
+
+    def _wait(self, waiter: _Waiter, timeout: float) -> None:
+        deadline = _time.monotonic() + timeout
+        while True:
+            with waiter.cond:
+                if not waiter.pending:
+                    break
+            left = deadline - _time.monotonic()
+            if left <= 0:
+                break
+            # Serve delivery callbacks here too, so waiting never depends on the linger thread.
+            self._producer.poll(min(left, 0.05))
+        with waiter.cond:
+            failures = list(waiter.failures)
+            failures.extend(
+                DeliveryFailure(ids, f"not acknowledged within {timeout:g} s")
+                for ids in waiter.pending.values()
+            )
+        if failures:
+            raise DeliveryError(failures)
+
+    def _run(self) -> None:
+        """Linger thread: send batches that waited ``linger_s``; serve delivery callbacks."""
+        while not self._closed.wait(self._tick):
+            try:
+                with self._produce_lock:
+                    for batch in self._batcher.due(self._clock()):
+                        self._produce(batch, None)
+                self._producer.poll(0)
+            except Exception:  # pragma: no cover - keep the thread alive, report
+                log.exception("usage producer background loop")
