@@ -40,6 +40,9 @@ class KafkaDeadLetterSink:
             )
             self._producer.poll(0)
 
+    def close(self) -> None:
+        self._producer.flush(10)
+
     def flush(self) -> None:
         remaining = self._producer.flush(30)
         errors, self._errors = self._errors, []

@@ -82,13 +82,25 @@ def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) ->
     return BatchProcessor(writer, dlq, bloom)
 
 
-def build_http_app(settings: Any, client: Any, bootstrap: str, parts: set[Part]) -> tuple[FastAPI, list[Any]]:
+def aggregator_check(faust_app: Any) -> Any:
+    """Ready only while the faust app runs: a crashed consumer must not look healthy."""
+
+    def check() -> tuple[bool, str]:
+        if getattr(faust_app, "crashed", False) or faust_app.should_stop:
+            return False, f"stopped: {getattr(faust_app, 'crash_reason', None)!r}"
+        return True, "consuming"
+
+    return check
+
+
+def build_http_app(
+    settings: Any, client: Any, bootstrap: str, parts: set[Part], faust_app: Any = None
+) -> tuple[FastAPI, list[Any]]:
     """The FastAPI app of this process and the things to close when it stops."""
-    routers: list[APIRouter] = [
-        build_health_router(
-            {"kafka": kafka_check(settings.kafka_client_config(bootstrap)), "clickhouse": clickhouse_check(client)}
-        )
-    ]
+    checks = {"kafka": kafka_check(settings.kafka_client_config(bootstrap)), "clickhouse": clickhouse_check(client)}
+    if faust_app is not None:
+        checks["aggregator"] = aggregator_check(faust_app)
+    routers: list[APIRouter] = [build_health_router(checks)]
     closers: list[Any] = []
     if Part.INGEST in parts:
         from ingest.http import ingest_router
@@ -114,13 +126,16 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
 
         await asyncio.to_thread(ensure_topics, settings, bootstrap)
         faust_app = None
+        closers: list[Any] = []
         if Part.AGGREGATOR in parts:
-            faust_app = build_app(settings, bootstrap, build_processor(settings, client, bootstrap))
+            processor = build_processor(settings, client, bootstrap)
+            closers.append(processor.dead_letters)
+            faust_app = build_app(settings, bootstrap, processor)
             await faust_app.start()
         server = None
-        closers: list[Any] = []
         if parts & {Part.INGEST, Part.QUERY}:
-            app, closers = build_http_app(settings, client, bootstrap, parts)
+            app, http_closers = build_http_app(settings, client, bootstrap, parts, faust_app)
+            closers.extend(http_closers)
             server = _Server(
                 uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning", lifespan="on")
             )
