@@ -1,0 +1,103 @@
+"""The query API application: the five documented usage endpoints and the generic meter query.
+
+``create_app`` is called by the process runner (``metering run`` / ``metering query-api``) with
+the process's one ClickHouse client; with embedded ClickHouse (chdb) that client is shared with
+the rest of the process, which is why the app never opens its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+from fastapi import APIRouter, FastAPI
+
+from deploy.settings import QuerySettings
+from query_api.credentials import CredentialStore
+from query_api.deps import Services
+from query_api.errors import ErrorStyle, install_error_handlers, style_for
+from query_api.ratelimit import RateLimiter
+from query_api.reader import Reader
+from query_api.routers import meters, quota_usages, row_usage, workspace_stats, workspace_usage, workstations
+
+DOCUMENTED_ROUTERS: tuple[APIRouter, ...] = (
+    workspace_stats.router,  # 000
+    quota_usages.router,  # 001
+    workstations.router,  # 002
+    workspace_usage.router,  # 003
+    row_usage.router,  # 004
+    meters.router,  # beyond the documents
+)
+
+
+def create_app(
+    settings: QuerySettings,
+    client: Client,
+    *,
+    extra_routers: Iterable[APIRouter] = (),
+    include_query: bool = True,
+) -> FastAPI:
+    """The FastAPI app over ``client``. ``extra_routers`` (ingest, health, metrics) are mounted
+    as given; error shapes of the documents apply to the documents' paths only.
+    ``include_query=False`` (an ingest-only process) mounts only ``extra_routers``; ``settings``
+    then need not be query settings."""
+    app = FastAPI(
+        title="Usage metering API",
+        version="1.0.0",
+        description=(
+            "The documented usage endpoints (documents 000-004) and a generic meter query. "
+            "Usage responses carry `X-Data-Refreshed-At`: when the tenant's tables were last "
+            "refreshed. See docs/api.md."
+        ),
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    if include_query:
+        database = settings.clickhouse_database
+        ttl = settings.query_cache_ttl_s
+        app.state.services = Services(
+            settings=settings,
+            client=client,
+            store=CredentialStore(client, database, ttl_s=ttl),
+            reader=Reader(client, database, cache_ttl_s=ttl),
+            limiter=RateLimiter(settings.query_rate_limit_per_minute),
+            failures=RateLimiter(settings.query_rate_limit_per_minute),
+        )
+        for router in DOCUMENTED_ROUTERS:
+            app.include_router(router)
+    for router in extra_routers:
+        app.include_router(router)
+    _document_400_not_422(app)
+    return app
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every route with parameters; the documented routes answer
+    invalid parameters with 400 in their document's shape instead, so their 422 is removed from
+    ``/openapi.json`` (other routers keep FastAPI's behaviour and their 422)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        for path, operations in schema.get("paths", {}).items():
+            if style_for(path) is ErrorStyle.DEFAULT:
+                continue
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        used = str(schema.get("paths", {}))
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            if f"#/components/schemas/{name}" not in used and name in components:
+                # ValidationError is referenced only from HTTPValidationError.
+                if name == "ValidationError" and "HTTPValidationError" in components:
+                    continue
+                components.pop(name)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
