@@ -51,7 +51,8 @@ def build_app(settings: AggregatorSettings, bootstrap: str, processor: BatchProc
 
     @app.agent(topic, concurrency=1, name="aggregate")
     async def aggregate(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        async for events in stream.take_events(settings.batch_max_messages, within=settings.batch_within_s):
+        take = stream.take_events  # type: ignore[attr-defined]
+        async for events in take(settings.batch_max_messages, within=settings.batch_within_s):
             batch = [
                 SourceMessage(
                     partition=ev.message.partition,
@@ -72,11 +73,11 @@ def build_app(settings: AggregatorSettings, bootstrap: str, processor: BatchProc
                 log.debug("batch: %s", stats)
             yield None
 
-    @app.on_partitions_revoked.connect
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _revoked(_app: faust.App, revoked: set[Any], **_: Any) -> None:
         processor.revoke([tp.partition for tp in revoked if tp.topic == settings.topic_events])
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _assigned(_app: faust.App, assigned: set[Any], **_: Any) -> None:
         parts = [tp.partition for tp in assigned if tp.topic == settings.topic_events]
         await asyncio.to_thread(processor.assign, parts)

@@ -114,11 +114,12 @@ def _rebuild_gauges(
         settings={"mutations_sync": 2},
     )
     statements = 0
-    raw_wm = dict(
-        c.query(
+    raw_wm: dict[int, int] = {
+        int(p): int(o)
+        for p, o in c.query(
             f"SELECT src_partition, max(src_offset) FROM {db}.{Table.EVENTS_RAW} GROUP BY src_partition"
         ).result_rows
-    )
+    }
     for meter in (m for m in writer.catalog.meters if m.is_gauge):
         series = c.query(
             f"SELECT src_partition, tenant, subject FROM {db}.{Table.EVENTS_RAW} WHERE type = '{meter.event_type.value}' "

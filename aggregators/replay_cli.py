@@ -110,18 +110,18 @@ def _replay_kafka(settings, writer, tenant, from_offset, from_time, report, bar)
         while remaining:
             batch = []
             for m in consumer.consume(500, timeout=1.0):
-                if m.error() or m.partition() not in remaining:
+                part, off = m.partition(), m.offset()
+                if m.error() or part is None or off is None or part not in remaining:
                     continue
-                if m.offset() >= ends[m.partition()]:
-                    remaining.pop(m.partition(), None)
+                if off >= ends[part]:
+                    remaining.pop(part, None)
                     continue
-                batch.append(
-                    SourceMessage(
-                        m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value(), m.headers() or []
-                    )
-                )
-                if m.offset() >= ends[m.partition()] - 1:
-                    remaining.pop(m.partition(), None)
+                raw_headers = m.headers() or []
+                pairs = raw_headers.items() if isinstance(raw_headers, dict) else raw_headers
+                headers = [(str(k), v if isinstance(v, bytes) else (v or "").encode()) for k, v in pairs]
+                batch.append(SourceMessage(part, off, m.timestamp()[1], m.key(), m.value() or b"", headers))
+                if off >= ends[part] - 1:
+                    remaining.pop(part, None)
             if batch:
                 rp.replay_messages(writer, batch, tenant, start, report)
                 done += len(batch)

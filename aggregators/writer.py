@@ -170,7 +170,8 @@ class ClickHouseWriter:
         for p, rng in sorted(ranges.by_partition.items()):
             one = Ranges({p: rng})
             where, wparams = one.sql()
-            selects, params = [], {"src_partition": p}
+            selects: list[str] = []
+            params: dict[str, Any] = {"src_partition": p}
             top = NO_OFFSET
             for i, meter in enumerate(gauges):
                 touched = self.client.query(

@@ -15,23 +15,60 @@ from schemas.wire import batch_headers, encode_batch
 TYPES = [
     ("workstation.cpu", lambda i: {"workstation_id": f"ws{i % 50}", "cpu_seconds": (i % 997) / 10}),
     ("workstation.gpu", lambda i: {"workstation_id": f"ws{i % 50}", "gpu_seconds": (i % 89) / 10}),
-    ("render.completed", lambda i: {"workspace_id": f"w{i % 20}", "render_id": f"r{i}", "output_duration_seconds": 12.5}),
-    ("egress.download", lambda i: {"workspace_id": f"w{i % 20}", "artifact_id": f"a{i}", "bytes": 1000 + i % 5000}),
-    ("ai.task.submitted", lambda i: {"workspace_id": f"w{i % 20}", "task_id": f"t{i}", "task_type": "upscale"}),
-    ("gateway.request", lambda i: {"workspace_id": f"w{i % 20}", "virtual_key_id": f"vk{i % 7}", "request_id": f"q{i}"}),
-    ("ci.step.cpu", lambda i: {"contract_id": "c1", "workspace_id": f"w{i % 20}", "step_id": f"s{i % 300}", "cpu_seconds": 0.5}),
+    (
+        "render.completed",
+        lambda i: {"workspace_id": f"w{i % 20}", "render_id": f"r{i}", "output_duration_seconds": 12.5},
+    ),
+    (
+        "egress.download",
+        lambda i: {"workspace_id": f"w{i % 20}", "artifact_id": f"a{i}", "bytes": 1000 + i % 5000},
+    ),
+    (
+        "ai.task.submitted",
+        lambda i: {"workspace_id": f"w{i % 20}", "task_id": f"t{i}", "task_type": "upscale"},
+    ),
+    (
+        "gateway.request",
+        lambda i: {"workspace_id": f"w{i % 20}", "virtual_key_id": f"vk{i % 7}", "request_id": f"q{i}"},
+    ),
+    (
+        "ci.step.cpu",
+        lambda i: {
+            "contract_id": "c1",
+            "workspace_id": f"w{i % 20}",
+            "step_id": f"s{i % 300}",
+            "cpu_seconds": 0.5,
+        },
+    ),
 ]
 
 
 def make(i: int, tenant: str, t: datetime, prefix: str) -> dict:
     typ, data = TYPES[i % len(TYPES)]
-    return {"specversion": "1.0", "id": f"{prefix}{i}", "source": "bench", "type": typ,
-            "time": t.isoformat().replace("+00:00", "Z"), "tenant": tenant, "data": data(i)}
+    return {
+        "specversion": "1.0",
+        "id": f"{prefix}{i}",
+        "source": "bench",
+        "type": typ,
+        "time": t.isoformat().replace("+00:00", "Z"),
+        "tenant": tenant,
+        "data": data(i),
+    }
 
 
-def main(bootstrap: str, topic: str, count: int, rate: float, tenants: int, per_message: int, prefix: str) -> None:
-    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
-                  "compression.type": "lz4", "queue.buffering.max.messages": 200000})
+def main(
+    bootstrap: str, topic: str, count: int, rate: float, tenants: int, per_message: int, prefix: str
+) -> None:
+    p = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "queue.buffering.max.messages": 200000,
+        }
+    )
     start = time.perf_counter()
     t = datetime.now(UTC) - timedelta(minutes=1)
     sent = 0

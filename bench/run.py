@@ -13,8 +13,8 @@ import platform
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,21 @@ def main() -> None:
     from bench.pipeline import bare_consumer_rate, run_pipeline
 
     events = int(os.environ.get("BENCH_EVENTS", "1000000"))
-    result: dict[str, Any] = {"machine": f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"}
+    result: dict[str, Any] = {
+        "machine": f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+    }
     with broker() as bootstrap:
         say(f"pipeline: {events:,} events through Kafka ({bootstrap}) -> faust -> ClickHouse (embedded)…")
         p = asyncio.run(run_pipeline(bootstrap, events))
-        say(f"  end to end: {p['e2e_events_per_s']:,.0f} events/s ({p['e2e_seconds']:.1f} s; producer alone {p['produce_seconds']:.1f} s)")
-        say(f"  freshness at {p['freshness_rate_events_per_s']:,.0f} events/s: p50 {p['freshness_p50_s']:.3f} s, p99 {p['freshness_p99_s']:.3f} s ({p['freshness_probes']} probes)")
-        say(f"  aggregator RSS: start {p['rss_mb_start']:.0f} MiB, end {p['rss_mb_end']:.0f} MiB, max {p['rss_mb_max']:.0f} MiB")
+        say(
+            f"  end to end: {p['e2e_events_per_s']:,.0f} events/s ({p['e2e_seconds']:.1f} s; producer alone {p['produce_seconds']:.1f} s)"
+        )
+        say(
+            f"  freshness at {p['freshness_rate_events_per_s']:,.0f} events/s: p50 {p['freshness_p50_s']:.3f} s, p99 {p['freshness_p99_s']:.3f} s ({p['freshness_probes']} probes)"
+        )
+        say(
+            f"  aggregator RSS: start {p['rss_mb_start']:.0f} MiB, end {p['rss_mb_end']:.0f} MiB, max {p['rss_mb_max']:.0f} MiB"
+        )
         say("bare confluent-kafka consumer on the same topic…")
         bare = bare_consumer_rate(bootstrap, p["topic"], events)
         say(f"  bare consumer: {bare:,.0f} events/s")

@@ -9,9 +9,18 @@ from typing import Annotated
 import typer
 
 from deploy.logging import setup_logging
-from deploy.settings import AggregatorSettings, CommonSettings, IngestSettings, QuerySettings, RunSettings, masked
+from deploy.settings import (
+    AggregatorSettings,
+    CommonSettings,
+    IngestSettings,
+    QuerySettings,
+    RunSettings,
+    masked,
+)
 
-app = typer.Typer(help="Event-sourced usage metering: Kafka -> faust -> ClickHouse -> FastAPI.", no_args_is_help=True)
+app = typer.Typer(
+    help="Event-sourced usage metering: Kafka -> faust -> ClickHouse -> FastAPI.", no_args_is_help=True
+)
 
 
 def _run(parts: set[str], settings: RunSettings, start_local_kafka: bool) -> None:
@@ -63,7 +72,9 @@ def migrate(
     client = connect(s.clickhouse_dsn.get_secret_value(), s.clickhouse_database)
     for line in do_migrate(client, s.clickhouse_database, s.clickhouse_cluster, target):
         typer.echo(line)
-    typer.echo(f"schema at version {max(applied_versions(client, s.clickhouse_database, s.clickhouse_cluster), default=0)}")
+    typer.echo(
+        f"schema at version {max(applied_versions(client, s.clickhouse_database, s.clickhouse_cluster), default=0)}"
+    )
 
 
 @app.command()
@@ -71,7 +82,12 @@ def config(
     process: Annotated[str, typer.Option(help="run | ingest-api | aggregator | query-api")] = "run",
 ) -> None:
     """Print the effective settings of a process, secrets masked."""
-    classes = {"run": RunSettings, "ingest-api": IngestSettings, "aggregator": AggregatorSettings, "query-api": QuerySettings}
+    classes = {
+        "run": RunSettings,
+        "ingest-api": IngestSettings,
+        "aggregator": AggregatorSettings,
+        "query-api": QuerySettings,
+    }
     if process not in classes:
         raise typer.BadParameter(f"one of {', '.join(classes)}")
     typer.echo(json.dumps(masked(classes[process]()), indent=2, default=str))
@@ -87,7 +103,9 @@ def _register_optional() -> None:
     app.command()(emit)
     app.command()(load)
     app.command()(demo)
-    app.add_typer(admin_app, name="admin", help="Create and revoke tenants' entities (emits lifecycle events).")
+    app.add_typer(
+        admin_app, name="admin", help="Create and revoke tenants' entities (emits lifecycle events)."
+    )
 
 
 _register_optional()

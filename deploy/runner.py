@@ -77,7 +77,9 @@ def open_clickhouse(settings: CommonSettings, apply_migrations: bool = True) -> 
 
 def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) -> BatchProcessor:
     writer = ClickHouseWriter(client, settings.clickhouse_database, default_catalog())
-    dlq = KafkaDeadLetterSink(settings.kafka_client_config(bootstrap), settings.topic_dead_letter, settings.topic_events)
+    dlq = KafkaDeadLetterSink(
+        settings.kafka_client_config(bootstrap), settings.topic_dead_letter, settings.topic_events
+    )
     bloom = BloomFilter(settings.dedupe_bloom_capacity, settings.dedupe_bloom_error_rate)
     return BatchProcessor(writer, dlq, bloom)
 
@@ -97,7 +99,10 @@ def build_http_app(
     settings: Any, client: Any, bootstrap: str, parts: set[Part], faust_app: Any = None
 ) -> tuple[FastAPI, list[Any]]:
     """The FastAPI app of this process and the things to close when it stops."""
-    checks = {"kafka": kafka_check(settings.kafka_client_config(bootstrap)), "clickhouse": clickhouse_check(client)}
+    checks = {
+        "kafka": kafka_check(settings.kafka_client_config(bootstrap)),
+        "clickhouse": clickhouse_check(client),
+    }
     if faust_app is not None:
         checks["aggregator"] = aggregator_check(faust_app)
     routers: list[APIRouter] = [build_health_router(checks)]
@@ -137,7 +142,9 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
             app, http_closers = build_http_app(settings, client, bootstrap, parts, faust_app)
             closers.extend(http_closers)
             server = _Server(
-                uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning", lifespan="on")
+                uvicorn.Config(
+                    app, host=settings.http_host, port=settings.http_port, log_level="warning", lifespan="on"
+                )
             )
             server_task = asyncio.create_task(server.serve())
         print(_banner(settings, bootstrap, parts), flush=True)

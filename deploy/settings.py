@@ -64,7 +64,10 @@ class CommonSettings(BaseSettings):
 
     def kafka_client_config(self, bootstrap: str) -> dict[str, Any]:
         """librdkafka settings shared by producers, consumers and admin clients."""
-        conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "security.protocol": self.kafka_security_protocol}
+        conf: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "security.protocol": self.kafka_security_protocol,
+        }
         if self.kafka_sasl_mechanism:
             conf["sasl.mechanism"] = self.kafka_sasl_mechanism
             conf["sasl.username"] = self.kafka_sasl_username or ""

@@ -16,7 +16,7 @@ Check = Callable[[], tuple[bool, str]]
 
 
 def kafka_check(config: dict[str, Any], timeout_s: float = 2.0) -> Check:
-    from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
+    from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({**config, "socket.timeout.ms": int(timeout_s * 1000)})
 
@@ -49,7 +49,9 @@ def build_health_router(checks: dict[str, Check], cache_s: float = 1.0) -> APIRo
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz", summary="Kafka and ClickHouse both answer", responses={503: {"description": "not ready"}})
+    @router.get(
+        "/readyz", summary="Kafka and ClickHouse both answer", responses={503: {"description": "not ready"}}
+    )
     async def readyz() -> JSONResponse:
         now = time.monotonic()
         if last["body"] is None or now - last["at"] > cache_s:
@@ -61,7 +63,9 @@ def build_health_router(checks: dict[str, Check], cache_s: float = 1.0) -> APIRo
             last.update(at=now, body=body)
         body = last["body"]
         ready = all(v["status"] == "ok" for v in body.values())
-        return JSONResponse({"status": "ok" if ready else "unavailable", "checks": body}, status_code=200 if ready else 503)
+        return JSONResponse(
+            {"status": "ok" if ready else "unavailable", "checks": body}, status_code=200 if ready else 503
+        )
 
     @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def metrics() -> Response:

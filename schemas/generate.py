@@ -14,7 +14,8 @@ OUT_DIR = Path(__file__).with_name("jsonschema")
 
 def rendered() -> dict[str, str]:
     return {
-        f"{t.value}.json": json.dumps(event_json_schema(t), indent=2, sort_keys=True) + "\n" for t in EventType
+        f"{t.value}.json": json.dumps(event_json_schema(t), indent=2, sort_keys=True) + "\n"
+        for t in EventType
     }
 
 

@@ -58,7 +58,9 @@ def render(sql: str, database: str, cluster: str | None) -> list[str]:
         return f"{name}({args})" if args else name
 
     text = _ENGINE.sub(engine, sql)
-    text = text.replace("{db}", database).replace("{on_cluster}", f"ON CLUSTER '{cluster}'" if cluster else "")
+    text = text.replace("{db}", database).replace(
+        "{on_cluster}", f"ON CLUSTER '{cluster}'" if cluster else ""
+    )
     # Comments go first so a ';' inside one cannot split a statement.
     lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("--")]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
@@ -83,7 +85,9 @@ def applied_versions(client: Client, database: str, cluster: str | None = None) 
     return [int(r[0]) for r in rows]
 
 
-def migrate(client: Client, database: str, cluster: str | None = None, target: int | None = None) -> list[str]:
+def migrate(
+    client: Client, database: str, cluster: str | None = None, target: int | None = None
+) -> list[str]:
     """Apply pending migrations up to ``target`` (all by default), or roll back to it when it is
     lower than the current version. Returns a line per step taken."""
     all_migrations = discover()
@@ -95,7 +99,8 @@ def migrate(client: Client, database: str, cluster: str | None = None, target: i
             for stmt in render(mig.up.read_text(), database, cluster):
                 client.command(stmt)
             client.insert(
-                f"{database}.schema_migrations", [[mig.version, mig.name, 1]],
+                f"{database}.schema_migrations",
+                [[mig.version, mig.name, 1]],
                 column_names=["version", "name", "is_applied"],
             )
             log.append(f"applied {mig.version:04d}_{mig.name}")
@@ -104,7 +109,8 @@ def migrate(client: Client, database: str, cluster: str | None = None, target: i
             for stmt in render(mig.down.read_text(), database, cluster):
                 client.command(stmt)
             client.insert(
-                f"{database}.schema_migrations", [[mig.version, mig.name, 0]],
+                f"{database}.schema_migrations",
+                [[mig.version, mig.name, 0]],
                 column_names=["version", "name", "is_applied"],
             )
             log.append(f"rolled back {mig.version:04d}_{mig.name}")

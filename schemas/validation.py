@@ -23,12 +23,17 @@ class RejectCode:
     MISSING_TENANT = "missing_tenant"
 
 
-def check_event_time(event_time: datetime, received_at: datetime, backfill: bool = False) -> tuple[str, str] | None:
+def check_event_time(
+    event_time: datetime, received_at: datetime, backfill: bool = False
+) -> tuple[str, str] | None:
     """None when ``event_time`` is acceptable, else (code, message).
 
     Events older than 35 days are accepted only through the explicit backfill path."""
     if event_time > received_at + MAX_FUTURE:
-        return RejectCode.IN_FUTURE, f"event time {event_time.isoformat()} is more than 5 minutes in the future"
+        return (
+            RejectCode.IN_FUTURE,
+            f"event time {event_time.isoformat()} is more than 5 minutes in the future",
+        )
     if not backfill and event_time < received_at - MAX_AGE:
         return (
             RejectCode.TOO_OLD,

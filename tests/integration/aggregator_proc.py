@@ -42,9 +42,15 @@ async def run(dsn: str, bootstrap: str, topic: str, group: str) -> None:
     from schemas.migrate import migrate
 
     settings = RunSettings(
-        clickhouse_dsn=dsn, kafka_bootstrap_servers=bootstrap, topic_events=topic,
-        topic_dead_letter=f"{topic}.dlq", consumer_group=group, batch_max_messages=4, batch_within_s=0.1,
-        faust_data_dir=Path(tempfile.mkdtemp()), dedupe_bloom_capacity=100_000,
+        clickhouse_dsn=dsn,
+        kafka_bootstrap_servers=bootstrap,
+        topic_events=topic,
+        topic_dead_letter=f"{topic}.dlq",
+        consumer_group=group,
+        batch_max_messages=4,
+        batch_within_s=0.1,
+        faust_data_dir=Path(tempfile.mkdtemp()),
+        dedupe_bloom_capacity=100_000,
     )
     client = connect(dsn, settings.clickhouse_database)
     migrate(client, settings.clickhouse_database)
@@ -66,13 +72,19 @@ def dump(dsn: str) -> dict[str, Any]:
     c = connect(dsn, "metering")
     q = lambda sql: [list(map(str, r)) for r in c.query(sql).result_rows]  # noqa: E731
     out: dict[str, Any] = {
-        "raw": q("SELECT tenant, event_id, type, subject, time, data, src_partition, src_offset "
-                 "FROM metering.events_raw ORDER BY tenant, event_id"),
-        "entities": q("SELECT tenant, kind, entity_id, workspace_id, parent_id, contract_id, name, email, tier, "
-                      "status, secret_hash, expires_at, attrs, created_at, updated_at "
-                      "FROM metering.entities FINAL ORDER BY tenant, kind, entity_id"),
-        "gauge_15m": q("SELECT tenant, meter, window_start, group_key, series, integral, samples "
-                       "FROM metering.gauge_15m FINAL ORDER BY tenant, meter, window_start, group_key, series"),
+        "raw": q(
+            "SELECT tenant, event_id, type, subject, time, data, src_partition, src_offset "
+            "FROM metering.events_raw ORDER BY tenant, event_id"
+        ),
+        "entities": q(
+            "SELECT tenant, kind, entity_id, workspace_id, parent_id, contract_id, name, email, tier, "
+            "status, secret_hash, expires_at, attrs, created_at, updated_at "
+            "FROM metering.entities FINAL ORDER BY tenant, kind, entity_id"
+        ),
+        "gauge_15m": q(
+            "SELECT tenant, meter, window_start, group_key, series, integral, samples "
+            "FROM metering.gauge_15m FINAL ORDER BY tenant, meter, window_start, group_key, series"
+        ),
     }
     for t in ("usage_15m", "usage_1h", "usage_1d", "usage_1mo"):
         out[t] = q(

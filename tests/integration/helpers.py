@@ -19,14 +19,26 @@ def iso(t: datetime) -> str:
 
 
 def event(eid: str, type_: str, data: dict[str, Any], t: datetime, tenant: str) -> dict[str, Any]:
-    return {"specversion": "1.0", "id": eid, "source": "test", "type": type_, "time": iso(t), "tenant": tenant, "data": data}
+    return {
+        "specversion": "1.0",
+        "id": eid,
+        "source": "test",
+        "type": type_,
+        "time": iso(t),
+        "tenant": tenant,
+        "data": data,
+    }
 
 
-def produce_batches(bootstrap: str, topic: str, events: Iterable[Mapping[str, Any]], per_message: int = 200) -> int:
+def produce_batches(
+    bootstrap: str, topic: str, events: Iterable[Mapping[str, Any]], per_message: int = 200
+) -> int:
     """Produce events the way the SDK does (one tenant per message), idempotent, acks=all."""
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5}
+    )
     failures: list[str] = []
     by_tenant: dict[str, list[Mapping[str, Any]]] = {}
     for e in events:
@@ -35,7 +47,10 @@ def produce_batches(bootstrap: str, topic: str, events: Iterable[Mapping[str, An
     for tenant, evs in by_tenant.items():
         for i in range(0, len(evs), per_message):
             producer.produce(
-                topic, key=tenant.encode(), value=encode_batch(evs[i : i + per_message]), headers=batch_headers(),
+                topic,
+                key=tenant.encode(),
+                value=encode_batch(evs[i : i + per_message]),
+                headers=batch_headers(),
                 on_delivery=lambda err, _m: failures.append(str(err)) if err else None,
             )
             producer.poll(0)

@@ -17,7 +17,13 @@ DAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - tim
 
 
 def mem(i: int, sec: int, gb: str, ws: str = "ws1", tenant: str = "t") -> dict:
-    return event(f"m{i}", "workstation.memory", {"workstation_id": ws, "memory_gb": float(gb)}, DAY + timedelta(hours=10, seconds=sec), tenant)
+    return event(
+        f"m{i}",
+        "workstation.memory",
+        {"workstation_id": ws, "memory_gb": float(gb)},
+        DAY + timedelta(hours=10, seconds=sec),
+        tenant,
+    )
 
 
 def value(client, db: str, meter: str, table: str = "usage_1d", day: datetime = DAY) -> dict:
@@ -31,9 +37,14 @@ def value(client, db: str, meter: str, table: str = "usage_1d", day: datetime = 
 
 
 def integral(client, db: str, meter: str) -> Decimal:
-    return Decimal(str(client.command(
-        f"SELECT sum(integral) FROM {db}.gauge_15m FINAL WHERE tenant = 't' AND meter = {{m:String}}", parameters={"m": meter}
-    )))
+    return Decimal(
+        str(
+            client.command(
+                f"SELECT sum(integral) FROM {db}.gauge_15m FINAL WHERE tenant = 't' AND meter = {{m:String}}",
+                parameters={"m": meter},
+            )
+        )
+    )
 
 
 def test_each_aggregation_against_hand_computed_values(clickhouse) -> None:
@@ -49,14 +60,30 @@ def test_each_aggregation_against_hand_computed_values(clickhouse) -> None:
     assert v["sum"] / v["count"] == Decimal("20.5") / 4  # AVG
     assert v["latest"] == Decimal("8")
     # INTEGRAL: 4*30 + 6.5*70 + 2*300 (gap caps 360 s to 300) + 8*300 (last sample holds the gap)
-    assert integral(client, db, "workstation_memory_gb_seconds") == Decimal(4 * 30 + 6.5 * 70 + 2 * 300 + 8 * 300)
+    assert integral(client, db, "workstation_memory_gb_seconds") == Decimal(
+        4 * 30 + 6.5 * 70 + 2 * 300 + 8 * 300
+    )
 
     tasks = [
-        event(f"t{i}", "ai.task.submitted", {"workspace_id": "w", "task_id": f"k{i}", "task_type": typ}, DAY + timedelta(hours=1), "t")
+        event(
+            f"t{i}",
+            "ai.task.submitted",
+            {"workspace_id": "w", "task_id": f"k{i}", "task_type": typ},
+            DAY + timedelta(hours=1),
+            "t",
+        )
         for i, typ in enumerate(["upscale", "transcribe", "upscale", "remove-bg", "upscale"])
     ]
-    cpu = [event(f"c{i}", "workstation.cpu", {"workstation_id": "ws1", "cpu_seconds": s}, DAY + timedelta(hours=2), "t")
-           for i, s in enumerate([0.1, 0.2, 0.3, 1e-05])]
+    cpu = [
+        event(
+            f"c{i}",
+            "workstation.cpu",
+            {"workstation_id": "ws1", "cpu_seconds": s},
+            DAY + timedelta(hours=2),
+            "t",
+        )
+        for i, s in enumerate([0.1, 0.2, 0.3, 1e-05])
+    ]
     apply_events(client, db, tasks + cpu, processor=proc)
     assert value(client, db, "ai_tasks")["count"] == 5  # COUNT
     assert value(client, db, "ai_task_types")["unique"] == 3  # UNIQUE_COUNT
@@ -67,12 +94,40 @@ def test_integral_splits_at_window_boundaries(clickhouse) -> None:
     client, db = clickhouse
     # 14:14:00 -> holds 120 s (gap) : 60 s in the 14:00 window, 60 s in the 14:15 window
     t = DAY + timedelta(hours=14, minutes=14)
-    apply_events(client, db, [event("g1", "ci.step.memory", {"contract_id": "c", "workspace_id": "w", "step_id": "s", "memory_mib": 100}, t, "t")])
-    rows = client.query(f"SELECT window_start, integral FROM {db}.gauge_15m FINAL WHERE tenant = 't' ORDER BY window_start").result_rows
+    apply_events(
+        client,
+        db,
+        [
+            event(
+                "g1",
+                "ci.step.memory",
+                {"contract_id": "c", "workspace_id": "w", "step_id": "s", "memory_mib": 100},
+                t,
+                "t",
+            )
+        ],
+    )
+    rows = client.query(
+        f"SELECT window_start, integral FROM {db}.gauge_15m FINAL WHERE tenant = 't' ORDER BY window_start"
+    ).result_rows
     # ci_step_memory gap is 60 s: the whole hold is in the 14:00 window
     assert [r[1] for r in rows] == [Decimal(6000)]
-    apply_events(client, db, [event("g2", "ci.step.memory", {"contract_id": "c", "workspace_id": "w", "step_id": "s", "memory_mib": 50}, t + timedelta(seconds=30), "t")])
-    rows = client.query(f"SELECT window_start, integral FROM {db}.gauge_15m FINAL WHERE tenant = 't' ORDER BY window_start").result_rows
+    apply_events(
+        client,
+        db,
+        [
+            event(
+                "g2",
+                "ci.step.memory",
+                {"contract_id": "c", "workspace_id": "w", "step_id": "s", "memory_mib": 50},
+                t + timedelta(seconds=30),
+                "t",
+            )
+        ],
+    )
+    rows = client.query(
+        f"SELECT window_start, integral FROM {db}.gauge_15m FINAL WHERE tenant = 't' ORDER BY window_start"
+    ).result_rows
     # 100 MiB for 30 s, then 50 MiB for 60 s: 30 s in 14:00 (ends 14:15:00), 30 s in 14:15
     assert [r[1] for r in rows] == [Decimal(3000 + 50 * 30), Decimal(50 * 30)]
 
@@ -80,7 +135,12 @@ def test_integral_splits_at_window_boundaries(clickhouse) -> None:
 def test_late_events_restate_their_periods(clickhouse) -> None:
     client, db = clickhouse
     proc = make_processor(client, db)
-    e = lambda i, day, b: event(f"e{i}", "egress.download", {"workspace_id": "w", "artifact_id": "a", "bytes": b}, day, "t")  # noqa: E731
+
+    def e(i: int, day: datetime, b: int) -> dict:
+        return event(
+            f"e{i}", "egress.download", {"workspace_id": "w", "artifact_id": "a", "bytes": b}, day, "t"
+        )
+
     apply_events(client, db, [e(1, DAY, 100), e(2, DAY + timedelta(days=1), 10)], processor=proc)
     assert value(client, db, "egress_bytes")["sum"] == 100
     # two days later an event from DAY arrives: DAY is restated, the next day is not touched
@@ -89,7 +149,8 @@ def test_late_events_restate_their_periods(clickhouse) -> None:
     assert value(client, db, "egress_bytes", day=DAY + timedelta(days=1))["sum"] == 10
     month_total = client.command(
         f"SELECT sum(value_sum) FROM {db}.usage_1mo WHERE tenant='t' AND meter='egress_bytes' "
-        "AND window_start = toStartOfMonth({d:DateTime})", parameters={"d": DAY.replace(tzinfo=None)},
+        "AND window_start = toStartOfMonth({d:DateTime})",
+        parameters={"d": DAY.replace(tzinfo=None)},
     )
     same_month = (DAY + timedelta(days=1)).month == DAY.month
     assert Decimal(str(month_total)) == (133 if same_month else 123)
@@ -98,7 +159,16 @@ def test_late_events_restate_their_periods(clickhouse) -> None:
 def test_duplicates_across_retries_count_once(clickhouse) -> None:
     client, db = clickhouse
     proc = make_processor(client, db)
-    evs = [event(f"d{i}", "render.completed", {"workspace_id": "w", "render_id": f"r{i}", "output_duration_seconds": 60}, DAY, "t") for i in range(50)]
+    evs = [
+        event(
+            f"d{i}",
+            "render.completed",
+            {"workspace_id": "w", "render_id": f"r{i}", "output_duration_seconds": 60},
+            DAY,
+            "t",
+        )
+        for i in range(50)
+    ]
     apply_events(client, db, evs, processor=proc)
     apply_events(client, db, evs[10:30] + evs[:5], processor=proc)  # a client retry, and redelivery
     # a new processor (after a restart) has an empty memory but must still recognise them

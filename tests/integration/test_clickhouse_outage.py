@@ -21,11 +21,22 @@ pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 def test_outage_then_recovery_loses_and_doubles_nothing(kafka_bootstrap: str, topic: str, clickhouse) -> None:
     client, db = clickhouse
     now = datetime.now(UTC) - timedelta(minutes=10)
-    first = [event(f"a{i}", "egress.download", {"workspace_id": "w", "artifact_id": f"x{i}", "bytes": i}, now, "t") for i in range(300)]
-    second = [event(f"b{i}", "egress.download", {"workspace_id": "w", "artifact_id": f"y{i}", "bytes": 7}, now, "t") for i in range(300)]
+    first = [
+        event(f"a{i}", "egress.download", {"workspace_id": "w", "artifact_id": f"x{i}", "bytes": i}, now, "t")
+        for i in range(300)
+    ]
+    second = [
+        event(f"b{i}", "egress.download", {"workspace_id": "w", "artifact_id": f"y{i}", "bytes": 7}, now, "t")
+        for i in range(300)
+    ]
     settings = AggregatorSettings(
-        topic_events=topic, topic_dead_letter=f"{topic}.dlq", consumer_group=f"g-{topic}", batch_max_messages=10,
-        batch_within_s=0.1, faust_data_dir=Path(tempfile.mkdtemp()), clickhouse_retry_max_s=0.5,
+        topic_events=topic,
+        topic_dead_letter=f"{topic}.dlq",
+        consumer_group=f"g-{topic}",
+        batch_max_messages=10,
+        batch_within_s=0.1,
+        faust_data_dir=Path(tempfile.mkdtemp()),
+        clickhouse_retry_max_s=0.5,
     )
     processor = make_processor(client, db)
     count = lambda: int(client.command(f"SELECT count() FROM {db}.events_raw"))  # noqa: E731
@@ -45,8 +56,13 @@ def test_outage_then_recovery_loses_and_doubles_nothing(kafka_bootstrap: str, to
             assert metrics.CLICKHOUSE_ERRORS._value.get() > errors_before  # it really failed, and retried
             client.command(f"ATTACH TABLE {db}.usage_1d")
             for _ in range(300):
-                if count() == 600 and client.command(
-                    f"SELECT sum(value_count) FROM {db}.usage_1d WHERE meter = 'egress_bytes'") == 600:
+                if (
+                    count() == 600
+                    and client.command(
+                        f"SELECT sum(value_count) FROM {db}.usage_1d WHERE meter = 'egress_bytes'"
+                    )
+                    == 600
+                ):
                     break
                 await asyncio.sleep(0.1)
             await asyncio.sleep(1)
@@ -55,5 +71,7 @@ def test_outage_then_recovery_loses_and_doubles_nothing(kafka_bootstrap: str, to
     expected = Decimal(sum(range(300)) + 7 * 300)
     assert count() == 600
     for table in ("usage_15m", "usage_1h", "usage_1d", "usage_1mo"):
-        got = client.query(f"SELECT sum(value_sum), sum(value_count) FROM {db}.{table} WHERE meter = 'egress_bytes'").result_rows[0]
+        got = client.query(
+            f"SELECT sum(value_sum), sum(value_count) FROM {db}.{table} WHERE meter = 'egress_bytes'"
+        ).result_rows[0]
         assert got == (expected, 600), table

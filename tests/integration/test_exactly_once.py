@@ -36,19 +36,74 @@ def _events(seed: int = 11) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for t in range(3):
         tenant = f"tenant-{t}"
-        out.append(event(f"{tenant}-ws", "workspace.created", {"workspace_id": "w1", "name": "W", "tier": "pro"}, base, tenant))
+        out.append(
+            event(
+                f"{tenant}-ws",
+                "workspace.created",
+                {"workspace_id": "w1", "name": "W", "tier": "pro"},
+                base,
+                tenant,
+            )
+        )
         for i in range(400):
             at = base + timedelta(seconds=rng.randint(0, 3 * 3600))
             kind = i % 4
             if kind == 0:
-                out.append(event(f"{tenant}-c{i}", "ci.step.cpu", {"contract_id": "c1", "workspace_id": "w1", "step_id": f"s{i % 9}", "cpu_seconds": rng.randint(1, 999) / 100}, at, tenant))
+                out.append(
+                    event(
+                        f"{tenant}-c{i}",
+                        "ci.step.cpu",
+                        {
+                            "contract_id": "c1",
+                            "workspace_id": "w1",
+                            "step_id": f"s{i % 9}",
+                            "cpu_seconds": rng.randint(1, 999) / 100,
+                        },
+                        at,
+                        tenant,
+                    )
+                )
             elif kind == 1:
-                out.append(event(f"{tenant}-m{i}", "ci.step.memory", {"contract_id": "c1", "workspace_id": "w1", "step_id": f"s{i % 5}", "memory_mib": rng.randint(64, 4096)}, at, tenant))
+                out.append(
+                    event(
+                        f"{tenant}-m{i}",
+                        "ci.step.memory",
+                        {
+                            "contract_id": "c1",
+                            "workspace_id": "w1",
+                            "step_id": f"s{i % 5}",
+                            "memory_mib": rng.randint(64, 4096),
+                        },
+                        at,
+                        tenant,
+                    )
+                )
             elif kind == 2:
                 keys = [f"k{rng.randint(0, 300)}" for _ in range(rng.randint(1, 20))]
-                out.append(event(f"{tenant}-d{i}", "datastream.rows", {"workspace_id": "w1", "datastream_id": f"d{i % 3}", "total_rows": len(keys) + 3, "row_keys": keys}, at, tenant))
+                out.append(
+                    event(
+                        f"{tenant}-d{i}",
+                        "datastream.rows",
+                        {
+                            "workspace_id": "w1",
+                            "datastream_id": f"d{i % 3}",
+                            "total_rows": len(keys) + 3,
+                            "row_keys": keys,
+                        },
+                        at,
+                        tenant,
+                    )
+                )
             else:
-                out.append(event(f"{tenant}-v{i}", "virtual_key.extra_purchased", {"workspace_id": "w1", "count": 1 + i % 3}, at, tenant))
+                out.append(
+                    event(
+                        f"{tenant}-v{i}",
+                        "virtual_key.extra_purchased",
+                        {"workspace_id": "w1", "count": 1 + i % 3},
+                        at,
+                        tenant,
+                    )
+                )
     dups = rng.sample(out, 150)  # producer retries: the same events again, later in the log
     return out + dups
 
@@ -60,7 +115,11 @@ def _run(dsn: str, bootstrap: str, topic: str, group: str, crash_at: str | None,
         env["METERING_CRASH_AT"] = crash_at
     proc = subprocess.run(
         [sys.executable, "-m", "tests.integration.aggregator_proc", "run", dsn, bootstrap, topic, group],
-        env=env, cwd=ROOT, timeout=timeout, capture_output=True, text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
     )
     return proc.returncode
 
@@ -68,7 +127,11 @@ def _run(dsn: str, bootstrap: str, topic: str, group: str, crash_at: str | None,
 def _dump(dsn: str) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "tests.integration.aggregator_proc", "dump", dsn],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, check=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+        timeout=120,
     )
     return orjson.loads(out.stdout)
 
@@ -116,8 +179,20 @@ def test_sigkill_from_outside_at_random_moments(kafka_bootstrap: str, produced: 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for _ in range(3):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.aggregator_proc", "run", dsn, kafka_bootstrap, topic, group],
-            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "tests.integration.aggregator_proc",
+                "run",
+                dsn,
+                kafka_bootstrap,
+                topic,
+                group,
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         time.sleep(rng.uniform(4.0, 7.0))
         proc.send_signal(signal.SIGKILL)

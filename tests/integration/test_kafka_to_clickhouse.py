@@ -20,8 +20,12 @@ pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
 def _settings(topic: str) -> AggregatorSettings:
     return AggregatorSettings(
-        topic_events=topic, topic_dead_letter=f"{topic}.dlq", consumer_group=f"g-{topic}",
-        batch_max_messages=50, batch_within_s=0.1, faust_data_dir=Path(tempfile.mkdtemp()),
+        topic_events=topic,
+        topic_dead_letter=f"{topic}.dlq",
+        consumer_group=f"g-{topic}",
+        batch_max_messages=50,
+        batch_within_s=0.1,
+        faust_data_dir=Path(tempfile.mkdtemp()),
     )
 
 
@@ -49,8 +53,13 @@ def test_ten_thousand_events_exact_count_and_sum(kafka_bootstrap: str, topic: st
         secs = Decimal(rng.randint(1, 100_000)) / 1000  # exact decimal with 3 digits
         expected += secs
         events.append(
-            event(f"ev-{i}", "workstation.cpu", {"workstation_id": f"ws-{i % 13}", "cpu_seconds": float(secs)},
-                  now + timedelta(milliseconds=i), tenant)
+            event(
+                f"ev-{i}",
+                "workstation.cpu",
+                {"workstation_id": f"ws-{i % 13}", "cpu_seconds": float(secs)},
+                now + timedelta(milliseconds=i),
+                tenant,
+            )
         )
     produce_batches(kafka_bootstrap, topic, events)
     processor = make_processor(client, db)
@@ -76,7 +85,13 @@ def test_redelivered_messages_are_counted_once(kafka_bootstrap: str, topic: str,
     client, db = clickhouse
     now = datetime.now(UTC) - timedelta(minutes=5)
     events = [
-        event(f"r-{i}", "egress.download", {"workspace_id": "w1", "artifact_id": f"a{i}", "bytes": 1000 + i}, now, "t1")
+        event(
+            f"r-{i}",
+            "egress.download",
+            {"workspace_id": "w1", "artifact_id": f"a{i}", "bytes": 1000 + i},
+            now,
+            "t1",
+        )
         for i in range(500)
     ]
     produce_batches(kafka_bootstrap, topic, events)
@@ -88,13 +103,17 @@ def test_redelivered_messages_are_counted_once(kafka_bootstrap: str, topic: str,
             await _wait_count(client, db, 500, timeout=60)
             # wait until every message is consumed: the raw watermark reaches the last offset
             for _ in range(100):
-                if processor.writer.watermarks  and int(
-                    client.command(f"SELECT count() FROM {db}.events_raw")) == 500:
+                if (
+                    processor.writer.watermarks
+                    and int(client.command(f"SELECT count() FROM {db}.events_raw")) == 500
+                ):
                     break
                 await asyncio.sleep(0.1)
             await asyncio.sleep(2)
 
     asyncio.run(scenario())
     assert int(client.command(f"SELECT count() FROM {db}.events_raw")) == 500
-    got = client.query(f"SELECT sum(value_sum), sum(value_count) FROM {db}.usage_1d WHERE meter='egress_bytes'").result_rows[0]
+    got = client.query(
+        f"SELECT sum(value_sum), sum(value_count) FROM {db}.usage_1d WHERE meter='egress_bytes'"
+    ).result_rows[0]
     assert got == (Decimal(sum(1000 + i for i in range(500))), 500)

@@ -39,13 +39,53 @@ def workload() -> list[dict]:
     base = datetime.now(UTC).replace(microsecond=0) - timedelta(days=20)
     evs = []
     for tenant in ("a", "b"):
-        evs.append(event(f"{tenant}-w", "workspace.created", {"workspace_id": "w", "name": "W", "tier": "free"}, base, tenant))
-        evs.append(event(f"{tenant}-u", "workspace.updated", {"workspace_id": "w", "tier": "pro"}, base + timedelta(days=1), tenant))
+        evs.append(
+            event(
+                f"{tenant}-w",
+                "workspace.created",
+                {"workspace_id": "w", "name": "W", "tier": "free"},
+                base,
+                tenant,
+            )
+        )
+        evs.append(
+            event(
+                f"{tenant}-u",
+                "workspace.updated",
+                {"workspace_id": "w", "tier": "pro"},
+                base + timedelta(days=1),
+                tenant,
+            )
+        )
         for i in range(600):
             at = base + timedelta(minutes=rng.randint(0, 20 * 24 * 60))
-            evs.append(event(f"{tenant}-m{i}", "workstation.memory", {"workstation_id": f"ws{i % 3}", "memory_gb": rng.randint(1, 64) / 4}, at, tenant))
-            evs.append(event(f"{tenant}-c{i}", "workstation.cpu", {"workstation_id": f"ws{i % 3}", "cpu_seconds": rng.randint(1, 999) / 10}, at, tenant))
-            evs.append(event(f"{tenant}-t{i}", "ai.task.submitted", {"workspace_id": "w", "task_id": f"t{i}", "task_type": rng.choice(["a", "b", "c"])}, at, tenant))
+            evs.append(
+                event(
+                    f"{tenant}-m{i}",
+                    "workstation.memory",
+                    {"workstation_id": f"ws{i % 3}", "memory_gb": rng.randint(1, 64) / 4},
+                    at,
+                    tenant,
+                )
+            )
+            evs.append(
+                event(
+                    f"{tenant}-c{i}",
+                    "workstation.cpu",
+                    {"workstation_id": f"ws{i % 3}", "cpu_seconds": rng.randint(1, 999) / 10},
+                    at,
+                    tenant,
+                )
+            )
+            evs.append(
+                event(
+                    f"{tenant}-t{i}",
+                    "ai.task.submitted",
+                    {"workspace_id": "w", "task_id": f"t{i}", "task_type": rng.choice(["a", "b", "c"])},
+                    at,
+                    tenant,
+                )
+            )
     return evs
 
 

@@ -20,8 +20,15 @@ def msg(events: list, key: bytes | None = b"t1", ts: datetime = NOW, headers=())
 
 
 def good(i: int, tenant: str = "t1", t: datetime = NOW) -> dict:
-    return {"specversion": "1.0", "id": f"e{i}", "source": "s", "type": "egress.download", "tenant": tenant,
-            "time": t.isoformat(), "data": {"workspace_id": "w", "artifact_id": "a", "bytes": i}}
+    return {
+        "specversion": "1.0",
+        "id": f"e{i}",
+        "source": "s",
+        "type": "egress.download",
+        "tenant": tenant,
+        "time": t.isoformat(),
+        "data": {"workspace_id": "w", "artifact_id": "a", "bytes": i},
+    }
 
 
 def test_one_bad_event_does_not_take_its_neighbours_down() -> None:
@@ -34,7 +41,11 @@ def test_one_bad_event_does_not_take_its_neighbours_down() -> None:
 def test_invalid_json_rejects_the_message_with_its_bytes() -> None:
     m = SourceMessage(0, 1, 0, b"t", b"{not json", ())
     d = decode_message(m)
-    assert d.rows == [] and d.rejects[0].code == RejectCode.INVALID_JSON and d.rejects[0].original == b"{not json"
+    assert (
+        d.rows == []
+        and d.rejects[0].code == RejectCode.INVALID_JSON
+        and d.rejects[0].original == b"{not json"
+    )
 
 
 def test_time_is_judged_against_the_message_timestamp_not_now() -> None:
@@ -72,14 +83,37 @@ def test_first_occurrences_keeps_the_first() -> None:
 def test_fold_orders_by_event_time_not_arrival() -> None:
     t0 = datetime(2026, 11, 1, tzinfo=UTC)
     evs = [
-        LifecycleEvent(EventType.MEMBER_DEACTIVATED, t0 + timedelta(hours=2), {"workspace_id": "w", "member_id": "m"}, 0, 9),
-        LifecycleEvent(EventType.MEMBER_JOINED, t0, {"workspace_id": "w", "member_id": "m", "email": "a@b.c"}, 0, 10),
+        LifecycleEvent(
+            EventType.MEMBER_DEACTIVATED,
+            t0 + timedelta(hours=2),
+            {"workspace_id": "w", "member_id": "m"},
+            0,
+            9,
+        ),
+        LifecycleEvent(
+            EventType.MEMBER_JOINED, t0, {"workspace_id": "w", "member_id": "m", "email": "a@b.c"}, 0, 10
+        ),
     ]
     s = fold("t", EntityKind.MEMBER, "w/m", evs)
     assert s is not None and s.status == "inactive" and s.email == "a@b.c" and s.row()["version"] == 10
-    ws = fold("t", EntityKind.WORKSPACE, "w", [
-        LifecycleEvent(EventType.WORKSPACE_CREATED, t0, {"workspace_id": "w", "name": "W", "tier": "pro", "billing_anchor_day": 3}, 0, 1),
-        LifecycleEvent(EventType.VIRTUAL_KEY_EXTRA_PURCHASED, t0, {"workspace_id": "w", "count": 2}, 0, 2),
-        LifecycleEvent(EventType.VIRTUAL_KEY_EXTRA_PURCHASED, t0, {"workspace_id": "w", "count": 5}, 0, 3),
-    ])
+    ws = fold(
+        "t",
+        EntityKind.WORKSPACE,
+        "w",
+        [
+            LifecycleEvent(
+                EventType.WORKSPACE_CREATED,
+                t0,
+                {"workspace_id": "w", "name": "W", "tier": "pro", "billing_anchor_day": 3},
+                0,
+                1,
+            ),
+            LifecycleEvent(
+                EventType.VIRTUAL_KEY_EXTRA_PURCHASED, t0, {"workspace_id": "w", "count": 2}, 0, 2
+            ),
+            LifecycleEvent(
+                EventType.VIRTUAL_KEY_EXTRA_PURCHASED, t0, {"workspace_id": "w", "count": 5}, 0, 3
+            ),
+        ],
+    )
     assert ws is not None and ws.attrs == {"billing_anchor_day": 3, "extra_vks": 7}

@@ -19,7 +19,11 @@ from schemas.validation import RejectCode, check_event_time
 
 def ev(**over: object) -> dict:
     base = {
-        "specversion": "1.0", "id": "e1", "source": "s", "type": "ci.step.cpu", "time": "2026-11-22T10:00:00Z",
+        "specversion": "1.0",
+        "id": "e1",
+        "source": "s",
+        "type": "ci.step.cpu",
+        "time": "2026-11-22T10:00:00Z",
         "data": {"contract_id": "c", "workspace_id": "w", "step_id": "st", "cpu_seconds": 1.5},
     }
     base.update(over)
@@ -39,7 +43,9 @@ def test_every_event_type_has_a_data_model() -> None:
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
 def test_numbers_must_be_finite_and_non_negative(bad: float) -> None:
     with pytest.raises(ValidationError):
-        Event.model_validate(ev(data={"contract_id": "c", "workspace_id": "w", "step_id": "s", "cpu_seconds": bad}))
+        Event.model_validate(
+            ev(data={"contract_id": "c", "workspace_id": "w", "step_id": "s", "cpu_seconds": bad})
+        )
 
 
 def test_1e400_is_rejected_from_json() -> None:
@@ -58,7 +64,9 @@ def test_unknown_type_and_unknown_fields_are_rejected() -> None:
     with pytest.raises(ValidationError):
         Event.model_validate(ev(type="cpu.mystery"))
     with pytest.raises(ValidationError):
-        Event.model_validate(ev(data={"contract_id": "c", "workspace_id": "w", "step_id": "s", "cpu_seconds": 1, "x": 1}))
+        Event.model_validate(
+            ev(data={"contract_id": "c", "workspace_id": "w", "step_id": "s", "cpu_seconds": 1, "x": 1})
+        )
 
 
 def test_subject_is_filled_from_data_and_must_match() -> None:
