@@ -98,7 +98,8 @@ def _register_optional() -> None:
     from aggregators.replay_cli import replay
 
     app.command()(replay)
-    from ingest.cli import admin_app, demo, emit, load
+    from ingest.cli import admin_app, emit, load
+    from ingest.demo import demo
 
     app.command()(emit)
     app.command()(load)

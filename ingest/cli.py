@@ -302,57 +302,6 @@ def _load_summary(sent: Counter[str], rejected: int, failed: int, elapsed: float
 # ---- metering demo ----------------------------------------------------------------------------
 
 
-def demo(
-    tenants: Annotated[int, typer.Option(min=1, help="Tenants in the demo world.")] = 2,
-    hours: Annotated[float, typer.Option(min=0.01, max=24 * 30, help="Hours of past usage.")] = 6.0,
-    seed: Annotated[int, typer.Option(help="Seed of the demo world.")] = 42,
-) -> None:
-    """A small synthetic world with usage of every type, then the credentials and curl commands
-    to query it through every documented endpoint (test keys: for local deployments only)."""
-    now = datetime.now(UTC)
-    world = World.generate(seed, tenants, created_at=now - timedelta(hours=hours, minutes=1))
-    by_tenant: dict[str, list[dict[str, Any]]] = {}
-    for event in world_lifecycle_events(world):
-        by_tenant.setdefault(event["tenant"], []).append(event)
-    for event in usage_events(world, now - timedelta(hours=hours), now, random.Random(seed)):
-        by_tenant.setdefault(event["tenant"], []).append(event)
-    prepared = {t: [prepare_event(e, t, received_at=now) for e in evs] for t, evs in by_tenant.items()}
-    failed = _send(CommonSettings(), prepared, backfill=False)
-    total = sum(len(v) for v in prepared.values())
-    out.print(f"sent {total:,} events for {tenants} tenant(s); {len(failed)} not delivered")
-    base = "http://127.0.0.1:8080"
-    t = world.tenants[0]
-    ws_key = next(k for k in t.api_keys if k.scope == "workspace")
-    out.print(f"\n[bold]tenant {t.id}[/bold] (workspace {ws_key.workspace_id})", markup=True)
-    out.print(f"curl -H 'Authorization: Bearer {ws_key.raw}' {base}/v1/workspace/usage", markup=False)
-    out.print(
-        f"curl -H 'Authorization: Bearer {ws_key.raw}' '{base}/api/v1/usage/?granularity=daily'", markup=False
-    )
-    member_key = next((k for k in t.api_keys if k.scope == "member"), None)
-    if member_key is not None:
-        contract = next(w.contract_id for w in t.workspaces if w.id == member_key.workspace_id)
-        out.print(
-            f"curl -u '{member_key.email}:{member_key.raw}' '{base}/v2/quota-usages/contracts/{contract}?period=week'",
-            markup=False,
-        )
-    if t.access_tokens:
-        token = t.access_tokens[0]
-        member_ws = next(
-            m.workspace_id for m in t.members if m.member_id == token.member_id and m.status == "active"
-        )
-        out.print(
-            f"curl -H 'Authorization: Bearer {token.raw}' {base}/api/v1/workspaces/{member_ws}/stats",
-            markup=False,
-        )
-        if t.workstations:
-            out.print(
-                f"curl -H 'Authorization: Bearer {token.raw}' {base}/v1/workstations/{t.workstations[0].id}/usage",
-                markup=False,
-            )
-    if failed:
-        raise typer.Exit(1)
-
-
 # ---- metering admin … -------------------------------------------------------------------------
 
 admin_app = typer.Typer(

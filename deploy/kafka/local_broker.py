@@ -682,6 +682,7 @@ def _start(
                 f"--- {data_dir / LOG_DIR / 'server.log'} (tail) ---\n"
                 + tail(data_dir / LOG_DIR / "server.log")
             )
+        stale_on_port = record is not None and record.port == port
         if record is not None or (data_dir / PID_FILE).exists():
             # Stale: the process is gone (or the pid was reused by something
             # else). Never signal it; just forget it.
@@ -689,8 +690,13 @@ def _start(
 
         # Fail fast before any download or JVM start: a taken port would
         # otherwise surface only as a bind error deep in the broker log.
-        if not is_port_free(port):
-            raise PortInUseError(_port_in_use_message(port))
+        # Exception: our own broker just died on this port; the kernel can take
+        # a few seconds to release its sockets, so give it that long.
+        grace = time.monotonic() + (15.0 if stale_on_port else 0.0)
+        while not is_port_free(port):
+            if time.monotonic() >= grace:
+                raise PortInUseError(_port_in_use_message(port))
+            time.sleep(0.2)
         cport = choose_controller_port(port, controller_port)
 
         java = _require_tool("java")
