@@ -13,6 +13,7 @@ so a table and its watermark can never disagree, whatever crashed in between.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -23,11 +24,11 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from aggregators import rollup
-from aggregators.decode import RawRow, raw_row_json
+from aggregators.decode import RAW_INSERT_SETTINGS, RawRow, raw_rows_json
 from aggregators.dedupe import KEY_HASH_SQL
 from aggregators.faults import CrashPoint, checkpoint
 from aggregators.projection import LifecycleEvent, fold
-from aggregators.rollup import Grain, Ranges
+from aggregators.rollup import Ranges
 from schemas.clickhouse import Table
 from schemas.events import LIFECYCLE_KIND, EntityKind, EventType
 from schemas.meters import Catalog
@@ -60,6 +61,10 @@ class ClickHouseWriter:
         self.db = database
         self.catalog = catalog
         self._wm: dict[Table, dict[int, int]] = defaultdict(dict)
+        # per-process stage (see rollup.py); a name of our own so several aggregators can share
+        # one ClickHouse server
+        self._stage = f"{database}.usage_stage_{uuid.uuid4().hex[:12]}"
+        self._stage_ready = False
 
     # ---- watermarks ---------------------------------------------------------------------------
 
@@ -114,16 +119,9 @@ class ClickHouseWriter:
         landed; a token could instead drop rows legitimately re-inserted by a replay."""
         if not rows:
             return
-        stamp = fmt_time(ingested_at)
-        body = b"\n".join(raw_row_json(r, stamp) for r in rows)
-        first, last = rows[0], rows[-1]
-        token = f"raw:{first.partition}:{first.offset}:{last.partition}:{last.offset}:{len(rows)}"
+        body = raw_rows_json(rows, fmt_time(ingested_at))
         self.client.raw_insert(
-            f"{self.db}.{Table.EVENTS_RAW}",
-            None,
-            body,
-            fmt="JSONEachRow",
-            settings={"insert_deduplication_token": token},
+            f"{self.db}.{Table.EVENTS_RAW}", None, body, fmt="JSONEachRow", settings=RAW_INSERT_SETTINGS
         )
         cache = self._wm[Table.EVENTS_RAW]
         for r in rows:
@@ -137,32 +135,51 @@ class ClickHouseWriter:
         statements run per table."""
         parts = sorted(set(partitions))
         raw_wm = self.watermarks(Table.EVENTS_RAW, parts)
-        done: dict[Table, int] = {}
+        pending: dict[Table, Ranges] = {}
         for table in DERIVED:
             wm = self.watermarks(table, parts)
             ranges = Ranges({p: (wm[p], raw_wm[p]) for p in parts}).nonempty()
-            if not ranges:
-                continue
+            if ranges:
+                pending[table] = ranges
+        done: dict[Table, int] = {}
+        periods = [t for t in pending if t in _GRAIN_OF]
+        if periods:
+            self._fill_stage(periods, pending)
+        for table, ranges in pending.items():
             done[table] = self._apply(table, ranges)
             checkpoint(CrashPoint.BETWEEN_DERIVED)
             for p, (_, hi) in ranges.by_partition.items():
                 self._wm[table][p] = hi
         return done
 
+    def _fill_stage(self, periods: list[Table], pending: dict[Table, Ranges]) -> None:
+        """Stage the raw rows every pending period table needs: from the lowest watermark."""
+        union: dict[int, tuple[int, int]] = {}
+        for t in periods:
+            for p, (lo, hi) in pending[t].by_partition.items():
+                old = union.get(p)
+                union[p] = (min(lo, old[0]), max(hi, old[1])) if old else (lo, hi)
+        if not self._stage_ready:
+            self.client.command(rollup.stage_create(self._stage))
+            self._stage_ready = True
+        self.client.command(f"TRUNCATE TABLE {self._stage}")
+        where, params = Ranges(union).sql()
+        self.client.command(rollup.stage_insert(self.catalog, self.db, self._stage, where), parameters=params)
+
     def _apply(self, table: Table, ranges: Ranges) -> int:
         if table in _GRAIN_OF:
-            return self._apply_period(_GRAIN_OF[table], ranges)
+            where, params = ranges.sql()
+            sql = rollup.period_from_stage(_GRAIN_OF[table], self.db, self._stage, where)
+            self.client.command(sql, parameters=params, settings=_token(table.value, ranges))
+            return 1
         if table is Table.GAUGE_15M:
             return self._apply_gauges(ranges)
         return self._apply_entities(ranges)
 
-    def _apply_period(self, grain: Grain, ranges: Ranges) -> int:
-        where, params = ranges.sql()
-        sql = rollup.period_insert(self.catalog, grain, self.db, where)
-        if sql is None:
-            return 0
-        self.client.command(sql, parameters=params, settings=_token(grain.value, ranges))
-        return 1
+    def close(self) -> None:
+        if self._stage_ready:
+            self.client.command(f"DROP TABLE IF EXISTS {self._stage}")
+            self._stage_ready = False
 
     def _apply_gauges(self, ranges: Ranges) -> int:
         gauges = [m for m in self.catalog.meters if m.is_gauge]
