@@ -16,6 +16,7 @@ from typing import Any
 
 import faust
 
+from aggregators import metrics
 from aggregators.decode import SourceMessage
 from aggregators.processor import BatchProcessor
 from deploy.settings import AggregatorSettings
@@ -28,6 +29,21 @@ def _headers(raw: Any) -> list[tuple[str, bytes]]:
         return []
     items = raw.items() if isinstance(raw, dict) else raw
     return [(str(k), bytes(v or b"")) for k, v in items]
+
+
+def _record_lag(app: faust.App, events: Any) -> None:
+    """Consumer lag per partition: the log end minus the next offset to process."""
+    last: dict[Any, int] = {}
+    for ev in events:
+        tp = ev.message.tp
+        last[tp] = max(last.get(tp, -1), ev.message.offset)
+    for tp, offset in last.items():
+        try:
+            end = app.consumer.highwater(tp)
+        except Exception:  # not known yet right after an assignment
+            continue
+        if end is not None:
+            metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, end - offset - 1))
 
 
 def build_app(settings: AggregatorSettings, bootstrap: str, processor: BatchProcessor) -> faust.App:
@@ -71,6 +87,7 @@ def build_app(settings: AggregatorSettings, bootstrap: str, processor: BatchProc
             )
             if stats is not None:
                 log.debug("batch: %s", stats)
+                _record_lag(app, events)
             yield None
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]

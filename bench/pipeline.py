@@ -194,4 +194,11 @@ async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> d
         "rss_mb_start": rss_start,
         "rss_mb_end": rss_end,
         "rss_mb_max": max(rss_samples) if rss_samples else rss_end,
+        # RSS at each quarter of the run: flat means it stops growing, not that it never grew
+        # (the embedded ClickHouse engine allocates its caches and arenas on first use).
+        "rss_mb_quarters": [
+            round(rss_samples[min(len(rss_samples) - 1, len(rss_samples) * q // 4)]) for q in (1, 2, 3, 4)
+        ]
+        if rss_samples
+        else [],
     }

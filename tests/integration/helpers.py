@@ -85,3 +85,32 @@ async def running_faust(settings: Any, bootstrap: str, processor: Any) -> AsyncI
 
 def dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
+
+
+def consume_all(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[Any]:
+    """Every message of ``topic`` as SourceMessages (a plain consumer, no group commits)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from aggregators.decode import SourceMessage
+
+    c = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"read-{time.time_ns()}", "enable.auto.commit": False}
+    )
+    md = c.list_topics(topic, timeout=10)
+    parts = sorted(md.topics[topic].partitions)
+    ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+    c.assign([TopicPartition(topic, p, 0) for p in parts if ends[p] > 0])
+    out: list[Any] = []
+    want = sum(ends.values())
+    deadline = time.monotonic() + timeout_s
+    while len(out) < want and time.monotonic() < deadline:
+        for m in c.consume(500, timeout=0.5):
+            if m.error():
+                continue
+            out.append(
+                SourceMessage(
+                    m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value(), m.headers() or []
+                )
+            )
+    c.close()
+    return out
