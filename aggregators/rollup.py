@@ -186,16 +186,19 @@ def gauge_select(meter: Meter, database: str, prefix: str) -> str:
 
     Parameters (named with ``prefix``): ``tenants``/``series`` (parallel arrays naming the
     series), ``w_lo``/``w_hi`` (window span to rewrite, ms, multiples of 15 minutes); and, shared,
-    ``src_partition``, ``src_offset``. Each sample holds its value from its time until the
-    series' next sample, at most ``max_gap_seconds``; that interval is cut at 15-minute
-    boundaries. Samples are read from one gap before the span (an earlier sample still holding
+    ``src_partition``, ``src_offset``. A series is a subject *with* the meter's dimensions: a
+    step id reused in two contracts is two steps, each its own series. Each sample holds its
+    value from its time until the series' next sample, at most ``max_gap_seconds``; that
+    interval is cut at 15-minute boundaries. (Keeping one label per series is also what makes
+    recomputing safe: the windows a series covers can only grow as samples arrive, so a
+    recompute replaces every row it ever wrote.) Samples are read from one gap before the span (an earlier sample still holding
     into it) to one gap after (the next sample that ends the hold of the last one).
     """
     assert meter.max_gap_seconds is not None and meter.value is not None
     gap = meter.max_gap_seconds * 1000
     lo, hi = f"{{{prefix}w_lo:Int64}}", f"{{{prefix}w_hi:Int64}}"
     return f"""
-SELECT tenant, '{meter.slug}' AS meter, toDateTime(intDiv(ws, 1000), 'UTC') AS window_start, any(group_key),
+SELECT tenant, '{meter.slug}' AS meter, toDateTime(intDiv(ws, 1000), 'UTC') AS window_start, group_key,
        series, any(dims), sum(piece), sum(starts_here), {{src_partition:Int32}}, {{src_offset:Int64}},
        toUnixTimestamp64Nano(now64(9))
 FROM (
@@ -209,7 +212,7 @@ FROM (
             SELECT tenant, subject AS series, {_dims_sql(meter)} AS dims, {_value_sql(meter)} AS v,
                    toUnixTimestamp64Milli(time) AS t0,
                    leadInFrame(toUnixTimestamp64Milli(time), 1, toInt64(0)) OVER (
-                       PARTITION BY tenant, subject ORDER BY time, src_offset
+                       PARTITION BY tenant, subject, dims ORDER BY time, src_offset
                        ROWS BETWEEN CURRENT ROW AND 1 FOLLOWING) AS nxt
             FROM {database}.{Table.EVENTS_RAW}
             WHERE type = '{meter.event_type.value}'
@@ -222,7 +225,7 @@ FROM (
     WHERE t1 > t0
 )
 WHERE ws >= {lo} AND ws < {hi}
-GROUP BY tenant, series, ws
+GROUP BY tenant, series, group_key, ws
 """
 
 
