@@ -76,9 +76,12 @@ def _error_text(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+_KNOWN_TYPES = frozenset(t.value for t in EventType)
+
+
 def _code_for(raw: Any) -> str:
-    known = {t.value for t in EventType}
-    if isinstance(raw, dict) and "type" in raw and raw.get("type") not in known:
+    # `type` may be anything a producer sent (a list, an object): only a string can be a type.
+    if isinstance(raw, dict) and isinstance(raw.get("type"), str) and raw["type"] not in _KNOWN_TYPES:
         return RejectCode.UNKNOWN_TYPE
     return RejectCode.INVALID_EVENT
 

@@ -1,0 +1,1030 @@
+"""The msgspec fast path against pydantic, the one definition of an event (pure: no I/O).
+
+Contract (aggregators/fastpath.py): the fast path may be *stricter* than pydantic, never more
+lenient, and whatever it accepts it normalizes exactly as pydantic does. The properties below
+feed both with valid and mutated events of every usage type, written as raw JSON bytes (so that
+tokens like ``1e400``, ``-0``, ``\\u0001`` escapes and duplicate keys reach the decoders as a
+producer could send them):
+
+- A: ``decode_fast`` accepts only what pydantic accepts, with equal normalized fields;
+- B: the same for ``decode_batch`` on arrays of events;
+- C: ``decode_message`` (fast batch, fast event, pydantic fallback) takes exactly the decisions
+  of a pure-pydantic reference written here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import msgspec
+import orjson
+import pytest
+from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from aggregators.decode import MAX_EVENT_BYTES, Decoded, RawRow, SourceMessage, decode_message
+from aggregators.fastpath import decode_batch, decode_fast
+from schemas.events import DATA_MODELS, EVENT_ADAPTER, USAGE_TYPES, Event, EventType
+from schemas.validation import MAX_AGE, MAX_FUTURE, RejectCode, check_event_time
+from schemas.wire import HEADER_BACKFILL
+
+SETTINGS = settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+USAGE = sorted(USAGE_TYPES)
+LIFECYCLE = sorted(set(EventType) - USAGE_TYPES)
+KNOWN_TYPES = {t.value for t in EventType}
+KEY_TENANT = "t1"
+
+# ---- writing JSON by hand -----------------------------------------------------------------------
+# Objects are lists of (key, value) pairs so that keys can repeat and come in any order.
+
+
+@dataclass(frozen=True)
+class Raw:
+    """JSON text written as is (``1e400``, ``-0``, ``"\\ud800"``...)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Escaped:
+    """A string written with every character as a ``\\uXXXX`` escape."""
+
+    value: str
+
+
+def _text(v: Any) -> Any:
+    return v.value if isinstance(v, Escaped) else v
+
+
+@dataclass
+class Obj:
+    pairs: list[tuple[str, Any]]
+
+    def get(self, key: str) -> Any:
+        return next((v for k, v in reversed(self.pairs) if k == key), None)
+
+    def set(self, key: str, value: Any) -> None:
+        for i, (k, _) in enumerate(self.pairs):
+            if k == key:
+                self.pairs[i] = (key, value)
+                return
+        self.pairs.append((key, value))
+
+    def drop(self, key: str) -> None:
+        self.pairs = [(k, v) for k, v in self.pairs if k != key]
+
+
+def _escape_all(s: str) -> str:
+    out = []
+    for c in s:
+        n = ord(c)
+        if n > 0xFFFF:
+            n -= 0x10000
+            out.append(f"\\u{0xD800 + (n >> 10):04x}\\u{0xDC00 + (n & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{n:04x}")
+    return '"' + "".join(out) + '"'
+
+
+def dumps(v: Any) -> str:
+    if isinstance(v, Raw):
+        return v.text
+    if isinstance(v, Escaped):
+        return _escape_all(v.value)
+    if isinstance(v, Obj):
+        return "{" + ",".join(f"{orjson.dumps(k).decode()}:{dumps(x)}" for k, x in v.pairs) + "}"
+    if isinstance(v, dict):
+        return dumps(Obj(list(v.items())))
+    if isinstance(v, list):
+        return "[" + ",".join(dumps(x) for x in v) + "]"
+    if isinstance(v, bool) or v is None:
+        return orjson.dumps(v).decode()
+    if isinstance(v, int):
+        return str(v)  # orjson refuses ints beyond 64 bits
+    if isinstance(v, float):
+        assert math.isfinite(v)
+        return orjson.dumps(v).decode()
+    assert isinstance(v, str)
+    return orjson.dumps(v).decode()
+
+
+# ---- values -------------------------------------------------------------------------------------
+
+# Everything pydantic's Id pattern allows (no C0 controls), surrogates excluded: orjson cannot
+# write them and they are not str in JSON; \x7f, U+2028, quotes, backslashes and astral ones stay.
+SAFE_CHARS = st.characters(min_codepoint=0x20, exclude_categories=("Cs",))
+CONTROL = ["\x00", "\x01", "\t", "\n", "\r", "\x1f"]
+
+
+def _schema(model: type[Any], name: str) -> tuple[dict[str, Any], bool]:
+    """(JSON schema of the field's non-null form, whether null is allowed)."""
+    prop = model.model_json_schema()["properties"][name]
+    if "anyOf" in prop:
+        (inner,) = [s for s in prop["anyOf"] if s.get("type") != "null"]
+        return inner, True
+    return prop, False
+
+
+def valid_str(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    lo, hi = schema.get("minLength", 0), schema.get("maxLength", 300)
+    plain = st.one_of(
+        st.text(SAFE_CHARS, min_size=max(lo, 1), max_size=min(hi, 10)),
+        st.sampled_from(["w1", "step-1", "a/b", "é", "\U0001f600", "x\x7f", "q\u2028", 'q"\\']),
+        st.builds(lambda c, n: c * n, SAFE_CHARS, st.sampled_from(sorted({max(lo, 1), hi}))),
+    )
+    return st.one_of(plain, plain.map(Escaped)).filter(
+        lambda s: lo <= len(s.value if isinstance(s, Escaped) else s) <= hi
+    )
+
+
+def bad_str(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    hi = schema.get("maxLength", 300)
+    lengths = st.sampled_from(
+        ["", "x" * (hi + 1), "\U0001f600" * (hi + 1), "x" * hi, "x" * (hi - 1) + "\U0001f600"]
+    )
+    return st.one_of(
+        lengths,
+        lengths,
+        st.builds(
+            lambda c, pos: ["ab" + c, c + "ab", "a" + c + "b", c][pos],
+            st.sampled_from(CONTROL),
+            st.integers(0, 3),
+        ),
+        valid_str(schema).map(lambda v: Escaped(_text(v) + "\n") if isinstance(v, Escaped) else v + "\n"),
+        st.sampled_from(
+            [
+                Raw(r'"ab\n"'),
+                Raw(r'"\u0001"'),
+                Raw(r'"a\u001fb"'),
+                Raw(r'"ab\u000a"'),
+                Raw(r'"\ud800"'),
+                Raw(r'"a\udc00"'),
+                Raw(r'"\ud83d\ude00"'),
+                Raw(r'"\u0061"'),
+                Raw(r'"a\/b"'),
+                Escaped("ab\n"),
+            ]
+        ),
+        st.sampled_from([5, 1.5, True, None, [], ["x"], {"a": 1}, {}]),
+    )
+
+
+NUMBER_TOKENS = [
+    "0",
+    "-0",
+    "-0.0",
+    "0e0",
+    "0.0",
+    "1E2",
+    "1.0e+2",
+    "5e-324",
+    "1e-400",
+    "-1e-400",
+    "1e308",
+    "1.7976931348623157e308",
+    "1.7976931348623158e308",
+    "1.7976931348623159e308",
+    "1e400",
+    "-1e400",
+    "12.34567890123456789",
+    "100000000000000000000000",
+    str(2**53),
+    str(2**53 + 1),
+    str(2**63),
+    str(2**64),
+    str(10**400),
+    "-1",
+    "-0.5",
+    "0.5",
+    "99",
+    "100",
+    "200.0",
+    "599",
+    "600",
+]
+
+
+def valid_number(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    if schema["type"] == "integer":
+        lo, hi = schema.get("minimum", -(2**63)), schema.get("maximum", 2**63)
+        return st.one_of(st.integers(lo, hi), st.sampled_from([lo, hi]))
+    return st.one_of(
+        st.floats(min_value=0, allow_nan=False, allow_infinity=False),
+        st.integers(0, 2**70),
+        st.sampled_from([0.0, 1.5, 5e-324, 1.7976931348623157e308]),
+    )
+
+
+def bad_number(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    return st.one_of(
+        st.sampled_from(NUMBER_TOKENS).map(Raw),
+        st.sampled_from([t for t in (lo, hi) if t is not None]).flatmap(
+            lambda b: st.sampled_from([b - 1, b + 1, b - 0.5, b + 0.5, float(b), -b])
+        ),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.floats(max_value=-0.0, allow_nan=False, allow_infinity=False),
+        st.integers(),
+        st.sampled_from(["1.5", "5", "abc", "", True, False, None, [], [1], {"a": 1}, 5.0, 5.5]),
+    )
+
+
+def valid_value(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    t = schema["type"]
+    if t == "string":
+        return valid_str(schema)
+    if t in ("number", "integer"):
+        return valid_number(schema)
+    assert t == "array", schema
+    return st.lists(valid_str(schema["items"]), max_size=5)
+
+
+def bad_value(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    t = schema["type"]
+    if t == "string":
+        return bad_str(schema)
+    if t in ("number", "integer"):
+        return bad_number(schema)
+    assert t == "array", schema
+    return st.one_of(
+        st.lists(st.one_of(valid_str(schema["items"]), bad_str(schema["items"])), min_size=1, max_size=3),
+        st.builds(lambda n: ["k"] * n, st.sampled_from([2000, 2001])),
+        st.sampled_from([None, "k", {"k": 1}, [1], [None]]),
+    )
+
+
+def value(schema: dict[str, Any], nullable: bool, bad: bool) -> st.SearchStrategy[Any]:
+    # built once per schema: building strategies on every draw makes generation 10x slower
+    return _value(json.dumps(schema, sort_keys=True), nullable, bad)
+
+
+@functools.cache
+def _value(schema_json: str, nullable: bool, bad: bool) -> st.SearchStrategy[Any]:
+    schema = json.loads(schema_json)
+    strat = bad_value(schema) if bad else valid_value(schema)
+    return st.one_of(strat, st.none()) if nullable and not bad else strat
+
+
+# ---- times --------------------------------------------------------------------------------------
+
+ODD_TIMES = [
+    "2026-02-30T00:00:00Z",
+    "2026-11-22T23:59:60Z",
+    "2026-11-22T24:00:00Z",
+    "0000-01-01T00:00:00Z",
+    "9999-12-31T23:59:59.9999999Z",
+    "2026-11-22T10:00Z",
+    "2026-11-22",
+    "2026-11-22T10:00:00+24:00",
+    "2026-11-22T10:00:00.Z",
+    "2026-11-22T10:00:00,5Z",
+    "2026-11-22T10:00:00Z ",
+    " 2026-11-22T10:00:00Z",
+    "+2026-11-22T10:00:00Z",
+    "2026-11-22T10:00:00+01",
+    "20261122T100000Z",
+    "now",
+    "",
+]
+
+
+_KINDS = st.sampled_from(["text"] * 12 + ["escaped", "unix_int", "unix_float", "odd"])
+_ODD = st.sampled_from(ODD_TIMES)
+_ZONES = st.sampled_from(
+    ["Z", "Z", "z", "+00:00", "-00:00", "offset", "offset", "offset", "offset_nocolon", "naive"]
+)
+_OFFSETS = st.integers(-(24 * 60 - 1), 24 * 60 - 1)
+_SEPS = st.sampled_from(["T", "T", "t", " "])
+_DIGITS = st.sampled_from([0, 3, 6, 6, 7, 9])
+_EXTRA_DIGITS = {n: st.text("0123456789", min_size=n, max_size=n) for n in (1, 3)}
+_INSTANTS = st.datetimes(
+    min_value=datetime(1971, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+)
+
+
+_CANONICAL_ZONES = st.sampled_from(["Z", "+00:00", "offset"])
+_CANONICAL_DIGITS = st.sampled_from([0, 3, 6])
+
+
+def draw_time(draw: st.DrawFn, instant: datetime | None, canonical: bool = False) -> Any:
+    """A JSON value for ``time``: mostly RFC 3339 text of ``instant`` in many spellings;
+    ``canonical``: only as producers usually write it (what the fast paths are built for)."""
+    # (Strategies are module constants throughout: building them on every draw makes data
+    # generation several times slower.)
+    if instant is None:
+        instant = draw(_INSTANTS)
+    kind = "text" if canonical else draw(_KINDS)
+    if kind == "unix_int":
+        return int(instant.timestamp())
+    if kind == "unix_float":
+        return instant.timestamp()
+    if kind == "odd":
+        return draw(_ODD)
+    zone = draw(_CANONICAL_ZONES if canonical else _ZONES)
+    minutes = draw(_OFFSETS) if zone.startswith("offset") else 0
+    local = instant.astimezone(timezone(timedelta(minutes=minutes)))
+    sign, m = ("-" if minutes < 0 else "+"), abs(minutes)
+    suffix = {
+        "offset": f"{sign}{m // 60:02d}:{m % 60:02d}",
+        "offset_nocolon": f"{sign}{m // 60:02d}{m % 60:02d}",
+        "naive": "",
+    }.get(zone, zone)
+    sep = "T" if canonical else draw(_SEPS)
+    digits = draw(_CANONICAL_DIGITS if canonical else _DIGITS)
+    frac = f"{local.microsecond:06d}"
+    if digits > 6:  # digits finer than pydantic's microseconds (it truncates them)
+        frac += draw(_EXTRA_DIGITS[digits - 6])
+    frac = "." + frac[:digits] if digits else ""
+    text = f"{local:%Y-%m-%d}{sep}{local:%H:%M:%S}{frac}{suffix}"
+    return Escaped(text) if kind == "escaped" else text
+
+
+ANY_TIME = st.composite(lambda draw: draw_time(draw, None))()
+
+# ---- events -------------------------------------------------------------------------------------
+
+
+def _data_fields(etype: EventType) -> list[tuple[str, dict[str, Any], bool, bool]]:
+    model = DATA_MODELS[etype]
+    required = set(model.model_json_schema().get("required", []))
+    out = []
+    for name in model.model_fields:
+        schema, nullable = _schema(model, name)
+        out.append((name, schema, nullable, name in required))
+    return out
+
+
+FIELDS = {t: _data_fields(t) for t in USAGE}
+FIELD_PICK = {t: st.sampled_from(f) for t, f in FIELDS.items()}
+ID_SCHEMA, _ = _schema(Event, "id")
+SOURCE_SCHEMA, _ = _schema(Event, "source")
+VALID_ID = value(ID_SCHEMA, False, False)
+BAD_ID = value(ID_SCHEMA, False, True)
+VALID_SOURCE = value(SOURCE_SCHEMA, False, False)
+BAD_SOURCE = value(SOURCE_SCHEMA, False, True)
+BOOL = st.booleans()
+_ROWS_TOTAL = st.one_of(st.integers(0, 6), st.integers(5, 2**53))
+_SUBJECT_MODE = st.sampled_from(["absent", "same", "same", "null"])
+_TENANT_MODE = st.sampled_from(["absent", "key", "key", "null"])
+
+
+def draw_data(draw: st.DrawFn, etype: EventType) -> Obj:
+    data = Obj([])
+    for name, schema, nullable, required in FIELDS[etype]:
+        if required or draw(BOOL):
+            data.set(name, draw(value(schema, nullable, bad=False)))
+    if etype is EventType.DATASTREAM_ROWS and draw(BOOL):
+        # about the model's own rule (distinct row_keys <= total_rows): either side of it
+        data.set("total_rows", draw(_ROWS_TOTAL))
+    return data
+
+
+def draw_envelope(
+    draw: st.DrawFn, etype: EventType, data: Obj, instant: datetime | None, canonical_time: bool
+) -> Obj:
+    env = Obj(
+        [
+            ("specversion", "1.0"),
+            ("id", draw(VALID_ID)),
+            ("source", draw(VALID_SOURCE)),
+            ("type", etype.value),
+            ("time", draw_time(draw, instant, canonical_time)),
+            ("data", data),
+        ]
+    )
+    subject = data.get(DATA_MODELS[etype].SUBJECT_FIELD)
+    match draw(_SUBJECT_MODE):
+        case "same":
+            env.set("subject", subject)
+        case "null":
+            env.set("subject", None)
+    match draw(_TENANT_MODE):
+        case "key":
+            env.set("tenant", KEY_TENANT)
+        case "null":
+            env.set("tenant", None)
+    if draw(BOOL):
+        env.set("datacontenttype", "application/json")
+    return env
+
+
+Mutation = Callable[[st.DrawFn, EventType, Obj, Obj], None]
+
+
+def data_bad_field(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    name, schema, nullable, _ = draw(FIELD_PICK[etype])
+    data.set(name, draw(value(schema, nullable, bad=True)))
+
+
+def data_missing(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    data.drop(draw(FIELD_PICK[etype])[0])
+
+
+_EXTRA_KEYS = st.sampled_from(["extra", "Step_id", "", "subject"])
+_EXTRA_VALUES = st.sampled_from([1, "x", None])
+
+
+def data_extra(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    data.set(draw(_EXTRA_KEYS), draw(_EXTRA_VALUES))
+
+
+def data_duplicate(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    name, schema, nullable, _ = draw(FIELD_PICK[etype])
+    dup = draw(value(schema, nullable, bad=draw(BOOL)))
+    data.pairs.insert(draw(st.integers(0, len(data.pairs))), (name, dup))
+
+
+_NOT_OBJECT = st.sampled_from([None, [], "x", 1, "list"])
+
+
+def data_not_object(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    v = draw(_NOT_OBJECT)
+    env.set("data", [data] if v == "list" else v)
+
+
+_OTHER_SUBJECT = st.one_of(VALID_ID, BAD_ID)
+_SUBJECT_SPELLING = st.sampled_from(["escaped", "newline", "space"])
+
+
+def subject_other(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    other = draw(_OTHER_SUBJECT)
+    if other == data.get(DATA_MODELS[etype].SUBJECT_FIELD):
+        other = _text(other) + "x"
+    env.set("subject", other)
+
+
+def subject_spelling(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    subject = _text(data.get(DATA_MODELS[etype].SUBJECT_FIELD))
+    if isinstance(subject, str):
+        how = draw(_SUBJECT_SPELLING)
+        env.set(
+            "subject", {"escaped": Escaped(subject), "newline": subject + "\n", "space": subject + " "}[how]
+        )
+
+
+_OTHER_TENANT = st.one_of(st.sampled_from(["t2", "T1", "t1\n", 1]), BAD_ID)
+
+
+def tenant(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    env.set("tenant", draw(_OTHER_TENANT))
+
+
+_ENV_STR = st.sampled_from(["id", "source", "datacontenttype"])
+
+
+def envelope_bad_field(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    name = draw(_ENV_STR)
+    env.set(name, draw(BAD_SOURCE if name == "source" else BAD_ID))
+
+
+_SPECVERSIONS = st.sampled_from(["1", "1.0 ", "0.3", 1.0, Raw("1.0"), None, Escaped("1.0")])
+
+
+def specversion(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    env.set("specversion", draw(_SPECVERSIONS))
+
+
+_TYPES = st.one_of(
+    st.sampled_from(["foo.bar", "", "CI.STEP.CPU", 5, None, Escaped("ci.step.cpu")]),
+    st.sampled_from([t.value for t in USAGE + LIFECYCLE]),
+)
+
+
+def unknown_type(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    env.set("type", draw(_TYPES))
+
+
+_BAD_TIMES = st.one_of(_ODD, st.sampled_from([None, 0, -1.5, "list", "dict"]))
+
+
+def bad_time(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    t = draw(_BAD_TIMES)
+    env.set("time", {"list": [], "dict": {}}.get(t, t) if isinstance(t, str) else t)
+
+
+_REQUIRED_ENV = st.sampled_from(["specversion", "id", "source", "type", "time", "data"])
+
+
+def envelope_missing(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    env.drop(draw(_REQUIRED_ENV))
+
+
+_ENV_EXTRA = st.sampled_from(["extra", "Tenant", "dataschema", "data_base64"])
+
+
+def envelope_extra(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    env.set(draw(_ENV_EXTRA), "x")
+
+
+_DUP_KEYS = st.sampled_from(["id", "type", "tenant", "subject", "time", "specversion"])
+_DUP_VALUES = st.one_of(VALID_ID, st.sampled_from([t.value for t in USAGE]), ANY_TIME, st.none())
+
+
+def envelope_duplicate(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    name = draw(_DUP_KEYS)
+    env.pairs.insert(draw(st.integers(0, len(env.pairs))), (name, draw(_DUP_VALUES)))
+
+
+MUTATIONS = st.sampled_from(
+    [
+        *[data_bad_field] * 8,
+        data_missing,
+        data_extra,
+        data_duplicate,
+        data_not_object,
+        subject_other,
+        subject_spelling,
+        tenant,
+        envelope_bad_field,
+        specversion,
+        unknown_type,
+        bad_time,
+        envelope_missing,
+        envelope_extra,
+        envelope_duplicate,
+    ]
+)
+_SHUFFLE = st.integers(0, 4)
+
+
+def draw_event(
+    draw: st.DrawFn,
+    instant: datetime | None,
+    mutate: st.SearchStrategy[int],
+    types: st.SearchStrategy[EventType],
+    canonical_time: bool = False,
+) -> bytes:
+    """One event as JSON bytes: valid, or with a few mutations."""
+    etype = draw(types)
+    data = draw_data(draw, etype)
+    env = draw_envelope(draw, etype, data, instant, canonical_time)
+    for _ in range(draw(mutate)):
+        draw(MUTATIONS)(draw, etype, env, data)
+    if draw(_SHUFFLE) == 0:
+        env.pairs = draw(st.permutations(env.pairs))
+        data.pairs = draw(st.permutations(data.pairs))
+    return dumps(env).encode()
+
+
+ALL_USAGE = st.sampled_from(USAGE)
+
+
+ONE_MUTATION = st.sampled_from([0, 1, 1, 1, 1, 2])
+_NONE = st.just(0)
+
+
+def event_json(
+    mutate: st.SearchStrategy[int] = ONE_MUTATION,
+    types: st.SearchStrategy[EventType] = ALL_USAGE,
+    canonical_time: bool = False,
+) -> st.SearchStrategy[bytes]:
+    return st.composite(lambda draw: draw_event(draw, None, mutate, types, canonical_time))()
+
+
+# ---- the pydantic reference ---------------------------------------------------------------------
+
+
+def pydantic_event(item: bytes) -> Event:
+    """What pydantic makes of one event; raises if it rejects it."""
+    return EVENT_ADAPTER.validate_python(orjson.loads(item))
+
+
+def normalized(ev: Event) -> tuple[Any, ...]:
+    """type, id, source, tenant, subject, time (an aware datetime: == compares instants), data."""
+    return (ev.type, ev.id, ev.source, ev.tenant, ev.subject, ev.time, msgspec.json.encode(ev.data))
+
+
+def _accepted_by_pydantic(item: bytes) -> Event:
+    try:
+        return pydantic_event(item)
+    except (orjson.JSONDecodeError, ValidationError) as exc:
+        raise AssertionError(f"the fast path accepted what pydantic rejects: {item!r}\n{exc}") from exc
+
+
+def check_fast(item: bytes) -> bool:
+    fast = decode_fast(item)
+    if fast is None:
+        return False
+    ev = _accepted_by_pydantic(item)
+    env = fast.envelope
+    got = (fast.type, env.id, env.source, env.tenant, fast.subject, env.time, bytes(fast.data))
+    assert got == normalized(ev), item
+    return True
+
+
+def check_batch(items: list[bytes]) -> bool:
+    rows = decode_batch(b"[" + b",".join(items) + b"]")
+    if rows is None:
+        return False
+    assert len(rows) == len(items)
+    for row, item in zip(rows, items, strict=True):
+        ev = _accepted_by_pydantic(item)
+        got = (row.type, row.id, row.source, row.tenant, row.subject, row.time, row.data)
+        assert got == normalized(ev), item
+    return True
+
+
+def reference_decode(msg: SourceMessage, items: list[bytes]) -> tuple[list[RawRow], list[tuple[int, str]]]:
+    """decode_message's decisions, by pydantic alone (``items``: the message's events)."""
+    # Framing, not validation (msgspec's grammar, as in decode.py): a JSON array of events, or
+    # one bare event; anything else is one reject for the whole message.
+    try:
+        msgspec.json.decode(msg.value, type=list[msgspec.Raw])
+    except msgspec.ValidationError:  # JSON, not an array: a bare event if it decodes
+        try:
+            msgspec.json.decode(msg.value)
+        except msgspec.DecodeError:
+            return [], [(-1, RejectCode.INVALID_JSON)]
+    except msgspec.DecodeError:  # malformed
+        return [], [(-1, RejectCode.INVALID_JSON)]
+    key = msg.key.decode("utf-8", "replace") if msg.key else None
+    received = datetime.fromtimestamp(msg.timestamp_ms / 1000, UTC)
+    backfill = (HEADER_BACKFILL, b"1") in msg.headers
+    rows, rejects = [], []
+    for i, item in enumerate(items):
+        assert len(item) <= MAX_EVENT_BYTES
+        try:
+            obj = orjson.loads(item)
+        except orjson.JSONDecodeError:
+            rejects.append((i, RejectCode.INVALID_JSON))
+            continue
+        try:
+            ev = EVENT_ADAPTER.validate_python(obj)
+        except ValidationError:
+            # only a string can name a type: anything else there is an invalid event
+            unknown = (
+                isinstance(obj, dict) and isinstance(obj.get("type"), str) and obj["type"] not in KNOWN_TYPES
+            )
+            rejects.append((i, RejectCode.UNKNOWN_TYPE if unknown else RejectCode.INVALID_EVENT))
+            continue
+        if not (ev.tenant or key):
+            rejects.append((i, RejectCode.MISSING_TENANT))
+            continue
+        if key is not None and ev.tenant is not None and ev.tenant != key:
+            rejects.append((i, RejectCode.TENANT_MISMATCH))
+            continue
+        late = check_event_time(ev.time, received, backfill=backfill)
+        if late is not None:
+            rejects.append((i, late[0]))
+            continue
+        data = msgspec.json.encode(ev.data)
+        assert ev.subject is not None
+        tenant = ev.tenant or key or ""
+        rows.append(
+            RawRow(tenant, ev.id, ev.type, ev.source, ev.subject, ev.time, data, msg.partition, msg.offset)
+        )
+    return rows, rejects
+
+
+# ---- properties ---------------------------------------------------------------------------------
+
+
+AT_LEAST_ONE_MUTATION = st.sampled_from([1, 1, 1, 2])
+
+
+@pytest.mark.parametrize("etype", USAGE, ids=str)
+@settings(SETTINGS, max_examples=50)
+@given(data=st.data())
+def test_a_decode_fast_is_never_more_lenient_than_pydantic(etype: EventType, data: st.DataObject) -> None:
+    # (valid events: test_valid_events_take_the_fast_paths)
+    canonical = data.draw(BOOL, label="canonical time")
+    item = data.draw(event_json(AT_LEAST_ONE_MUTATION, st.just(etype), canonical), label="item")
+    event("fast path accepted" if check_fast(item) else "left to pydantic")
+
+
+@st.composite
+def batch(draw: st.DrawFn) -> list[bytes]:
+    """1..5 events, all valid but (mostly) one with a mutation or two."""
+    n = draw(st.integers(1, 5))
+    bad = draw(st.integers(0, n))  # n: none
+    return [
+        draw_event(draw, None, ONE_MUTATION if i == bad else _NONE, ALL_USAGE, canonical_time=True)
+        for i in range(n)
+    ]
+
+
+@settings(SETTINGS, max_examples=200)
+@given(batch())
+def test_b_decode_batch_is_never_more_lenient_than_pydantic(items: list[bytes]) -> None:
+    note(repr(items))
+    event("batch accepted" if check_batch(items) else "left to the event-by-event path")
+
+
+# Boundaries of check_event_time, and a hair either side of them (finer than a microsecond too).
+TIME_DELTAS = [
+    timedelta(0),
+    MAX_FUTURE,
+    -MAX_AGE,
+    timedelta(days=-400),
+    timedelta(days=400),
+]
+NUDGES = [timedelta(0), timedelta(microseconds=1), timedelta(microseconds=-1), timedelta(seconds=1)]
+
+
+_FEW_MUTATIONS = st.sampled_from([0, 0, 0, 1, 2])
+_DELTAS = st.one_of(
+    st.builds(operator.add, st.sampled_from(TIME_DELTAS), st.sampled_from(NUDGES)),
+    st.floats(-40 * 86400, 600).map(lambda s: timedelta(seconds=s)),
+)
+
+
+@st.composite
+def message(draw: st.DrawFn) -> tuple[SourceMessage, list[bytes]]:
+    now = datetime.now(UTC)
+    received = now.replace(microsecond=now.microsecond // 1000 * 1000)  # Kafka timestamps are ms
+    n = draw(st.integers(1, 6))
+    canonical = draw(BOOL)  # then often the whole-message fast path
+    items = [
+        draw_event(draw, received + draw(_DELTAS), _FEW_MUTATIONS, ALL_USAGE, canonical) for _ in range(n)
+    ]
+    single = n == 1 and draw(st.booleans())  # a structured-mode message: one bare event
+    value = items[0] if single else b"[" + b",".join(items) + b"]"
+    key = draw(st.sampled_from([KEY_TENANT.encode(), KEY_TENANT.encode(), None]))
+    headers = [(HEADER_BACKFILL, b"1")] if draw(st.integers(0, 4)) == 0 else []
+    ts = int(received.timestamp() * 1000)
+    return SourceMessage(
+        partition=3, offset=42, timestamp_ms=ts, key=key, value=value, headers=headers
+    ), items
+
+
+@settings(SETTINGS, max_examples=200)
+@given(message())
+def test_c_decode_message_takes_pydantics_decisions(case: tuple[SourceMessage, list[bytes]]) -> None:
+    msg, items = case
+    note(f"key={msg.key!r} backfill={msg.backfill} value={msg.value!r}")
+    # (a `type` that is a list or an object is not generated: see
+    # test_unhashable_type_is_rejected_not_a_crash)
+    got = assert_same_decisions(msg, items)
+    event(f"{len(got.rows)} rows, {len(got.rejects)} rejects")
+    if len(items) > 1 and decode_batch(msg.value) is not None:
+        event("decided by the whole-message fast path")
+
+
+def assert_same_decisions(msg: SourceMessage, items: list[bytes]) -> Decoded:
+    want_rows, want_rejects = reference_decode(msg, items)
+    got = decode_message(msg)
+    assert [(r.index, r.code) for r in got.rejects] == want_rejects
+    assert got.rows == want_rows  # RawRow.time: aware datetimes, == compares the instants
+    for r in got.rejects:
+        assert r.original == (msg.value if r.index == -1 else items[r.index])
+    return got
+
+
+# ---- the fast paths must actually be taken ------------------------------------------------------
+
+
+NOT_DATASTREAM = st.sampled_from([t for t in USAGE if t is not EventType.DATASTREAM_ROWS])
+
+
+@settings(SETTINGS, max_examples=100)
+@given(st.lists(event_json(_NONE, NOT_DATASTREAM, canonical_time=True), min_size=1, max_size=5))
+def test_valid_events_take_the_fast_paths(items: list[bytes]) -> None:
+    """Without this the properties above could hold by the fast paths accepting nothing.
+    (datastream.rows has a model validator: the batch decoder leaves it to decode_fast.)"""
+    for item in items:
+        assert check_fast(item), item
+    assert check_batch(items), items
+
+
+# ---- every field at its boundaries, exhaustively ---------------------------------------------
+# The properties sample; this walks a fixed table of edge values through every field of every
+# usage type (and of the envelope), so that a lost constraint fails deterministically.
+
+MISSING = object()
+_MINIMAL = {"string": "x", "number": 1.5, "integer": 7, "array": ["k"]}
+
+
+def boundary_values(schema: dict[str, Any]) -> list[Any]:
+    t = schema["type"]
+    if t == "string":
+        hi = schema.get("maxLength", 300)
+        return [
+            "",
+            "x" * hi,
+            "x" * (hi + 1),
+            "\U0001f600" * hi,
+            "\U0001f600" * (hi + 1),
+            "ab\n",
+            "\nab",
+            "a\x01b",
+            "a\tb",
+            "\x1f",
+            "\x7f",
+            "a\u2028b",
+            Escaped("ab"),
+            Escaped("ab\n"),
+            *(Raw(r) for r in [r'"\u0001"', r'"a\u000a"', r'"\ud800"', r'"\ud83d\ude00"', r'"a\/b"']),
+            5,
+            1.5,
+            True,
+            None,
+            [],
+            ["x"],
+            {"a": "x"},
+        ]
+    if t in ("number", "integer"):
+        bounds = [b for b in (schema.get("minimum"), schema.get("maximum")) if b is not None]
+        near = [x for b in bounds for x in (b - 1, b + 1, b - 0.5, b + 0.5, float(b), b)]
+        return [
+            *map(Raw, NUMBER_TOKENS),
+            *near,
+            -1,
+            -0.5,
+            5,
+            5.0,
+            5.5,
+            True,
+            False,
+            None,
+            "1.5",
+            "5",
+            [],
+            [1],
+            {},
+        ]
+    assert t == "array"
+    item = schema["items"]
+    return [
+        [],
+        ["k"] * 2000,
+        ["k"] * 2001,
+        ["k", "k", "j"],
+        *([v] for v in boundary_values(item)),
+        None,
+        "k",
+        {},
+    ]
+
+
+def _minimal_data(etype: EventType) -> dict[str, Any]:
+    return {name: _MINIMAL[schema["type"]] for name, schema, _, required in FIELDS[etype] if required}
+
+
+def _check_everywhere(item: bytes) -> None:
+    check_fast(item)
+    check_batch([item, item])
+    ts = _ms("2026-11-22T10:00:00Z")
+    assert_same_decisions(SourceMessage(0, 0, ts, b"t1", b"[" + item + b"," + item + b"]"), [item, item])
+
+
+@pytest.mark.parametrize("etype", USAGE, ids=str)
+def test_each_data_field_at_its_boundaries(etype: EventType) -> None:
+    accepted = 0
+    for name, schema, _, _ in FIELDS[etype]:
+        for v in [*boundary_values(schema), MISSING]:
+            data = _minimal_data(etype)
+            if v is MISSING:
+                data.pop(name, None)
+            else:
+                data[name] = v
+            if name == "total_rows" and isinstance(v, int) and not isinstance(v, bool):
+                data["row_keys"] = []  # keep the model's own rule out of the way
+            item = dumps(_event(type=etype.value, data=data)).encode()
+            _check_everywhere(item)
+            accepted += decode_fast(item) is not None
+    for extra in ("extra", "", "Workspace_id"):
+        _check_everywhere(dumps(_event(type=etype.value, data={**_minimal_data(etype), extra: "x"})).encode())
+    assert accepted  # the table is not all rejects
+
+
+ENVELOPE_VALUES: dict[str, list[Any]] = {
+    "specversion": ["1.0", "1", "1.0 ", 1.0, None, Escaped("1.0"), MISSING],
+    "id": [*boundary_values(ID_SCHEMA), MISSING],
+    "source": [*boundary_values(SOURCE_SCHEMA), MISSING],
+    "type": ["workstation.cpu", "ci.step.cpu", "workspace.created", "foo.bar", "", 5, None, MISSING],
+    "subject": ["w", "w ", "W", "w\n", Escaped("w"), "other", "", None, 5, MISSING],
+    "tenant": [*boundary_values(ID_SCHEMA), "t1", "t2", MISSING],
+    "time": [
+        *ODD_TIMES,
+        "2026-11-22T10:00:00Z",
+        "2026-11-22T10:00:00.123456+05:30",
+        "2026-11-22T10:00:00.1234567+05:30",
+        "2026-11-22T10:00:00.999999999Z",
+        "2026-11-22T10:00:00+0100",
+        "2026-11-22T10:00:00-00:00",
+        "2026-11-22T10:00:00+23:59",
+        "2026-11-22T10:00:00",
+        Escaped("2026-11-22T10:00:00Z"),
+        Escaped("2026-11-22T10:00:00.1234567Z"),
+        1795348800,
+        1795348800.5,
+        None,
+        MISSING,
+    ],
+    "datacontenttype": ["application/json", "text/plain", "", None, MISSING],
+    "data": [{"workstation_id": "w", "cpu_seconds": 1}, {}, [], None, "x", MISSING],
+    "extra": ["x", MISSING],
+}
+
+
+@pytest.mark.parametrize("field", sorted(ENVELOPE_VALUES))
+def test_each_envelope_field_at_its_boundaries(field: str) -> None:
+    for v in ENVELOPE_VALUES[field]:
+        ev = _event(type="workstation.cpu", data={"workstation_id": "w", "cpu_seconds": 1.5}, tenant="t1")
+        if v is MISSING:
+            ev.pop(field, None)
+        else:
+            ev[field] = v
+        _check_everywhere(dumps(ev).encode())
+
+
+# ---- regressions --------------------------------------------------------------------------------
+
+
+def _event(**over: Any) -> dict[str, Any]:
+    base = {
+        "specversion": "1.0",
+        "id": "e1",
+        "source": "s",
+        "type": "ci.step.cpu",
+        "time": "2026-11-22T10:00:00Z",
+        "data": {"contract_id": "c", "workspace_id": "w", "step_id": "st", "cpu_seconds": 1.5},
+    }
+    base.update(over)
+    return base
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        orjson.dumps(_event(id="e1\n")),
+        orjson.dumps(_event(tenant="t1\n")),
+        orjson.dumps(_event(subject="st\n")),
+        orjson.dumps(
+            _event(data={"contract_id": "c", "workspace_id": "w", "step_id": "st\n", "cpu_seconds": 1.5})
+        ),
+    ],
+    ids=["id", "tenant", "subject", "data-id"],
+)
+def test_an_id_ending_in_a_newline_is_rejected(item: bytes) -> None:
+    """Python's ``$`` (msgspec runs patterns through ``re``) also matches before a final newline;
+    pydantic's does not."""
+    with pytest.raises(ValidationError):
+        pydantic_event(item)
+    assert decode_fast(item) is None
+    assert decode_batch(b"[" + item + b"," + item + b"]") is None
+    d = decode_message(
+        SourceMessage(0, 0, _ms("2026-11-22T10:00:00Z"), b"t1", b"[" + item + b"," + item + b"]")
+    )
+    assert d.rows == [] and [r.code for r in d.rejects] == [RejectCode.INVALID_EVENT] * 2
+
+
+def _ms(t: str) -> int:
+    return int(datetime.fromisoformat(t).timestamp() * 1000)
+
+
+@pytest.mark.parametrize(
+    "time",
+    ["2026-11-22T10:05:00.0000005Z", "2026-11-22T10:04:59.9999999Z", "2026-11-22T10:00:00.1234567891+01:00"],
+)
+def test_sub_microsecond_digits_are_truncated_as_pydantic_does(time: str) -> None:
+    """msgspec rounds digits beyond the microsecond, pydantic truncates them: a time a hair over
+    the 5-minute limit must not be rounded into (or out of) it."""
+    item = orjson.dumps(_event(time=time))
+    check_fast(item)  # if accepted, the time must be pydantic's
+    check_batch([item, item])
+    msg = SourceMessage(0, 0, _ms("2026-11-22T10:00:00Z"), b"t1", b"[" + item + b"," + item + b"]")
+    assert_same_decisions(msg, [item, item])
+    assert_same_decisions(SourceMessage(0, 0, msg.timestamp_ms, b"t1", item), [item])
+
+
+@pytest.mark.parametrize("value", [b"garbage", b"[1,", b'[{"a":"\\ud800"}]', b'["\\udc00"]', b"[" * 5])
+def test_malformed_message_is_one_invalid_json_reject_not_a_crash(value: bytes) -> None:
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(value)
+    d = decode_message(SourceMessage(0, 0, 0, b"t1", value))
+    assert d.rows == []
+    assert [(r.index, r.code, r.original) for r in d.rejects] == [(-1, RejectCode.INVALID_JSON, value)]
+
+
+@pytest.mark.parametrize("etype", [[], {}, ["ci.step.cpu"]])  # once crashed _code_for (unhashable)
+def test_unhashable_type_is_rejected_not_a_crash(etype: Any) -> None:
+    msg = SourceMessage(0, 0, _ms("2026-11-22T10:00:00Z"), b"t1", orjson.dumps([_event(type=etype)]))
+    d = decode_message(msg)
+    assert d.rows == [] and [r.code for r in d.rejects] == [RejectCode.INVALID_EVENT]
+
+
+@pytest.mark.parametrize(
+    "token", ["1e400", "-1e400", "1.7976931348623159e308", "100000000000000000000000", "-0", "-0.0", "5"]
+)
+def test_number_tokens(token: str) -> None:
+    item = dumps(
+        _event(data={"workstation_id": "w", "cpu_seconds": Raw(token)}, type="workstation.cpu")
+    ).encode()
+    check_fast(item)
+    check_batch([item, item])
+    ts = _ms("2026-11-22T10:00:00Z")
+    assert_same_decisions(SourceMessage(0, 0, ts, b"t1", b"[" + item + b"," + item + b"]"), [item, item])
