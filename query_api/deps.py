@@ -46,7 +46,11 @@ class Services:
     failures: RateLimiter  # failed authentications, per client address
 
 
-def get_services(request: Request) -> Services:
+# These do no I/O: ``async`` keeps them on the event loop, where FastAPI would otherwise run each
+# in the thread pool (a thread hand-off per dependency per request).
+
+
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -54,19 +58,19 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_settings(services: ServicesDep) -> QuerySettings:
+async def get_settings(services: ServicesDep) -> QuerySettings:
     return services.settings
 
 
-def get_client(services: ServicesDep) -> Client:
+async def get_client(services: ServicesDep) -> Client:
     return services.client
 
 
-def get_store(services: ServicesDep) -> CredentialStore:
+async def get_store(services: ServicesDep) -> CredentialStore:
     return services.store
 
 
-def get_reader(services: ServicesDep) -> Reader:
+async def get_reader(services: ServicesDep) -> Reader:
     return services.reader
 
 
