@@ -120,10 +120,11 @@ def test_rebalances_between_two_aggregators(kafka_bootstrap: str, topic: str, cl
             second = running_faust(_settings(topic, group), kafka_bootstrap, proc2)
             await second.__aenter__()
             try:
+                # the rebalance really happens: the newcomer is given partitions (wait for it, or
+                # the first aggregator may have consumed everything before the group settles)
+                assert await _until(lambda: bool(proc2._bloom_partitions), timeout=60)
                 await asyncio.to_thread(produce_batches, kafka_bootstrap, topic, parts[1], 30)
                 assert await _until(lambda: done(3000))
-                # the rebalance really happened: the newcomer was given partitions
-                assert proc2._bloom_partitions
             finally:
                 await second.__aexit__(None, None, None)
             await asyncio.to_thread(produce_batches, kafka_bootstrap, topic, parts[2], 30)
