@@ -5,7 +5,9 @@ Loading (see ``load``): a realistic synthetic world (ingest/synth.py) with 6 hou
 through the real processing path (aggregators/direct.py); ClickHouse then copies raw rows back in
 time (new ids, new offsets) so that the tenant the requests are made as has every hour of the
 33 days the documents look back, and the aggregator's own catch-up statements build the period
-tables from them, exactly as the live path would.
+tables from them, exactly as the live path would. Before timing: what each request reads (rows of
+the period tables and the raw events behind them, on stderr), and a wait for the merges of the
+bulk load. The data directory is removed at the end (``BENCH_KEEP_DATA=1`` keeps it).
 Runs in its own process (chdb allows one data directory per process).
 """
 
