@@ -114,7 +114,7 @@ class BatchProcessor:
             self.dead_letters.send(decoded.rejects)
             self.dead_letters.flush()
 
-        rows = self._new_rows(decoded)
+        rows, hashes = self._new_rows(decoded)
         stats.duplicates = len(decoded.rows) - len(rows)
         now = self.clock()
         checkpoint(CrashPoint.BEFORE_RAW_INSERT)
@@ -129,7 +129,7 @@ class BatchProcessor:
             if r.time > last_time.get(r.tenant, datetime.min.replace(tzinfo=UTC)):
                 last_time[r.tenant] = r.time
         self.writer.touch_freshness(last_time, self.clock())
-        self.bloom.add([key_hash(r.tenant, r.event_id) for r in rows])
+        self.bloom.add(hashes)  # hashed once, in _new_rows
         stats.tenants = set(last_time)
 
         metrics.BATCHES.inc()
@@ -145,12 +145,14 @@ class BatchProcessor:
         checkpoint(CrashPoint.AFTER_BATCH)
         return stats
 
-    def _new_rows(self, decoded: Decoded) -> list[RawRow]:
+    def _new_rows(self, decoded: Decoded) -> tuple[list[RawRow], list[int]]:
+        """The first occurrences among ``decoded`` and their dedupe-key hashes (computed once:
+        the Bloom filter is checked with them now and fed with them after the insert)."""
         rows = decoded.rows
         keep = first_occurrences((r.tenant, r.event_id) for r in rows)
         rows = [rows[i] for i in keep]
         if not rows:
-            return rows
+            return rows, []
         hashes = [key_hash(r.tenant, r.event_id) for r in rows]
         maybe = self.bloom.maybe_contains(hashes)
         # Events older than the filter's window are not in it: always check them exactly.
@@ -160,11 +162,12 @@ class BatchProcessor:
             if m or r.time < horizon:
                 suspects[r.tenant].append(r.event_id)
         if not suspects:
-            return rows
+            return rows, hashes
         seen: set[tuple[str, str]] = set()
         for tenant, ids in suspects.items():
             seen.update((tenant, i) for i in self.writer.existing_ids(tenant, ids))
-        return [r for r in rows if (r.tenant, r.event_id) not in seen]
+        kept = [(r, h) for r, h in zip(rows, hashes, strict=True) if (r.tenant, r.event_id) not in seen]
+        return [r for r, _ in kept], [h for _, h in kept]
 
     def process_with_retry(
         self,

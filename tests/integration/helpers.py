@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
 from schemas.wire import batch_headers, encode_batch
 
 
@@ -81,10 +79,6 @@ async def running_faust(settings: Any, bootstrap: str, processor: Any) -> AsyncI
         app.metering_stopping.set()
         await app.stop()
         await asyncio.sleep(0)
-
-
-def dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode()
 
 
 def consume_all(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[Any]:
