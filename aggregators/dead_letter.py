@@ -8,17 +8,24 @@ from typing import Any
 import confluent_kafka
 
 from aggregators.decode import Reject
-from schemas.wire import HEADER_DLQ_CODE, HEADER_DLQ_REASON, HEADER_DLQ_SOURCE
+from schemas.wire import (
+    HEADER_DLQ_CODE,
+    HEADER_DLQ_REASON,
+    HEADER_DLQ_SOURCE,
+    is_control_lane,
+    lane_partition,
+)
 
 
 class KafkaDeadLetterSink:
     """Produces rejects to the dead-letter topic. ``flush`` raises if any delivery failed, so
     the batch is retried instead of committing past an event that went nowhere."""
 
-    def __init__(self, config: dict[str, Any], topic: str, source_topic: str) -> None:
+    def __init__(self, config: dict[str, Any], topic: str, source_topic: str, control_topic: str) -> None:
         self._producer = confluent_kafka.Producer({**config, "enable.idempotence": True, "acks": "all"})
         self._topic = topic
         self._source = source_topic
+        self._control = control_topic
         self._errors: list[str] = []
 
     def _on_delivery(self, err: Any, _msg: Any) -> None:
@@ -27,7 +34,11 @@ class KafkaDeadLetterSink:
 
     def send(self, rejects: Sequence[Reject]) -> None:
         for r in rejects:
-            source = f"{self._source}/{r.partition}/{r.offset}" + (f"/{r.index}" if r.index >= 0 else "")
+            # r.partition is a lane (schemas/wire.py): name the real topic and partition
+            topic = self._control if is_control_lane(r.partition) else self._source
+            source = f"{topic}/{lane_partition(r.partition)}/{r.offset}" + (
+                f"/{r.index}" if r.index >= 0 else ""
+            )
             self._producer.produce(
                 self._topic,
                 value=r.original,

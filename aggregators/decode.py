@@ -17,16 +17,19 @@ import orjson
 from pydantic import ValidationError
 
 from aggregators.fastpath import decode_batch, decode_fast, split
-from schemas.events import EVENT_ADAPTER, Event, EventType
-from schemas.validation import RejectCode, check_event_time
-from schemas.wire import HEADER_BACKFILL, MAX_MESSAGE_BYTES
+from schemas.events import EVENT_ADAPTER, Event, EventType, Plane, plane_of
+from schemas.validation import RejectCode, check_event_time, kafka_time
+from schemas.wire import HEADER_BACKFILL, MAX_MESSAGE_BYTES, is_control_lane
 
 MAX_EVENT_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
 class SourceMessage:
-    """One Kafka message as the processor sees it (independent of the client library)."""
+    """One Kafka message as the processor sees it (independent of the client library).
+
+    ``partition`` is the message's *lane* (schemas/wire.py): the partition for the usage topic,
+    ``-1 - partition`` for the control topic."""
 
     partition: int
     offset: int
@@ -119,8 +122,9 @@ def decode_message(msg: SourceMessage) -> Decoded:
             return out
         items = [msg.value]
     key_tenant = msg.key.decode("utf-8", "replace") if msg.key else None
-    received = datetime.fromtimestamp(msg.timestamp_ms / 1000, UTC)
+    received = kafka_time(msg.timestamp_ms)
     backfill = msg.backfill
+    control = is_control_lane(msg.partition)
     # The common case, all events valid: one decode call for the whole message.
     whole = None
     if len(items) > 1 and all(len(memoryview(x)) <= MAX_EVENT_BYTES for x in items):
@@ -128,7 +132,7 @@ def decode_message(msg: SourceMessage) -> Decoded:
     if whole is not None:
         part, off, rows = msg.partition, msg.offset, out.rows
         for i, f in enumerate(whole):
-            reject = _check(f.tenant, key_tenant, f.time, received, backfill)
+            reject = _check(f.tenant, key_tenant, f.type, control, f.time, received, backfill)
             if reject is not None:
                 out.rejects.append(Reject(part, off, i, reject[0], reject[1], bytes(items[i])))
                 continue
@@ -164,7 +168,7 @@ def decode_message(msg: SourceMessage) -> Decoded:
                 continue
             tenant, event_id, etype, source = slow.tenant, slow.id, slow.type, slow.source
             subject, time, data = slow.subject or "", slow.time, _encode(slow.data)
-        reject = _check(tenant, key_tenant, time, received, backfill)
+        reject = _check(tenant, key_tenant, etype, control, time, received, backfill)
         if reject is not None:
             out.rejects.append(Reject(msg.partition, msg.offset, i, reject[0], reject[1], item))
             continue
@@ -184,9 +188,28 @@ def decode_message(msg: SourceMessage) -> Decoded:
     return out
 
 
+_WRONG_TOPIC = {
+    # (arrived on the control topic, the type's plane) -> why it is refused
+    (False, Plane.CONTROL): "a lifecycle event on the usage topic: lifecycle events are accepted "
+    "only from the control topic, which administrators write",
+    (True, Plane.USAGE): "a usage event on the control topic: usage events are accepted only from "
+    "the usage topic",
+}
+
+
 def _check(
-    tenant: str | None, key_tenant: str | None, time: datetime, received: datetime, backfill: bool
+    tenant: str | None,
+    key_tenant: str | None,
+    etype: EventType,
+    control: bool,
+    time: datetime,
+    received: datetime,
+    backfill: bool,
 ) -> tuple[str, str] | None:
+    # First: a usage producer must never reach the control plane, whatever else is wrong.
+    wrong = _WRONG_TOPIC.get((control, plane_of(etype)))
+    if wrong is not None:
+        return RejectCode.WRONG_TOPIC, wrong
     if not (tenant or key_tenant):
         return RejectCode.MISSING_TENANT, "the event names no tenant and the message has no key"
     if key_tenant is not None and tenant is not None and tenant != key_tenant:

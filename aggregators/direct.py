@@ -19,8 +19,9 @@ from aggregators.dedupe import BloomFilter
 from aggregators.processor import BatchProcessor, BatchStats, ListSink
 from aggregators.writer import ClickHouseWriter
 from schemas.clickhouse import Table
+from schemas.events import LIFECYCLE_TYPES
 from schemas.meters import Catalog, default_catalog
-from schemas.wire import batch_headers, encode_batch
+from schemas.wire import batch_headers, control_lane, encode_batch
 
 
 def make_processor(client: Client, database: str, catalog: Catalog | None = None) -> BatchProcessor:
@@ -67,7 +68,22 @@ def apply_events(
     received_at: datetime | None = None,
     backfill: bool = False,
 ) -> BatchStats:
+    """Apply ``events`` as the aggregator would receive them: lifecycle events as messages of the
+    control topic's partition 0, usage events (and anything unparseable) as messages of usage
+    ``partition``."""
     proc = processor or make_processor(client, database)
-    wm = proc.writer.watermarks(Table.EVENTS_RAW, [partition])[partition]
-    messages = pack(events, partition, wm + 1, received_at=received_at, backfill=backfill)
+    control = control_lane(0)
+    by_lane: dict[int, list[Mapping[str, Any]]] = {partition: [], control: []}
+    for e in events:
+        by_lane[control if e.get("type") in _LIFECYCLE else partition].append(e)
+    lanes = [lane for lane, evs in by_lane.items() if evs]
+    wm = proc.writer.watermarks(Table.EVENTS_RAW, lanes)
+    messages = [
+        m
+        for lane in lanes
+        for m in pack(by_lane[lane], lane, wm[lane] + 1, received_at=received_at, backfill=backfill)
+    ]
     return proc.process(messages)
+
+
+_LIFECYCLE = frozenset(t.value for t in LIFECYCLE_TYPES)

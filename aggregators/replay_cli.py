@@ -80,6 +80,7 @@ def _replay_kafka(settings, writer, tenant, from_offset, from_time, report, bar)
     from aggregators import replay as rp
     from aggregators.decode import SourceMessage
     from deploy.runner import kafka_bootstrap
+    from schemas.wire import control_lane
 
     with kafka_bootstrap(settings, start_local=False) as bootstrap:
         consumer = Consumer(
@@ -89,28 +90,41 @@ def _replay_kafka(settings, writer, tenant, from_offset, from_time, report, bar)
                 "enable.auto.commit": False,
             }
         )
-        md = consumer.list_topics(settings.topic_events, timeout=10)
-        parts = sorted(md.topics[settings.topic_events].partitions)
-        tps = [TopicPartition(settings.topic_events, p) for p in parts]
+        # Both topics, each partition as its lane (schemas/wire.py): usage and control.
+        lane_of: dict[tuple[str, int], int] = {}
+        for topic in (settings.topic_events, settings.topic_control):
+            md = consumer.list_topics(topic, timeout=10)
+            if topic not in md.topics or md.topics[topic].error is not None:
+                continue
+            for p in sorted(md.topics[topic].partitions):
+                lane_of[(topic, p)] = control_lane(p) if topic == settings.topic_control else p
         if from_time is not None:
             ms = int(from_time.timestamp() * 1000)
-            tps = consumer.offsets_for_times(
-                [TopicPartition(settings.topic_events, p, ms) for p in parts], timeout=10
-            )
+            tps = consumer.offsets_for_times([TopicPartition(t, p, ms) for t, p in lane_of], timeout=10)
         else:
-            tps = [TopicPartition(settings.topic_events, p, max(0, from_offset or 0)) for p in parts]
-        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in tps}
-        start = {tp.partition: (tp.offset if tp.offset >= 0 else ends[tp.partition]) for tp in tps}
-        start = {p: o for p, o in start.items() if o < ends[p]}
-        total = sum(ends[p] - o for p, o in start.items())
+            tps = [TopicPartition(t, p, max(0, from_offset or 0)) for t, p in lane_of]
+        ends = {
+            lane_of[(tp.topic, tp.partition)]: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in tps
+        }
+        start = {
+            lane_of[(tp.topic, tp.partition)]: (
+                tp.offset if tp.offset >= 0 else ends[lane_of[(tp.topic, tp.partition)]]
+            )
+            for tp in tps
+        }
+        start = {lane: o for lane, o in start.items() if o < ends[lane]}
+        total = sum(ends[lane] - o for lane, o in start.items())
         task = bar.add_task("reading Kafka", total=total or 1)
         span = rp.delete_raw_from(writer, start, tenant)
-        consumer.assign([TopicPartition(settings.topic_events, p, o) for p, o in start.items()])
+        consumer.assign(
+            [TopicPartition(t, p, start[lane]) for (t, p), lane in lane_of.items() if lane in start]
+        )
         done, remaining = 0, dict(start)
         while remaining:
             batch = []
             for m in consumer.consume(500, timeout=1.0):
-                part, off = m.partition(), m.offset()
+                off = m.offset()
+                part = lane_of.get((m.topic() or "", m.partition() or 0))
                 if m.error() or part is None or off is None or part not in remaining:
                     continue
                 if off >= ends[part]:

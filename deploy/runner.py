@@ -78,7 +78,10 @@ def open_clickhouse(settings: CommonSettings, apply_migrations: bool = True) -> 
 def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) -> BatchProcessor:
     writer = ClickHouseWriter(client, settings.clickhouse_database, default_catalog())
     dlq = KafkaDeadLetterSink(
-        settings.kafka_client_config(bootstrap), settings.topic_dead_letter, settings.topic_events
+        settings.kafka_client_config(bootstrap),
+        settings.topic_dead_letter,
+        settings.topic_events,
+        settings.topic_control,
     )
     bloom = BloomFilter(settings.dedupe_bloom_capacity, settings.dedupe_bloom_error_rate)
     return BatchProcessor(writer, dlq, bloom)
@@ -167,7 +170,10 @@ def _banner(settings: Any, bootstrap: str, parts: set[Part]) -> str:
     if parts & {Part.INGEST, Part.QUERY}:
         base = f"http://{settings.http_host}:{settings.http_port}"
         lines.append(f"  HTTP API      {base}  (docs {base}/docs, readiness {base}/readyz)")
-    lines.append(f"  Kafka         {bootstrap}  topic {settings.topic_events}")
+    lines.append(
+        f"  Kafka         {bootstrap}  usage topic {settings.topic_events}, "
+        f"control topic {settings.topic_control} (administrators only)"
+    )
     dsn = settings.clickhouse_dsn.get_secret_value()
     shown = dsn if dsn.startswith("chdb://") else dsn.split("@")[-1]
     lines.append(f"  ClickHouse    {shown}  database {settings.clickhouse_database}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,11 @@ class CommonSettings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
 
-    topic_events: str = "metering.events"
+    topic_events: str = Field(default="metering.events", description="Usage events (any usage producer).")
+    topic_control: str = Field(
+        default="",
+        description="Lifecycle events, written by administrators only. Empty: <topic_events>.control.",
+    )
     topic_dead_letter: str = "metering.events.dlq"
     topic_partitions: int = Field(default=4, ge=1)
 
@@ -57,6 +61,14 @@ class CommonSettings(BaseSettings):
         if not raw.startswith(("chdb://", "http://", "https://")):
             raise ValueError("clickhouse_dsn must start with chdb://, http:// or https://")
         return v
+
+    @model_validator(mode="after")
+    def _default_control_topic(self) -> CommonSettings:
+        # Derived from the usage topic so that a deployment (or a test) that renames one gets a
+        # control topic of its own, never another deployment's.
+        if not self.topic_control:
+            self.topic_control = f"{self.topic_events}.control"
+        return self
 
     @property
     def embedded_clickhouse(self) -> bool:

@@ -44,8 +44,8 @@ from ingest.kafka_config import KafkaUnavailable, check_reachable, ensure_topics
 from ingest.sdk import DeliveryError, InvalidEvent, UsageProducer, format_time, new_event, prepare_event
 from ingest.synth import World, usage_events, world_lifecycle_events
 from query_api.credentials import display_prefix, hash_secret, new_access_token, new_api_key
-from schemas.events import EventType, membership_id
-from schemas.validation import RejectCode
+from schemas.events import EventType, Plane, membership_id
+from schemas.validation import RejectCode, kafka_time, now_ms
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -70,15 +70,22 @@ def _connect(settings: CommonSettings, **producer_kwargs: Any) -> UsageProducer:
 
 
 def _send(
-    settings: CommonSettings, by_tenant: Mapping[str, list[dict[str, Any]]], backfill: bool
+    settings: CommonSettings,
+    by_tenant: Mapping[str, list[dict[str, Any]]],
+    backfill: bool,
+    judged_at_ms: int,
+    plane: Plane = Plane.USAGE,
 ) -> list[str]:
-    """Send prepared events per tenant, waiting for acks; return the ids that failed."""
+    """Send events prepared (judged) at ``judged_at_ms`` per tenant, waiting for acks; return the
+    ids that failed. Lifecycle events (``Plane.CONTROL``) go to the control topic."""
     failed: list[str] = []
-    producer = _connect(settings)
+    producer = _connect(settings, plane=plane)
     try:
         for tenant, events in by_tenant.items():
             try:
-                producer.send_batch(events, tenant, backfill=backfill, validated=True)
+                producer.send_batch(
+                    events, tenant, backfill=backfill, validated=True, judged_at_ms=judged_at_ms
+                )
             except DeliveryError as exc:
                 err.print(f"[red]error:[/red] {exc}")
                 failed.extend(exc.failed_ids or [str(e["id"]) for e in events])
@@ -154,7 +161,8 @@ def emit(
 
     results: list[dict[str, Any]] = []
     by_tenant: dict[str, list[dict[str, Any]]] = {}
-    now = datetime.now(UTC)
+    judged_at_ms = now_ms()
+    now = kafka_time(judged_at_ms)
     for label, item in raw:
         result: dict[str, Any] = {"event": label, "id": item.get("id") if isinstance(item, dict) else None}
         results.append(result)
@@ -175,7 +183,7 @@ def emit(
 
     failed: set[str] = set()
     if by_tenant:
-        failed = set(_send(CommonSettings(), by_tenant, backfill))
+        failed = set(_send(CommonSettings(), by_tenant, backfill, judged_at_ms))
     for result in results:
         if result["status"] == "accepted" and result["id"] in failed:
             result.update(
@@ -230,8 +238,10 @@ def load(
             by_tenant: dict[str, list[dict[str, Any]]] = {}
             for event in life:
                 by_tenant.setdefault(event["tenant"], []).append(event)
-            for tenant, events in by_tenant.items():
-                producer.send_batch(events, tenant)  # entities exist before their usage
+            # Lifecycle events are the control plane: they go to the control topic.
+            with _connect(settings, plane=Plane.CONTROL) as control:
+                for tenant, events in by_tenant.items():
+                    control.send_batch(events, tenant)  # entities exist before their usage
             err.print(f"lifecycle: {len(life)} events for {tenants} tenants acknowledged")
         rng = random.Random(seed)
         deadline = started + duration if duration is not None else float("inf")
@@ -339,16 +349,22 @@ def _lifecycle(
 ) -> None:
     """Validate, send and acknowledge lifecycle events, then print ``result`` (and a secret,
     shown this once: only its hash was sent)."""
-    now = datetime.now(UTC)
+    judged_at_ms = now_ms()
+    now = kafka_time(judged_at_ms)
     try:
         prepared = [
-            prepare_event(new_event(t, d, tenant, ADMIN_SOURCE, time=now), tenant, received_at=now)
+            prepare_event(
+                new_event(t, d, tenant, ADMIN_SOURCE, time=now),
+                tenant,
+                received_at=now,
+                plane=Plane.CONTROL,
+            )
             for t, d in events
         ]
     except InvalidEvent as exc:
         err.print(f"[red]rejected:[/red] {exc.code}: {exc.message}")
         raise typer.Exit(1) from None
-    failed = _send(CommonSettings(), {tenant: prepared}, backfill=False)
+    failed = _send(CommonSettings(), {tenant: prepared}, False, judged_at_ms, Plane.CONTROL)
     if failed:
         raise typer.Exit(1)
     result = {"tenant": tenant, **result, "event_ids": [e["id"] for e in prepared]}

@@ -24,6 +24,8 @@ from rich.console import Console
 from deploy.settings import CommonSettings
 from ingest.sdk import prepare_event
 from ingest.synth import TenantWorld, World, usage_events, world_lifecycle_events
+from schemas.events import Plane
+from schemas.validation import kafka_time, now_ms
 
 err = Console(stderr=True)
 
@@ -155,17 +157,22 @@ def demo(
 
         http = HttpSettings()
         base_url = f"http://{http.http_host}:{http.http_port}"
-    now = datetime.now(UTC)
+    judged_at_ms = now_ms()
+    now = kafka_time(judged_at_ms)
     world = World.generate(seed, tenants, created_at=now - timedelta(days=days + 1))
-    by_tenant: dict[str, list[dict[str, Any]]] = {}
+    control: dict[str, list[dict[str, Any]]] = {}
     for event in world_lifecycle_events(world):
-        by_tenant.setdefault(event["tenant"], []).append(event)
+        control.setdefault(event["tenant"], []).append(
+            prepare_event(event, event["tenant"], received_at=now, plane=Plane.CONTROL)
+        )
+    usage: dict[str, list[dict[str, Any]]] = {}
     for event in _usage(world, now, days, minutes_per_day, seed):
-        by_tenant.setdefault(event["tenant"], []).append(event)
-    prepared = {t: [prepare_event(e, t, received_at=now) for e in evs] for t, evs in by_tenant.items()}
-    total = sum(len(v) for v in prepared.values())
+        usage.setdefault(event["tenant"], []).append(prepare_event(event, event["tenant"], received_at=now))
+    total = sum(len(v) for v in control.values()) + sum(len(v) for v in usage.values())
     err.print(f"sending {total:,} events for {tenants} tenants ({days} days of history)…")
-    failed = _send(settings, prepared, backfill=False)
+    # lifecycle (control topic) first, so entities exist before their usage is queried
+    failed = _send(settings, control, False, judged_at_ms, Plane.CONTROL)
+    failed += _send(settings, usage, False, judged_at_ms)
     if failed:
         err.print(f"[red]{len(failed)} events were not delivered[/red]")
         raise typer.Exit(1)

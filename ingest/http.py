@@ -39,7 +39,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
@@ -50,7 +49,7 @@ from deploy.settings import IngestSettings
 from ingest.sdk import InvalidEvent, UsageProducer, prepare_event
 from query_api.credentials import CredentialStore, Principal, display_prefix
 from schemas.events import EntityKind
-from schemas.validation import RejectCode
+from schemas.validation import RejectCode, kafka_time, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +68,7 @@ class BatchSender(Protocol):
         backfill: bool = False,
         timeout: float | None = None,
         validated: bool = False,
+        judged_at_ms: int | None = None,
     ) -> None: ...
 
 
@@ -288,9 +288,15 @@ def build_ingest_router(
             )
         return principal
 
-    def check_events(items: list[Any], tenant: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(per-event results, prepared events to send) — pure apart from reading ``recent``."""
-        now = datetime.now(UTC)
+    def check_events(
+        items: list[Any], tenant: str, judged_at_ms: int
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(per-event results, prepared events to send) — pure apart from reading ``recent``.
+
+        Every event is judged by the one instant ``judged_at_ms``, which then becomes the Kafka
+        timestamp of the messages: the aggregator judges by it too, so a 202 is never followed
+        by a dead letter for the event's time."""
+        now = kafka_time(judged_at_ms)
         results: list[dict[str, Any]] = []
         accepted: list[dict[str, Any]] = []
         seen: set[str] = set()
@@ -373,7 +379,8 @@ def build_ingest_router(
                 )
             tenant = principal.tenant
             # pydantic over up to 100 events: off the event loop, like the blocking send below
-            results, accepted = await run_in_threadpool(check_events, items, tenant)
+            judged_at_ms = now_ms()
+            results, accepted = await run_in_threadpool(check_events, items, tenant, judged_at_ms)
             if accepted:
                 try:
                     producer = get_producer()
@@ -384,6 +391,7 @@ def build_ingest_router(
                         tenant,
                         timeout=settings.ingest_delivery_timeout_s,
                         validated=True,
+                        judged_at_ms=judged_at_ms,
                     )
                 except Exception as exc:  # any failure to confirm storage: never a silent 202
                     log.warning("ingest of %d event(s) for tenant %s failed: %s", len(accepted), tenant, exc)

@@ -90,21 +90,31 @@ def check_reachable(settings: CommonSettings, bootstrap: str, timeout_s: float =
 
 
 def ensure_topics(settings: CommonSettings, bootstrap: str, timeout_s: float = 15.0) -> list[str]:
-    """Create the events topic (``settings.topic_partitions`` partitions) and the dead-letter
-    topic if they are missing; return the names created. Idempotent: an existing topic, or one
-    another process creates at the same moment, is left as it is.
+    """Create the usage topic (``settings.topic_partitions`` partitions), the control topic and
+    the dead-letter topic if they are missing; return the names created. Idempotent: an existing
+    topic, or one another process creates at the same moment, is left as it is.
 
     Topics are created explicitly because broker-side auto-creation would give them the
-    broker's default partition count, which decides how tenants spread over consumers.
+    broker's default partition count, which decides how tenants spread over consumers. The
+    control topic has one partition (one order for the whole control plane; its volume is tiny)
+    and is kept forever: entities, credentials included, are rebuilt from it.
     """
     admin = confluent_kafka.admin.AdminClient(admin_config(settings, bootstrap))
     metadata = _metadata_or_raise(admin, bootstrap, timeout_s)
-    wanted = [settings.topic_events, settings.topic_dead_letter]
-    missing = [name for name in wanted if name not in metadata.topics]
+    specs = {
+        settings.topic_events: NewTopic(settings.topic_events, num_partitions=settings.topic_partitions),
+        settings.topic_control: NewTopic(
+            settings.topic_control, num_partitions=1, config={"retention.ms": "-1", "retention.bytes": "-1"}
+        ),
+        settings.topic_dead_letter: NewTopic(
+            settings.topic_dead_letter, num_partitions=settings.topic_partitions
+        ),
+    }
+    missing = [name for name in specs if name not in metadata.topics]
     if not missing:
         return []
     futures = admin.create_topics(
-        [NewTopic(name, num_partitions=settings.topic_partitions) for name in missing],
+        [specs[name] for name in missing],
         request_timeout=timeout_s,
         operation_timeout=timeout_s,
     )
@@ -113,7 +123,7 @@ def ensure_topics(settings: CommonSettings, bootstrap: str, timeout_s: float = 1
         try:
             future.result(timeout=timeout_s)
             created.append(name)
-            log.info("created topic %s with %d partitions", name, settings.topic_partitions)
+            log.info("created topic %s with %d partition(s)", name, specs[name].num_partitions)
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:

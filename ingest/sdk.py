@@ -44,8 +44,8 @@ from pydantic import ValidationError
 from deploy.settings import CommonSettings
 from ingest.kafka_config import DEFAULT_DELIVERY_TIMEOUT_S, producer_config
 from schemas import wire
-from schemas.events import DATA_MODELS, Event, EventType
-from schemas.validation import RejectCode, check_event_time
+from schemas.events import DATA_MODELS, Event, EventType, Plane, plane_of
+from schemas.validation import RejectCode, check_event_time, kafka_time, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +137,20 @@ def prepare_event(
     *,
     received_at: datetime | None = None,
     backfill: bool = False,
+    plane: Plane | None = Plane.USAGE,
 ) -> dict[str, Any]:
     """Validate ``event`` for ``tenant`` and return the dict to send (``tenant`` and ``subject``
     set, ``data`` normalized). Raises ``InvalidEvent``.
 
     A ``tenant`` already in the event must equal ``tenant``: an event never changes owner.
     The time window is checked against ``received_at`` (default: now); older than 35 days
-    needs ``backfill``.
+    needs ``backfill``. ``plane``: the event's type must belong to it (``forbidden_event_type``
+    otherwise): usage by default, ``Plane.CONTROL`` for administrators' lifecycle events,
+    ``None`` for either (validation only, nothing is sent).
     """
     now = received_at or datetime.now(UTC)
+    if plane is not None:
+        _check_plane(event, plane)
     if isinstance(event, Event):
         if event.tenant is not None and event.tenant != tenant:
             raise InvalidEvent(RejectCode.TENANT_MISMATCH, _mismatch(event.tenant, tenant), event.id)
@@ -178,6 +183,29 @@ def prepare_event(
             RejectCode.INVALID_EVENT, f"the event cannot be encoded as JSON: {exc}", model.id
         ) from None
     return out
+
+
+def _check_plane(event: Event | Mapping[str, Any], plane: Plane) -> None:
+    raw_type = (
+        event.type if isinstance(event, Event) else event.get("type") if isinstance(event, Mapping) else None
+    )
+    try:
+        event_type = EventType(raw_type) if isinstance(raw_type, str) else None
+    except ValueError:
+        return  # unknown types are rejected by validation, with their own code
+    if event_type is None or plane_of(event_type) is plane:
+        return
+    raw_id = event.id if isinstance(event, Event) else event.get("id")
+    event_id = raw_id if isinstance(raw_id, str) else None
+    if plane is Plane.USAGE:
+        message = (
+            f"{event_type.value} is a lifecycle event: the control plane (tenants, workspaces, "
+            "members, contracts, workstations, datastreams, keys, tokens) is written by "
+            "administrators only (`metering admin`); a usage key sends usage events"
+        )
+    else:
+        message = f"{event_type.value} is a usage event: the control topic carries lifecycle events only"
+    raise InvalidEvent(RejectCode.FORBIDDEN_EVENT_TYPE, message, event_id)
 
 
 def describe_validation_error(raw: Mapping[str, Any], exc: ValidationError) -> tuple[str, str]:
@@ -239,6 +267,9 @@ class Batch:
     opened_at: float
     events: list[dict[str, Any]] = field(default_factory=list)
     size: int = 2  # bytes of the encoded JSON array: "[" + events joined by "," + "]"
+    #: The instant (Unix ms) every event of the batch was judged by (time window); sent as the
+    #: Kafka message timestamp, which the aggregator judges by: one decision, not two.
+    judged_at_ms: int | None = None
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -253,8 +284,8 @@ class Batcher:
     encoded bytes. Not thread-safe: the producer serializes access.
 
     At most one batch per tenant is open; a batch is cut when the next event would not fit, when
-    it is full, when the backfill flag changes (the header is per message), or when it has
-    waited ``linger_s``. Batches come out in the order they were cut, so one tenant's events keep
+    it is full, when the backfill flag or the judging instant changes (both are per message), or
+    when it has waited ``linger_s``. Batches come out in the order they were cut, so one tenant's events keep
     their order.
     """
 
@@ -275,7 +306,14 @@ class Batcher:
         return 2 + event_bytes <= self.max_bytes
 
     def add(
-        self, tenant: str, event: dict[str, Any], event_bytes: int, *, backfill: bool, now: float
+        self,
+        tenant: str,
+        event: dict[str, Any],
+        event_bytes: int,
+        *,
+        backfill: bool,
+        now: float,
+        judged_at_ms: int | None = None,
     ) -> list[Batch]:
         """Queue ``event``; return the batches this closed (possibly including the new event's)."""
         if not self.fits_alone(event_bytes):
@@ -284,13 +322,16 @@ class Batcher:
         batch = self._open.get(tenant)
         if batch is not None and (
             batch.backfill != backfill
+            or batch.judged_at_ms != judged_at_ms
             or len(batch.events) >= self.max_events
             or batch.size + 1 + event_bytes > self.max_bytes
         ):
             closed.append(self._open.pop(tenant))
             batch = None
         if batch is None:
-            batch = self._open[tenant] = Batch(tenant=tenant, backfill=backfill, opened_at=now)
+            batch = self._open[tenant] = Batch(
+                tenant=tenant, backfill=backfill, opened_at=now, judged_at_ms=judged_at_ms
+            )
         batch.size += event_bytes + (1 if batch.events else 0)
         batch.events.append(event)
         if len(batch.events) >= self.max_events:
@@ -301,6 +342,12 @@ class Batcher:
         """Batches open for ``linger_s`` or longer, removed from the batcher."""
         ready = [t for t, b in self._open.items() if now - b.opened_at >= self.linger_s]
         return [self._open.pop(t) for t in ready]
+
+    def judging_instant(self, tenant: str, backfill: bool) -> int | None:
+        """The judging instant of ``tenant``'s open batch (None if none is open): an event judged
+        by it joins that batch instead of cutting a new one."""
+        batch = self._open.get(tenant)
+        return batch.judged_at_ms if batch is not None and batch.backfill == backfill else None
 
     def take(self, tenant: str) -> list[Batch]:
         batch = self._open.pop(tenant, None)
@@ -323,12 +370,17 @@ def pack(
     backfill: bool = False,
     max_events: int = DEFAULT_MAX_BATCH_EVENTS,
     max_bytes: int = wire.MAX_MESSAGE_BYTES,
+    judged_at_ms: int | None = None,
 ) -> list[Batch]:
     """Cut prepared events of one tenant into as few batches as the limits allow, in order."""
     batcher = Batcher(max_events=max_events, max_bytes=max_bytes, linger_s=float("inf"))
     out: list[Batch] = []
     for event in events:
-        out.extend(batcher.add(tenant, event, encoded_size(event), backfill=backfill, now=0.0))
+        out.extend(
+            batcher.add(
+                tenant, event, encoded_size(event), backfill=backfill, now=0.0, judged_at_ms=judged_at_ms
+            )
+        )
     out.extend(batcher.drain())
     return out
 
@@ -339,7 +391,9 @@ def pack(
 class KafkaProducerLike(Protocol):
     """The part of ``confluent_kafka.Producer`` the SDK uses (a fake in unit tests)."""
 
-    def produce(self, topic: str, *, value: bytes, key: bytes, headers: Any, on_delivery: Any) -> None: ...
+    def produce(
+        self, topic: str, *, value: bytes, key: bytes, headers: Any, on_delivery: Any, timestamp: int = 0
+    ) -> None: ...
 
     def poll(self, timeout: float) -> int: ...
 
@@ -377,6 +431,10 @@ class ProducerStats:
 class UsageProducer:
     """Idempotent, ``acks=all`` producer of events, batched per tenant (see the module doc).
 
+    ``plane`` says which events it sends and where: usage events to the usage topic (the
+    default), or, for administrators, lifecycle events to the control topic; an event of the
+    other plane raises ``InvalidEvent`` (``forbidden_event_type``).
+
     ``emit`` queues asynchronously (batched, sent after ``linger_s`` or when a batch is full);
     ``send_batch``/``emit_and_wait`` block until Kafka acknowledged their events (the HTTP path).
     Thread-safe. ``producer`` replaces the Kafka client (unit tests).
@@ -388,6 +446,7 @@ class UsageProducer:
         *,
         settings: CommonSettings | None = None,
         topic: str | None = None,
+        plane: Plane = Plane.USAGE,
         max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS,
         max_batch_bytes: int = wire.MAX_MESSAGE_BYTES,
         linger_s: float = DEFAULT_LINGER_S,
@@ -397,7 +456,8 @@ class UsageProducer:
         clock: Callable[[], float] = _time.monotonic,
     ) -> None:
         settings = settings or CommonSettings()
-        self.topic = topic or settings.topic_events
+        self.plane = plane
+        self.topic = topic or (settings.topic_control if plane is Plane.CONTROL else settings.topic_events)
         self.delivery_timeout_s = delivery_timeout_s
         self._clock = clock
         self._batcher = Batcher(max_events=max_batch_events, max_bytes=max_batch_bytes, linger_s=linger_s)
@@ -430,10 +490,18 @@ class UsageProducer:
         """Validate and queue one event; return its id. Raises ``InvalidEvent`` (nothing queued).
         Delivery is reported by ``flush()``/``close()``."""
         self._check_open()
-        prepared = prepare_event(event, tenant, backfill=backfill)
+        with self._produce_lock:
+            # Judged by the open batch's instant when there is one, so the event can join it:
+            # every event of a message is judged by the message's timestamp.
+            judged = self._batcher.judging_instant(tenant, backfill) or now_ms()
+        prepared = prepare_event(
+            event, tenant, backfill=backfill, received_at=kafka_time(judged), plane=self.plane
+        )
         size = self._checked_size(prepared)
         with self._produce_lock:
-            closed = self._batcher.add(tenant, prepared, size, backfill=backfill, now=self._clock())
+            closed = self._batcher.add(
+                tenant, prepared, size, backfill=backfill, now=self._clock(), judged_at_ms=judged
+            )
             with self._state_lock:
                 self.stats.queued_events += 1
             for batch in closed:
@@ -448,20 +516,31 @@ class UsageProducer:
         backfill: bool = False,
         timeout: float | None = None,
         validated: bool = False,
+        judged_at_ms: int | None = None,
     ) -> None:
         """Send ``events`` of ``tenant`` and block until Kafka acknowledged all of them.
 
         Validates every event first and raises ``InvalidEvent`` before anything is sent.
-        ``validated=True`` skips that for dicts already returned by ``prepare_event``.
+        ``validated=True`` skips that for dicts already returned by ``prepare_event``; then
+        ``judged_at_ms`` must be the instant they were judged by (``kafka_time(judged_at_ms)``
+        given as ``received_at``): it becomes the messages' Kafka timestamp, which the aggregator
+        judges the time window by, so an event accepted here is never rejected there.
         Raises ``DeliveryError`` if any message failed or was not acknowledged within ``timeout``
         (default: the delivery timeout plus a margin) — the caller must then report failure
         (the HTTP path answers 503); the events may still arrive, which is safe to retry.
         """
         self._check_open()
         if validated:
+            if judged_at_ms is None:
+                raise ValueError("validated events need the instant they were judged by (judged_at_ms)")
             prepared = [dict(e) if isinstance(e, Mapping) else e.model_dump(mode="json") for e in events]
         else:
-            prepared = [prepare_event(e, tenant, backfill=backfill) for e in events]
+            judged_at_ms = now_ms()
+            received = kafka_time(judged_at_ms)
+            prepared = [
+                prepare_event(e, tenant, backfill=backfill, received_at=received, plane=self.plane)
+                for e in events
+            ]
         for event in prepared:
             self._checked_size(event)
         if not prepared:
@@ -472,6 +551,7 @@ class UsageProducer:
             backfill=backfill,
             max_events=self._batcher.max_events,
             max_bytes=self._batcher.max_bytes,
+            judged_at_ms=judged_at_ms,
         )
         waiter = _Waiter()
         with self._produce_lock:
@@ -593,6 +673,8 @@ class UsageProducer:
                     key=batch.tenant.encode(),
                     headers=headers,
                     on_delivery=on_delivery,
+                    # 0 lets librdkafka stamp it (only batches built without a judging instant)
+                    timestamp=batch.judged_at_ms or 0,
                 )
                 return
             except BufferError:

@@ -374,6 +374,25 @@ LIFECYCLE_KIND: dict[EventType, EntityKind] = {
     EventType.ACCESS_TOKEN_REVOKED: EntityKind.ACCESS_TOKEN,
 }
 USAGE_TYPES: frozenset[EventType] = frozenset(t for t in EventType if t not in LIFECYCLE_KIND)
+LIFECYCLE_TYPES: frozenset[EventType] = frozenset(LIFECYCLE_KIND)
+
+
+class Plane(StrEnum):
+    """Who may write an event type, and on which Kafka topic it travels.
+
+    ``usage``: usage events, sent by services with a usage key (HTTP ingest) or a producer of the
+    usage topic. ``control``: lifecycle events (tenants' workspaces, members, contracts,
+    workstations, datastreams, API keys, access tokens), written only by administrators
+    (``metering admin``) to the control topic. The aggregator accepts each plane's events only
+    from its own topic, so a producer of the usage topic can never mint a credential.
+    """
+
+    USAGE = "usage"
+    CONTROL = "control"
+
+
+def plane_of(event_type: EventType) -> Plane:
+    return Plane.CONTROL if event_type in LIFECYCLE_KIND else Plane.USAGE
 
 
 class Event(BaseModel):

@@ -1,12 +1,30 @@
 """Rules that depend on when an event was received, not only on its shape.
 
-They are checked against the time the event reached Kafka (the message timestamp), not the
-time it is processed, so a replay months later takes the same decisions as the first pass.
+They are checked against the Kafka message timestamp, not the time the event is processed, so a
+replay months later takes the same decisions as the first pass. Producers (the SDK, the HTTP
+ingest) set that timestamp to the instant they judged the event by, so the producer's answer and
+the aggregator's decision are one decision: an event accepted with 202 is never dead-lettered for
+its time later.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import time
+from datetime import UTC, datetime, timedelta
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def now_ms() -> int:
+    """Now as a Kafka timestamp (Unix milliseconds): the resolution the judging instant has."""
+    return time.time_ns() // 1_000_000
+
+
+def kafka_time(timestamp_ms: int) -> datetime:
+    """A Kafka timestamp as an aware datetime, exactly (no float rounding: the producer and the
+    aggregator must judge an event by the very same instant)."""
+    return _EPOCH + timedelta(milliseconds=timestamp_ms)
+
 
 MAX_AGE = timedelta(days=35)
 MAX_FUTURE = timedelta(minutes=5)
@@ -21,6 +39,10 @@ class RejectCode:
     TOO_LARGE = "event_too_large"
     TENANT_MISMATCH = "tenant_mismatch"
     MISSING_TENANT = "missing_tenant"
+    #: A lifecycle event sent where only usage is accepted (HTTP ingest, a usage producer).
+    FORBIDDEN_EVENT_TYPE = "forbidden_event_type"
+    #: An event on the wrong Kafka topic: lifecycle on the usage topic, or usage on the control one.
+    WRONG_TOPIC = "wrong_topic"
 
 
 def check_event_time(

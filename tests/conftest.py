@@ -2,7 +2,7 @@
 
 - ``kafka_bootstrap`` (session): ``KAFKA_BOOTSTRAP_SERVERS`` if set; else testcontainers' Kafka
   if a Docker engine answers; else the project's own local broker on a free port.
-- ``topic``: a unique topic per test (4 partitions).
+- ``topic``: a unique usage topic per test (4 partitions), and its control topic ``<topic>.control``.
 - ``clickhouse``: ``(client, database)``: one embedded chdb engine per session (chdb locks its
   directory to one process) and a fresh database per test with the migrations applied.
 - Tests that touch Kafka or ClickHouse must say so with ``@pytest.mark.kafka`` /
@@ -66,7 +66,12 @@ def topic(kafka_bootstrap: str, request: pytest.FixtureRequest) -> str:
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    for fut in admin.create_topics([NewTopic(name, num_partitions=4, replication_factor=1)]).values():
+    new = [
+        NewTopic(name, num_partitions=4, replication_factor=1),
+        # the control topic the settings derive from it (CommonSettings.topic_control)
+        NewTopic(f"{name}.control", num_partitions=1, replication_factor=1),
+    ]
+    for fut in admin.create_topics(new).values():
         fut.result(timeout=30)
     return name
 

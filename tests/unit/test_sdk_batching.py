@@ -231,9 +231,13 @@ class FakeKafka:
         self.deliver = deliver
         self._lock = threading.Lock()
 
-    def produce(self, topic: str, *, value: bytes, key: bytes, headers: Any, on_delivery: Any) -> None:
+    def produce(
+        self, topic: str, *, value: bytes, key: bytes, headers: Any, on_delivery: Any, timestamp: int = 0
+    ) -> None:
         with self._lock:
-            self.messages.append({"topic": topic, "value": value, "key": key, "headers": headers})
+            self.messages.append(
+                {"topic": topic, "value": value, "key": key, "headers": headers, "timestamp": timestamp}
+            )
             self._pending.append(on_delivery)
 
     def poll(self, timeout: float) -> int:

@@ -1,0 +1,96 @@
+"""Batches of a faust stream that are acknowledged only once they were applied.
+
+faust's ``Stream.take_events`` acknowledges a batch in a ``finally`` block: when the agent moves
+on to the next batch, but *also* when the generator is closed because the agent stopped, was
+cancelled or raised. A batch still waiting out a ClickHouse outage when the aggregator is asked
+to stop would then be acknowledged, and its offsets committed, although nothing was written
+(issue 7, finding 5). ``take_applied`` is the same buffering (the code follows faust-streaming
+0.15.3's ``take_events`` line by line) with one change: a batch is acknowledged only when the
+agent asks for the next one, which it does only after the batch was applied. Leaving the loop in
+any other way (return, exception, cancellation) acknowledges nothing, so the batch is consumed
+again by whoever owns its partition next; exactly-once (docs/exactly-once.md) makes that safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from mode.utils.futures import notify
+
+
+def take_applied(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
+    """Lists of at most ``max_`` events, each cut after ``within`` seconds at the latest.
+
+    The caller must fully apply a list before asking for the next one: asking is the
+    acknowledgement."""
+    agen = _take(stream, max_, within)
+    # Like faust's own buffering generators: registered so that the stream closes it on stop
+    # (closing acknowledges nothing here).
+    active = getattr(stream, "_active_agens", None)
+    if active is not None:
+        active.add(agen)
+    return agen
+
+
+async def _take(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
+    buffer: list[Any] = []
+    events: list[Any] = []
+    buffer_full = asyncio.Event()
+    buffer_consumed = asyncio.Event()
+    stream_enable_acks: bool = stream.enable_acks
+    buffer_consuming: asyncio.Future[Any] | None = None
+    channel_it = aiter(stream.channel)
+
+    # A processor fills the buffer while the stream is consumed passively in the background.
+    async def add_to_buffer(value: Any) -> Any:
+        nonlocal buffer_consuming
+        try:
+            if buffer_consuming is not None:
+                try:
+                    await buffer_consuming
+                finally:
+                    buffer_consuming = None
+            buffer.append(value)
+            event = stream.current_event
+            if event is None:
+                raise RuntimeError("take buffer found current_event is None")
+            events.append(event)
+            if len(buffer) >= max_:
+                buffer_full.set()
+                # never hand out more than max_: wait until this batch is taken
+                buffer_consumed.clear()
+                await stream.wait(buffer_consumed)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            stream.log.exception("Error adding to take buffer: %r", exc)
+            await stream.crash(exc)
+        return value
+
+    # We acknowledge ourselves, and only what was applied.
+    stream.enable_acks = False
+    stream.add_processor(add_to_buffer)
+    stream._enable_passive(channel_it)
+    try:
+        while not stream.should_stop:
+            await stream.wait_for_stopped(buffer_full, timeout=within)
+            if not buffer:
+                continue
+            buffer_consuming = stream.loop.create_future()
+            batch = list(events)
+            # If the caller leaves (return, exception, cancellation, aclose), GeneratorExit or
+            # the error is raised here and nothing below runs: the batch stays unacknowledged.
+            yield batch
+            # The caller asked for the next batch: it has applied this one.
+            buffer.clear()
+            events.clear()
+            for event in batch:
+                await stream.ack(event)
+            notify(buffer_consuming)
+            buffer_full.clear()
+            buffer_consumed.set()
+    finally:
+        stream.enable_acks = stream_enable_acks
+        stream._processors.remove(add_to_buffer)
