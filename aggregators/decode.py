@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from aggregators.fastpath import decode_batch, decode_fast, split
 from schemas.events import EVENT_ADAPTER, Event, EventType, Plane, plane_of
-from schemas.validation import RejectCode, check_event_time, kafka_time
+from schemas.validation import RejectCode, above_maximum, check_event_time, kafka_time
 from schemas.wire import HEADER_BACKFILL, MAX_MESSAGE_BYTES, is_control_lane
 
 MAX_EVENT_BYTES = 32 * 1024
@@ -71,10 +71,19 @@ class Decoded:
     rejects: list[Reject] = field(default_factory=list)
 
 
+_ENVELOPE_FIELDS = frozenset(Event.model_fields)
+
+
 def _error_text(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
-        loc = ".".join(str(x) for x in err.get("loc", ()))
+        path = tuple(str(x) for x in err.get("loc", ()))
+        if path and path[0] not in _ENVELOPE_FIELDS:
+            # pydantic reports errors inside ``data`` relative to the data model; say where they
+            # are, as the ingest does (``data.cpu_seconds``). No data field is named like one of
+            # the envelope.
+            path = ("data", *path)
+        loc = ".".join(path)
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return "; ".join(parts)
 
@@ -82,11 +91,17 @@ def _error_text(exc: ValidationError) -> str:
 _KNOWN_TYPES = frozenset(t.value for t in EventType)
 
 
-def _code_for(raw: Any) -> str:
+def _code_for(raw: Any, exc: ValidationError) -> tuple[str, str]:
+    """(code, message) for an event pydantic rejected. Numbers above their maximum, and nothing
+    else wrong: ``value_out_of_range``, worded by ``above_maximum`` exactly as the ingest words it
+    (ingest/sdk.py ``describe_validation_error``)."""
     # `type` may be anything a producer sent (a list, an object): only a string can be a type.
     if isinstance(raw, dict) and isinstance(raw.get("type"), str) and raw["type"] not in _KNOWN_TYPES:
-        return RejectCode.UNKNOWN_TYPE
-    return RejectCode.INVALID_EVENT
+        return RejectCode.UNKNOWN_TYPE, _error_text(exc)
+    above = above_maximum(exc)
+    if above is not None:
+        return RejectCode.OUT_OF_RANGE, above
+    return RejectCode.INVALID_EVENT, _error_text(exc)
 
 
 _encode = msgspec.json.Encoder().encode
@@ -101,7 +116,7 @@ def _slow(item: bytes) -> Event | tuple[str, str]:
     try:
         return EVENT_ADAPTER.validate_python(obj)
     except ValidationError as exc:
-        return _code_for(obj), _error_text(exc)
+        return _code_for(obj, exc)
 
 
 def decode_message(msg: SourceMessage) -> Decoded:

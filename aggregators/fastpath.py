@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 import annotated_types as at
 import msgspec
 
-from schemas.events import DATA_MODELS, USAGE_TYPES, Data, EventType
+from schemas.events import DATA_MODELS, JSON_INTEGER, USAGE_TYPES, Data, EventType
 
 _MAX_FLOAT = sys.float_info.max
 
@@ -59,6 +59,11 @@ def _meta(metadata: list[Any], base: Any, patterns: bool = True) -> msgspec.Meta
                 kw["pattern"] = _pattern(m.pattern)
         elif hasattr(m, "allow_inf_nan"):
             pass  # handled below for every float
+        elif m is JSON_INTEGER:
+            # JSON numbers only: msgspec's int takes JSON integer tokens only (no strings, no
+            # booleans, not even 12.0, which pydantic takes as 12: left to it, stricter here).
+            pass
+        # Strict (numbers only, no strings or booleans) is what msgspec's decoders always do.
         elif type(m).__name__ not in ("Strict",):
             raise TypeError(f"no msgspec equivalent for constraint {m!r}")
     if base is float:

@@ -45,7 +45,7 @@ from deploy.settings import CommonSettings
 from ingest.kafka_config import DEFAULT_DELIVERY_TIMEOUT_S, producer_config
 from schemas import wire
 from schemas.events import DATA_MODELS, Event, EventType, Plane, plane_of
-from schemas.validation import RejectCode, check_event_time, kafka_time, now_ms
+from schemas.validation import RejectCode, above_maximum, check_event_time, kafka_time, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +210,16 @@ def _check_plane(event: Event | Mapping[str, Any], plane: Plane) -> None:
 
 def describe_validation_error(raw: Mapping[str, Any], exc: ValidationError) -> tuple[str, str]:
     """(reject code, one-line message) for a failed ``Event`` validation, with ``data.``-prefixed
-    paths for errors inside ``data`` (pydantic reports those relative to the data model)."""
+    paths for errors inside ``data`` (pydantic reports those relative to the data model).
+    Numbers above their maximum, and nothing else wrong: ``value_out_of_range``, worded by
+    ``schemas.validation.above_maximum`` as the aggregator words it."""
     errors = exc.errors(include_url=False)
     for err in errors:
         if err["loc"] == ("type",) and err["type"] in ("enum", "literal_error"):
             return RejectCode.UNKNOWN_TYPE, f"unknown event type {_short(raw.get('type'))}"
+    above = above_maximum(exc)
+    if above is not None:
+        return RejectCode.OUT_OF_RANGE, above
     envelope_fields = set(Event.model_fields)
     if all(not err["loc"] or str(err["loc"][0]) in envelope_fields for err in errors):
         return RejectCode.INVALID_EVENT, _join_errors(errors)

@@ -16,12 +16,86 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
 Name = Annotated[str, Field(min_length=1, max_length=256)]
-NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Count = Annotated[int, Field(ge=0, le=2**53)]
+
+# ---- numbers: JSON numbers only, each with a maximum per event ---------------------------------
+# Strict numbers. A bill must not count "12" or true as CPU-seconds: numeric fields take JSON
+# numbers only, never strings or booleans (pydantic would otherwise coerce them to 12 and 1).
+# Float fields are pydantic-strict (an integer is a number: 12 is taken as 12.0). Integer fields
+# take any JSON number with no fractional part: JSON has one number type and JSON Schema's
+# "integer" is "a number with a zero fractional part", so 12.0 is the integer 12 (stored as 12)
+# while 12.5 is rejected. The SDK, the HTTP ingest and the aggregator all decide with these
+# models; the aggregator's msgspec fast path (aggregators/fastpath.py) is generated from them.
+#
+# Bounds per field. Each summed or integrated number has a maximum per event, so that no period
+# sum can overflow. The period tables hold Decimal128(9) (migration 0002): at most 38 digits, 9
+# after the point, so |value| < 1e29 (the Int128 underneath wraps at ~1.7e29, silently, in sums).
+# The horizon the maxima are sized for is deliberately absurd: 1e6 events per second -- ten times
+# the pipeline's design throughput, all tenants together -- for 100 years, i.e. N = 3.2e15 events,
+# every one at its maximum. That bounds every row of every period table and any sum of rows an
+# analyst can write (all tenants, all periods):
+#   SUM meters:      MAX_SUM_PER_EVENT x N = 1e12 x 3.2e15 = 3.2e27: 1/30 of 1e29.
+#   INTEGRAL meters: each sample holds at most max_gap_seconds (schemas/meters.yaml), so it adds
+#                    at most max x gap: memory_mib 1e9 x 60 s x N = 1.9e26, memory_gb
+#                    1e6 x 300 s x N = 9.5e23. (The rollup multiplies a value by a piece of a
+#                    15-minute window in milliseconds, at most 1e9 x 9e5 = 9e14: far below 1e29.)
+#   MIN/MAX/LATEST:  one value each, at most its maximum; AVG is SUM / COUNT.
+# The maxima stay generous for real use: 1e12 CPU/GPU/render seconds is ~31,700 years in one
+# report; 1e12 bytes is 1 TB in one download event (a larger transfer is reported as several
+# events, one per part); 1e12 rows in one datastream run; 1e9 MiB and 1e6 GB are ~1 PB of memory
+# in one sample (the largest machines have tens of TB). A value above its field's maximum is
+# rejected with the code ``value_out_of_range`` (schemas/validation.py) by every path alike.
+
+#: The per-event maximum of every summed quantity (seconds, bytes, rows).
+MAX_SUM_PER_EVENT = 10**12
+#: Per-sample maxima of the gauges (INTEGRAL meters: value x seconds held).
+MAX_MEMORY_MIB = 10**9
+MAX_MEMORY_GB = 10**6
+
+
+def _json_integer(value: Any) -> Any:
+    """An integer field's input: a JSON number (no string, no boolean); an integral float is the
+    integer it spells (12.0 -> 12), anything else goes on to pydantic's integer check (12.5 and
+    non-finite numbers fail there)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: Marks integer fields as taking JSON numbers only (the fast path knows this marker).
+JSON_INTEGER = BeforeValidator(_json_integer)
+
+Seconds = Annotated[float, Field(ge=0, le=MAX_SUM_PER_EVENT, strict=True, allow_inf_nan=False)]
+MemoryMib = Annotated[float, Field(ge=0, le=MAX_MEMORY_MIB, strict=True, allow_inf_nan=False)]
+MemoryGb = Annotated[float, Field(ge=0, le=MAX_MEMORY_GB, strict=True, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0, le=MAX_SUM_PER_EVENT), JSON_INTEGER]
+
+
+def format_number(value: float) -> str:
+    """A bound as people write it: 1e12, 1e6, 599, 0.5."""
+    if isinstance(value, float) and not value.is_integer():
+        return repr(value)
+    n = int(value)
+    digits = str(abs(n))
+    significant = digits.rstrip("0")
+    if len(digits) > 6 and len(significant) <= 3:  # exactly, e.g. 1e12 or 2.5e9
+        mantissa = significant[0] + (f".{significant[1:]}" if len(significant) > 1 else "")
+        return f"{'-' if n < 0 else ''}{mantissa}e{len(digits) - 1}"
+    return str(n)
 
 
 class EventType(StrEnum):
@@ -91,7 +165,7 @@ class CiStepCpu(Data):
     contract_id: Id
     workspace_id: Id
     step_id: Id
-    cpu_seconds: NonNegative
+    cpu_seconds: Seconds
 
 
 class CiStepMemory(Data):
@@ -101,19 +175,19 @@ class CiStepMemory(Data):
     contract_id: Id
     workspace_id: Id
     step_id: Id
-    memory_mib: NonNegative
+    memory_mib: MemoryMib
 
 
 class WorkstationCpu(Data):
     SUBJECT_FIELD = "workstation_id"
     workstation_id: Id
-    cpu_seconds: NonNegative
+    cpu_seconds: Seconds
 
 
 class WorkstationGpu(Data):
     SUBJECT_FIELD = "workstation_id"
     workstation_id: Id
-    gpu_seconds: NonNegative
+    gpu_seconds: Seconds
 
 
 class WorkstationMemory(Data):
@@ -121,14 +195,14 @@ class WorkstationMemory(Data):
 
     SUBJECT_FIELD = "workstation_id"
     workstation_id: Id
-    memory_gb: NonNegative
+    memory_gb: MemoryGb
 
 
 class RenderCompleted(Data):
     SUBJECT_FIELD = "render_id"
     workspace_id: Id
     render_id: Id
-    output_duration_seconds: NonNegative
+    output_duration_seconds: Seconds
 
 
 class AiTaskSubmitted(Data):
@@ -170,7 +244,7 @@ class GatewayRequest(Data):
     virtual_key_id: Id
     request_id: Id
     model: Name | None = None
-    status_code: int | None = Field(default=None, ge=100, le=599)
+    status_code: Annotated[int, Field(ge=100, le=599), JSON_INTEGER] | None = None
 
 
 # ---- lifecycle data ---------------------------------------------------------------------------
@@ -182,7 +256,7 @@ class WorkspaceCreated(Data):
     name: Name
     parent_id: Id | None = None
     tier: Name = "free"
-    billing_anchor_day: int = Field(default=1, ge=1, le=28)
+    billing_anchor_day: Annotated[int, Field(ge=1, le=28), JSON_INTEGER] = 1
 
 
 class WorkspaceUpdated(Data):
@@ -234,7 +308,7 @@ class VirtualKeyChanged(Data):
 class VirtualKeyExtraPurchased(Data):
     SUBJECT_FIELD = "workspace_id"
     workspace_id: Id
-    count: int = Field(ge=1, le=1_000_000)
+    count: Annotated[int, Field(ge=1, le=1_000_000), JSON_INTEGER]
 
 
 class AgentChanged(Data):
@@ -243,7 +317,7 @@ class AgentChanged(Data):
     agent_id: Id
 
 
-Price = Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
+Price = Annotated[float, Field(ge=0, le=1_000_000, strict=True, allow_inf_nan=False)]
 
 
 class WorkstationCreated(Data):

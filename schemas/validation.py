@@ -12,6 +12,10 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
+from pydantic import ValidationError
+
+from schemas.events import format_number
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -43,6 +47,9 @@ class RejectCode:
     FORBIDDEN_EVENT_TYPE = "forbidden_event_type"
     #: An event on the wrong Kafka topic: lifecycle on the usage topic, or usage on the control one.
     WRONG_TOPIC = "wrong_topic"
+    #: A number above its field's maximum per event (schemas/events.py, "Bounds per field" in
+    #: docs/api.md); a usage report that large is sent as several events.
+    OUT_OF_RANGE = "value_out_of_range"
 
 
 def check_event_time(
@@ -62,3 +69,21 @@ def check_event_time(
             f"event time {event_time.isoformat()} is older than 35 days; use the backfill path",
         )
     return None
+
+
+def above_maximum(exc: ValidationError) -> str | None:
+    """The message of ``value_out_of_range`` when every fault pydantic found in an event is a
+    number above its field's maximum; None when anything else is wrong too (``invalid_event``).
+
+    ``exc`` is the error of validating the whole event (``Event``). The SDK, the HTTP ingest and
+    the aggregator all word it here, so one event gets one code and one message on every path.
+    Only fields of ``data`` have maxima; pydantic reports their paths relative to ``data``."""
+    errors = exc.errors(include_url=False)
+    if not errors or any(e["type"] != "less_than_equal" for e in errors):
+        return None
+    parts = []
+    for e in errors:
+        loc = tuple(str(x) for x in e["loc"])
+        path = ".".join(loc if loc[:1] == ("data",) else ("data", *loc))
+        parts.append(f"{path}: must be <= {format_number(e['ctx']['le'])} (the per-event maximum)")
+    return "; ".join(parts)

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from aggregators.decode import MAX_EVENT_BYTES, Decoded, RawRow, SourceMessage, decode_message
 from aggregators.fastpath import decode_batch, decode_fast
+from ingest.sdk import describe_validation_error
 from schemas.events import DATA_MODELS, EVENT_ADAPTER, USAGE_TYPES, Event, EventType
 from schemas.validation import MAX_AGE, MAX_FUTURE, RejectCode, check_event_time
 from schemas.wire import HEADER_BACKFILL
@@ -221,11 +222,44 @@ def valid_number(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     if schema["type"] == "integer":
         lo, hi = schema.get("minimum", -(2**63)), schema.get("maximum", 2**63)
         return st.one_of(st.integers(lo, hi), st.sampled_from([lo, hi]))
+    lo, hi = schema["minimum"], schema["maximum"]  # every number has a maximum per event
     return st.one_of(
-        st.floats(min_value=0, allow_nan=False, allow_infinity=False),
-        st.integers(0, 2**70),
-        st.sampled_from([0.0, 1.5, 5e-324, 1.7976931348623157e308]),
+        st.floats(min_value=lo, max_value=hi, allow_nan=False, allow_infinity=False),
+        st.integers(lo, hi),
+        st.sampled_from([0.0, 1.5, 5e-324, hi, float(hi), math.nextafter(float(hi), 0)]),
     )
+
+
+# Numbers a producer could send near a field's bound, and far beyond it: just below, at and just
+# above it (as integers, floats, the next float either side, tokens spelling it another way or
+# rounding onto it), the overflow of the issue (1e29 and more), strings and booleans.
+HUGE = [9e28, 1e29, 1.7e29, 1e30, 2**127, 10**29, 1e308]
+HUGE_TOKENS = ["1e29", "1E+29", "100000000000000000000000000000", "170141183460469231731687303715884105727"]
+
+
+def near_bound(b: float) -> list[Any]:
+    f = float(b)
+    return [
+        b - 1,
+        b,
+        b + 1,
+        b - 0.5,
+        b + 0.5,
+        f,
+        -b,
+        math.nextafter(f, -math.inf),
+        math.nextafter(f, math.inf),
+        b * 10,
+        Raw(str(b)),
+        Raw(f"{b}.0"),
+        Raw(f"{b}.000001"),  # a token above the bound that rounds onto it (1e12 + 1e-6)
+        Raw(f"{b}.001"),
+        Raw(f"{f:e}"),
+        Raw(f"{f:E}".replace("E+", "E")),
+        str(b),
+        f"{f:e}",
+        Escaped(str(b)),
+    ]
 
 
 def bad_number(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
@@ -233,8 +267,9 @@ def bad_number(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     return st.one_of(
         st.sampled_from(NUMBER_TOKENS).map(Raw),
         st.sampled_from([t for t in (lo, hi) if t is not None]).flatmap(
-            lambda b: st.sampled_from([b - 1, b + 1, b - 0.5, b + 0.5, float(b), -b])
+            lambda b: st.sampled_from(near_bound(b))
         ),
+        st.sampled_from([*HUGE, *map(Raw, HUGE_TOKENS), "12", "1e29", True, False, Raw("true"), 12.0]),
         st.floats(allow_nan=False, allow_infinity=False),
         st.floats(max_value=-0.0, allow_nan=False, allow_infinity=False),
         st.integers(),
@@ -429,6 +464,29 @@ def data_bad_field(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> No
     data.set(name, draw(value(schema, nullable, bad=True)))
 
 
+NUMERIC_PICK = {
+    t: st.sampled_from(nums)
+    for t in USAGE
+    if (nums := [f for f in FIELDS[t] if f[1]["type"] in ("number", "integer")])
+}
+
+
+@functools.cache
+def _around_bounds(schema_json: str) -> st.SearchStrategy[Any]:
+    schema = json.loads(schema_json)
+    bounds = [b for b in (schema.get("minimum"), schema.get("maximum")) if b is not None]
+    return st.sampled_from([x for b in bounds for x in near_bound(b)] + HUGE + [*map(Raw, HUGE_TOKENS)])
+
+
+def data_number_near_bound(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
+    """A number field just below, at or above its bound, or far beyond (1e29)."""
+    if etype not in NUMERIC_PICK:
+        return data_bad_field(draw, etype, env, data)
+    name, schema, _, _ = draw(NUMERIC_PICK[etype])
+    data.set(name, draw(_around_bounds(json.dumps(schema, sort_keys=True))))
+    return None
+
+
 def data_missing(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -> None:
     data.drop(draw(FIELD_PICK[etype])[0])
 
@@ -541,6 +599,7 @@ def envelope_duplicate(draw: st.DrawFn, etype: EventType, env: Obj, data: Obj) -
 MUTATIONS = st.sampled_from(
     [
         *[data_bad_field] * 8,
+        *[data_number_near_bound] * 4,
         data_missing,
         data_extra,
         data_duplicate,
@@ -637,6 +696,13 @@ def check_batch(items: list[bytes]) -> bool:
     return True
 
 
+def pydantic_code(exc: ValidationError) -> str:
+    """``value_out_of_range`` when every fault is a number above its field's maximum (pydantic's
+    error for ``le``), else ``invalid_event``."""
+    above = all(e["type"] == "less_than_equal" for e in exc.errors())
+    return RejectCode.OUT_OF_RANGE if above else RejectCode.INVALID_EVENT
+
+
 def reference_decode(msg: SourceMessage, items: list[bytes]) -> tuple[list[RawRow], list[tuple[int, str]]]:
     """decode_message's decisions, by pydantic alone (``items``: the message's events)."""
     # Framing, not validation (msgspec's grammar, as in decode.py): a JSON array of events, or
@@ -663,12 +729,12 @@ def reference_decode(msg: SourceMessage, items: list[bytes]) -> tuple[list[RawRo
             continue
         try:
             ev = EVENT_ADAPTER.validate_python(obj)
-        except ValidationError:
+        except ValidationError as exc:
             # only a string can name a type: anything else there is an invalid event
             unknown = (
                 isinstance(obj, dict) and isinstance(obj.get("type"), str) and obj["type"] not in KNOWN_TYPES
             )
-            rejects.append((i, RejectCode.UNKNOWN_TYPE if unknown else RejectCode.INVALID_EVENT))
+            rejects.append((i, RejectCode.UNKNOWN_TYPE if unknown else pydantic_code(exc)))
             continue
         if not (ev.tenant or key):
             rejects.append((i, RejectCode.MISSING_TENANT))
@@ -767,6 +833,8 @@ def test_c_decode_message_takes_pydantics_decisions(case: tuple[SourceMessage, l
     note(f"key={msg.key!r} backfill={msg.backfill} value={msg.value!r}")
     got = assert_same_decisions(msg, items)
     event(f"{len(got.rows)} rows, {len(got.rejects)} rejects")
+    for code in {r.code for r in got.rejects}:
+        event(f"reject {code}")
     if len(items) > 1 and decode_batch(msg.value) is not None:
         event("decided by the whole-message fast path")
 
@@ -778,7 +846,26 @@ def assert_same_decisions(msg: SourceMessage, items: list[bytes]) -> Decoded:
     assert got.rows == want_rows  # RawRow.time: aware datetimes, == compares the instants
     for r in got.rejects:
         assert r.original == (msg.value if r.index == -1 else items[r.index])
+        if r.index >= 0:
+            assert_ingest_agrees(items[r.index], r.code, r.message)
     return got
+
+
+def assert_ingest_agrees(item: bytes, code: str, message: str) -> None:
+    """The ingest (SDK and HTTP: ``describe_validation_error``) gives an event the aggregator
+    found out of range the same code and message, and never finds out of range an event the
+    aggregator rejected for anything else."""
+    try:
+        obj = orjson.loads(item)
+        EVENT_ADAPTER.validate_python(obj)
+    except (orjson.JSONDecodeError, ValidationError) as exc:
+        if not isinstance(exc, ValidationError) or not isinstance(obj, dict):
+            return  # not an event object: the ingest answers before validating
+        ingest = describe_validation_error(obj, exc)
+        if code == RejectCode.OUT_OF_RANGE:
+            assert ingest == (code, message), item
+        else:
+            assert ingest[0] != RejectCode.OUT_OF_RANGE, item
 
 
 # ---- the fast paths must actually be taken ------------------------------------------------------
@@ -835,10 +922,12 @@ def boundary_values(schema: dict[str, Any]) -> list[Any]:
         ]
     if t in ("number", "integer"):
         bounds = [b for b in (schema.get("minimum"), schema.get("maximum")) if b is not None]
-        near = [x for b in bounds for x in (b - 1, b + 1, b - 0.5, b + 0.5, float(b), b)]
+        near = [x for b in bounds for x in near_bound(b)]
         return [
             *map(Raw, NUMBER_TOKENS),
             *near,
+            *HUGE,
+            *map(Raw, HUGE_TOKENS),
             -1,
             -0.5,
             5,
