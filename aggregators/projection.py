@@ -11,7 +11,8 @@ Columns of ``entities`` per kind:
 - member: entity_id "<workspace_id>/<member_id>", workspace_id, email,
   status active|inactive|left, attrs {member_id}
 - virtual_key, agent: workspace_id, status active|revoked (keys) / active|inactive (agents)
-- workstation: name, attrs {usd_per_cpu_hour, usd_per_gpu_hour, usd_per_gb_hour}
+- workstation: name, workspace_id ("" = the tenant's root), attrs {usd_per_cpu_hour,
+  usd_per_gpu_hour, usd_per_gb_hour}
 - datastream: workspace_id, name
 - api_key: secret_hash, workspace_id, email, status active|revoked, attrs {scope, member_id, prefix}
 - access_token: secret_hash, email, expires_at, status active|revoked, attrs {member_id}
@@ -140,7 +141,7 @@ def _apply(s: EntityState, ev: LifecycleEvent) -> None:
     elif t is EventType.AGENT_DEACTIVATED:
         s.workspace_id, s.status = d["workspace_id"], "inactive"
     elif t is EventType.WORKSTATION_CREATED:
-        s.name, s.status = d["name"], "active"
+        s.name, s.workspace_id, s.status = d["name"], d.get("workspace_id") or "", "active"
         s.attrs.update({k: d[k] for k in ("usd_per_cpu_hour", "usd_per_gpu_hour", "usd_per_gb_hour")})
     elif t is EventType.DATASTREAM_CREATED:
         s.workspace_id, s.name, s.status = d["workspace_id"], d["name"], "active"

@@ -550,6 +550,13 @@ def workstation_create(
     usd_per_cpu_hour: Annotated[float, typer.Option(min=0, help="Price of one CPU-hour.")],
     usd_per_gpu_hour: Annotated[float, typer.Option(min=0, help="Price of one GPU-hour.")],
     usd_per_gb_hour: Annotated[float, typer.Option(min=0, help="Price of one GB-hour of memory.")],
+    workspace_id: Annotated[
+        str | None,
+        typer.Option(
+            help="The workspace it belongs to, whose keys may report its usage "
+            "(default: none, the tenant's root: only keys of a root workspace may)."
+        ),
+    ] = None,
     id_: NewId = None,
     json_output: Json = False,
 ) -> None:
@@ -562,6 +569,8 @@ def workstation_create(
         "usd_per_gpu_hour": usd_per_gpu_hour,
         "usd_per_gb_hour": usd_per_gb_hour,
     }
+    if workspace_id:
+        data["workspace_id"] = workspace_id
     _lifecycle(tenant, [(EventType.WORKSTATION_CREATED, data)], {"workstation_id": ws}, json_output)
 
 

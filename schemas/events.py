@@ -321,7 +321,9 @@ Price = Annotated[float, Field(ge=0, le=1_000_000, strict=True, allow_inf_nan=Fa
 
 
 class WorkstationCreated(Data):
-    """A workstation and its rate card (document 002)."""
+    """A workstation, its rate card (document 002) and the workspace it belongs to, whose keys
+    may report its usage. Without a workspace it belongs to the tenant's root: only a key of a
+    root workspace may report it."""
 
     SUBJECT_FIELD = "workstation_id"
     workstation_id: Id
@@ -329,6 +331,7 @@ class WorkstationCreated(Data):
     usd_per_cpu_hour: Price
     usd_per_gpu_hour: Price
     usd_per_gb_hour: Price
+    workspace_id: Id | None = None
 
 
 class DatastreamCreated(Data):
