@@ -13,6 +13,7 @@ from enum import StrEnum
 
 
 class CrashPoint(StrEnum):
+    ISOLATING = "isolating"  # between two trials of a bisect (preflight.py): nothing written yet
     BEFORE_RAW_INSERT = "before_raw_insert"
     AFTER_RAW_INSERT = "after_raw_insert"
     BETWEEN_DERIVED = "between_derived"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
+from typing import Protocol
+
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS_IN = Counter("metering_events_in_total", "Events read from Kafka")
@@ -16,6 +19,30 @@ FLUSH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 CLICKHOUSE_ERRORS = Counter("metering_clickhouse_errors_total", "Failed attempts to apply a batch")
+STALLED_SECONDS = Counter(
+    "metering_aggregator_stalled_seconds_total",
+    "Seconds the aggregator spent retrying a batch ClickHouse did not take (an outage)",
+)
+STALLED = Gauge(  # (a counter named ..._stalled_seconds_total claims ..._stalled_seconds)
+    "metering_aggregator_stall_seconds",
+    "How long the current batch has been retried; 0 while batches flow",
+)
 CONSUMER_LAG = Gauge("metering_consumer_lag", "Messages behind the log end", ["partition"])
 BATCHES = Counter("metering_batches_total", "Batches processed")
 INGEST_REQUESTS = Counter("metering_ingest_requests_total", "HTTP ingest requests", ["status"])
+
+
+class _Stalls(Protocol):
+    def stalled_seconds(self) -> float: ...
+
+
+_stall_sources: weakref.WeakSet[_Stalls] = weakref.WeakSet()
+
+
+def watch_stall(source: _Stalls) -> None:
+    """Report ``source``'s current stall in the STALLED gauge, computed when scraped (a stall
+    grows while a statement blocks; the longest of this process's processors counts)."""
+    _stall_sources.add(source)
+
+
+STALLED.set_function(lambda: max((s.stalled_seconds() for s in list(_stall_sources)), default=0.0))

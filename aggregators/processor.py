@@ -6,9 +6,16 @@ The steps, in this order (why each is safe after a crash: docs/exactly-once.md):
    written, so a rejected event is never lost (it may be dead-lettered twice after a crash);
 3. drop duplicates: within the batch, then against earlier batches (Bloom filter, checked
    exactly in ``events_raw``);
+3b. try the new rows on probe tables that keep nothing (preflight.py): events ClickHouse would
+   refuse (a data error, not an outage) are dead-lettered, flushed before anything is written;
+   a trial writes nothing, so a crash during it is a crash before the raw insert;
 4. insert the new raw rows (one statement);
 5. bring every derived table up to the raw table (one statement per table);
 6. record freshness. Only after ``process`` returns may the offsets be committed.
+
+``process_with_retry`` retries a batch that fails for any other reason (an outage), with
+backoff, for as long as it takes; meanwhile ``stalled_since`` and ``last_error`` say so (the
+aggregator health check reads them) and ``metering_aggregator_stalled_seconds_total`` counts.
 """
 
 from __future__ import annotations
@@ -22,12 +29,23 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from aggregators import metrics
-from aggregators.decode import Decoded, RawRow, Reject, SourceMessage, decode_messages
+from aggregators.decode import (
+    Decoded,
+    RawRow,
+    Reject,
+    SourceMessage,
+    decode_message,
+    decode_messages,
+    raw_rows_json,
+)
 from aggregators.dedupe import BloomFilter, first_occurrences, key_hash
+from aggregators.errors import is_data_error, reason
+from aggregators.fastpath import split
 from aggregators.faults import CrashPoint, checkpoint
-from aggregators.writer import ClickHouseWriter
+from aggregators.preflight import Preflight, Refusal
+from aggregators.writer import ClickHouseWriter, fmt_time
 from schemas.clickhouse import Table
-from schemas.validation import MAX_AGE
+from schemas.validation import MAX_AGE, RejectCode
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +75,8 @@ class BatchStats:
     events: int = 0
     written: int = 0
     duplicates: int = 0
-    rejected: int = 0
+    rejected: int = 0  # invalid events (decode), dead-lettered
+    refused: int = 0  # valid events ClickHouse refuses (preflight.py), dead-lettered
     tenants: set[str] = field(default_factory=set)
 
 
@@ -68,12 +87,21 @@ class BatchProcessor:
         dead_letters: DeadLetterSink,
         bloom: BloomFilter,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        preflight: Preflight | None = None,
     ) -> None:
         self.writer = writer
         self.dead_letters = dead_letters
         self.bloom = bloom
         self.clock = clock
+        self.preflight = preflight or Preflight(writer)
         self._bloom_partitions: set[int] = set()
+        # A batch ClickHouse does not take: since when (UTC; None while batches flow) and why.
+        # Read by the aggregator health check (deploy/runner.py) from another thread.
+        self.stalled_since: datetime | None = None
+        self.last_error: str | None = None
+        self._stall_started: float | None = None  # monotonic
+        self._stall_counted: float = 0.0  # monotonic: stalled seconds counted up to here
+        metrics.watch_stall(self)
 
     # ---- partition ownership ------------------------------------------------------------------
 
@@ -117,6 +145,16 @@ class BatchProcessor:
         rows, hashes = self._new_rows(decoded)
         stats.duplicates = len(decoded.rows) - len(rows)
         now = self.clock()
+        refused = self.preflight.refusals(rows, now)
+        storage_rejects: list[Reject] = []
+        if refused:
+            out = {(f.row.tenant, f.row.event_id) for f in refused}
+            kept = [(r, h) for r, h in zip(rows, hashes, strict=True) if (r.tenant, r.event_id) not in out]
+            rows, hashes = [r for r, _ in kept], [h for _, h in kept]
+            storage_rejects = _storage_rejects(refused, fresh, now)
+            self.dead_letters.send(storage_rejects)
+            self.dead_letters.flush()
+            stats.refused = len(storage_rejects)
         checkpoint(CrashPoint.BEFORE_RAW_INSERT)
         self.writer.insert_raw(rows, now)
         checkpoint(CrashPoint.AFTER_RAW_INSERT)
@@ -136,9 +174,9 @@ class BatchProcessor:
         metrics.EVENTS_IN.inc(stats.events)
         metrics.EVENTS_WRITTEN.inc(stats.written)
         metrics.DUPLICATES.inc(stats.duplicates)
-        for rej in decoded.rejects:
+        for rej in (*decoded.rejects, *storage_rejects):
             metrics.REJECTED.labels(rej.code).inc()
-        metrics.DEAD_LETTERED.inc(len(decoded.rejects))
+        metrics.DEAD_LETTERED.inc(len(decoded.rejects) + len(storage_rejects))
         for table, n in applied.items():
             metrics.ROWS_WRITTEN.labels(table.value).inc(n)
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
@@ -175,18 +213,117 @@ class BatchProcessor:
         should_stop: Callable[[], bool] = lambda: False,
         max_backoff_s: float = 30.0,
     ) -> BatchStats | None:
-        """``process`` until it succeeds. A ClickHouse outage stalls the batch (and so the
-        commit of its offsets) instead of losing it; each retry starts from the watermarks
-        re-read from ClickHouse, so a statement that landed before the error is not repeated."""
+        """``process`` until it succeeds; None if and only if the batch was NOT applied (a stop
+        was asked while it was failing), so its offsets must not be committed.
+
+        A ClickHouse outage stalls the batch (and so the commit of its offsets) instead of
+        losing it; each retry starts from the watermarks re-read from ClickHouse, so a statement
+        that landed before the error is not repeated. Events ClickHouse refuses because of their
+        data never get here: ``process`` dead-letters them (preflight.py). While a batch is
+        stalled, ``stalled_since``/``last_error`` say so and the stall metrics count."""
         delay = 0.2
         while True:
             try:
-                return self.process(messages)
+                stats = self.process(messages)
             except Exception as exc:  # the engine's and the driver's errors have no common base
                 metrics.CLICKHOUSE_ERRORS.inc()
-                log.warning("applying batch failed (%s); retrying in %.1fs", exc, delay)
+                self._stalled(exc)
+                log.warning("applying batch failed (%s); retrying in %.1fs", self.last_error, delay)
                 self.writer.forget()
-                if should_stop():
+                if self._wait(delay, should_stop):
                     return None
-                time.sleep(delay)
                 delay = min(max_backoff_s, delay * 2)
+                continue
+            self._flowing()
+            return stats
+
+    # ---- stalls -------------------------------------------------------------------------------
+
+    def stalled_seconds(self) -> float:
+        """How long the current batch has been failing; 0 while batches flow."""
+        started = self._stall_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    def _stalled(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self._stall_started is None:
+            self._stall_started = self._stall_counted = now
+            self.stalled_since = datetime.now(UTC)
+        if is_data_error(exc):
+            # The trial let through rows a real statement refuses: the rows may be in events_raw
+            # already (written before this version, or a table changed since the probes were
+            # cloned). Fresh probes make the next trial see the tables as they are now.
+            self.last_error = (
+                f"ClickHouse refuses data the preflight did not foresee, {reason(exc)} "
+                "(if the rows are already in events_raw, see docs/exactly-once.md)"
+            )
+            try:
+                self.preflight.reset()
+            except Exception as reset_exc:  # an outage on top: the next trial retries it
+                log.warning("could not drop the probe tables: %s", reset_exc)
+        else:
+            self.last_error = reason(exc)
+        self._count_stall(now)
+
+    def _count_stall(self, now: float) -> None:
+        metrics.STALLED_SECONDS.inc(max(0.0, now - self._stall_counted))
+        self._stall_counted = now
+
+    def _wait(self, delay: float, should_stop: Callable[[], bool]) -> bool:
+        """Sleep ``delay`` seconds in short steps, counting the stall as it goes; True as soon
+        as a stop is asked."""
+        deadline = time.monotonic() + delay
+        while True:
+            now = time.monotonic()
+            self._count_stall(now)
+            if should_stop():
+                return True
+            if now >= deadline:
+                return False
+            time.sleep(min(0.5, deadline - now))
+
+    def _flowing(self) -> None:
+        if self._stall_started is not None:
+            self._count_stall(time.monotonic())
+            log.info("batches flow again after a stall of %.1fs", self.stalled_seconds())
+        self._stall_started = None
+        self.stalled_since = None
+        self.last_error = None
+
+
+def _storage_rejects(
+    refused: Sequence[Refusal], messages: Sequence[SourceMessage], now: datetime
+) -> list[Reject]:
+    """Dead letters for refused events, each with the bytes it arrived as (its item of the
+    Kafka message) and its position, like the rejects of decoding."""
+    by_source = {(m.partition, m.offset): m for m in messages}
+    items: dict[tuple[int, int], list[tuple[int, bytes, RawRow]]] = {}
+    out: list[Reject] = []
+    for f in refused:
+        key = (f.row.partition, f.row.offset)
+        if key not in items:
+            msg = by_source.get(key)
+            items[key] = _rows_with_items(msg) if msg is not None else []
+        found = next(((i, b) for i, b, r in items[key] if r == f.row), None)
+        index, original = found if found is not None else (-1, raw_rows_json([f.row], fmt_time(now)))
+        out.append(
+            Reject(f.row.partition, f.row.offset, index, RejectCode.STORAGE_REJECTED, f.reason, original)
+        )
+    return out
+
+
+def _rows_with_items(msg: SourceMessage) -> list[tuple[int, bytes, RawRow]]:
+    """The rows decoded from ``msg`` with the index and bytes of the item each came from.
+
+    Decoding turns every item of a message into a row or a reject that names its index, in
+    order; so the rows' items are the items no reject names."""
+    decoded = decode_message(msg)
+    raw_items = split(msg.value)
+    items = [bytes(x) for x in raw_items] if raw_items is not None else [msg.value]
+    rejected = {r.index for r in decoded.rejects}
+    if -1 in rejected:
+        return []
+    indexes = [i for i in range(len(items)) if i not in rejected]
+    if len(indexes) != len(decoded.rows):
+        return []
+    return [(i, items[i], row) for i, row in zip(indexes, decoded.rows, strict=True)]

@@ -50,6 +50,9 @@ class RejectCode:
     #: A number above its field's maximum per event (schemas/events.py, "Bounds per field" in
     #: docs/api.md); a usage report that large is sent as several events.
     OUT_OF_RANGE = "value_out_of_range"
+    #: A valid event ClickHouse refuses to store (a data error, not an outage); the reason is the
+    #: engine's error (aggregators/preflight.py). Decided by the aggregator, after the 202.
+    STORAGE_REJECTED = "storage_rejected"
 
 
 def check_event_time(

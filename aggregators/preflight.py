@@ -1,0 +1,255 @@
+"""Trying a batch's rows before anything is written: which events would ClickHouse refuse?
+
+Why before: the derived-table statements run *after* the raw insert (writer.py). An event whose
+value the engine refuses there (issue 7: ``cpu_seconds = 1e29`` passes validation, is stored in
+``events_raw`` as text, then ``toDecimal128(…, 9)`` in the rollup stage fails with
+ARGUMENT_OUT_OF_BOUND) would already be in the raw table: every retry skips the raw insert by
+watermark and fails on the same derived statement again, forever, and every tenant waits.
+
+So the new rows of a batch first go through a *trial*: the real writer's own statements (the
+same ``ClickHouseWriter`` code: raw insert, stage, every period table, gauges, entities) pointed
+at a per-process probe database whose tables have the real tables' structure and keep nothing
+anyone reads: ``events_raw`` is a Memory table emptied before each trial, every derived table a
+Null table. A trial commits nothing, so it can be repeated at will and a crash during one
+changes nothing.
+
+When a trial fails with a data error (errors.py), ``isolate`` bisects the rows with further
+trials down to the events that fail on their own. The caller dead-letters those, with the
+engine's words as the reason, and writes the rest. A failure is blamed on the data only when it
+is reproducible: the statements must run without any data (an analysis error is not the data's),
+each refused event must fail alone twice, and the events left must pass together; otherwise
+``NotTheData`` is raised and the batch is retried like any outage.
+
+What a trial cannot see, and why it does not matter: rows of earlier batches that a derived
+statement reads again (they passed their own trial when they were written); sums that leave the
+range of Decimal128 (ClickHouse wraps them without an error; the per-field bounds of the event
+models prevent them); a table whose type an operator changes while the aggregator runs (the
+probes are cloned at first use: a data error of a real statement drops them, so the next trial
+clones the changed tables).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
+
+from aggregators import rollup
+from aggregators.decode import RawRow
+from aggregators.errors import NotTheData, is_data_error, reason
+from aggregators.faults import CrashPoint, checkpoint
+from aggregators.rollup import Ranges
+from aggregators.writer import DERIVED, NO_OFFSET, ClickHouseWriter
+from schemas.clickhouse import Table
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Trial = Callable[[Sequence[T]], BaseException | None]
+
+
+def isolate(
+    rows: Sequence[T], trial: Trial[T], dry: Callable[[], BaseException | None]
+) -> list[tuple[T, BaseException]]:
+    """The rows that fail ``trial`` on their own, each with its error; [] when all pass.
+
+    ``trial(rows)`` returns the data error the rows cause, None when they pass, and raises
+    anything else (an outage ends the search). ``dry()`` runs the statements without rows.
+    Raises ``NotTheData`` when the failure does not come from individual rows (see the module
+    docstring). Costs one trial when nothing fails, about 2·k·log2(n) with k refused rows."""
+    first = trial(rows)
+    if first is None:
+        return []
+    err = dry()
+    if err is not None:
+        raise NotTheData("the statements fail without any data", err)
+    refused: list[tuple[int, BaseException]] = []
+
+    def search(lo: int, hi: int) -> None:  # rows[lo:hi] fails together
+        if hi - lo == 1:
+            checkpoint(CrashPoint.ISOLATING)
+            again = trial(rows[lo:hi])
+            if again is None:
+                raise NotTheData("an event failed once, then passed", first)
+            refused.append((lo, again))
+            return
+        mid = (lo + hi) // 2
+        found = len(refused)
+        for a, b in ((lo, mid), (mid, hi)):
+            checkpoint(CrashPoint.ISOLATING)
+            if trial(rows[a:b]) is not None:
+                search(a, b)
+        if len(refused) == found:
+            raise NotTheData("no part of the failing rows fails on its own", first)
+
+    search(0, len(rows))
+    bad = {i for i, _ in refused}
+    rest = [r for i, r in enumerate(rows) if i not in bad]
+    if rest:
+        checkpoint(CrashPoint.ISOLATING)
+        err = trial(rest)
+        if err is not None:
+            raise NotTheData("the events left still fail together", err)
+    return [(rows[i], e) for i, e in refused]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An event ClickHouse refuses, and the engine's reason."""
+
+    row: RawRow
+    reason: str
+
+
+class _TrialWriter(ClickHouseWriter):
+    """The real writer over the probe database: derived tables are Null (their watermark is
+    always "nothing yet", so every statement covers exactly the trial's rows) and no crash
+    point is reached."""
+
+    #: set by ``prepare``: the period tables take the stage's columns with the stage's types, so
+    #: their statements convert nothing that could fail (and are left out of trials)
+    periods_convert = True
+
+    def prepare(self, source_db: str) -> None:
+        """Clone the real tables' structure into the probe database."""
+        self.client.command(f"CREATE DATABASE IF NOT EXISTS {self.db}")
+        raw = Table.EVENTS_RAW
+        self.client.command(
+            f"CREATE TABLE IF NOT EXISTS {self.db}.{raw} AS {source_db}.{raw} ENGINE = Memory"
+        )
+        for table in DERIVED:
+            self.client.command(
+                f"CREATE TABLE IF NOT EXISTS {self.db}.{table} AS {source_db}.{table} ENGINE = Null"
+            )
+        self.client.command(rollup.stage_create(self._stage))
+        self._stage_ready = True
+        self.periods_convert = self._periods_convert()
+
+    def _periods_convert(self) -> bool:
+        stage_db, stage_name = self._stage.split(".", 1)
+        rows = self.client.query(
+            "SELECT database, table, name, type FROM system.columns "
+            "WHERE (database = {db:String} AND table IN {periods:Array(String)}) "
+            "OR (database = {sdb:String} AND table = {stage:String})",
+            parameters={
+                "db": self.db,
+                "periods": [t.value for t in rollup.GRAIN_TABLE.values()],
+                "sdb": stage_db,
+                "stage": stage_name,
+            },
+        ).result_rows
+        stage = {str(n): _plain(str(t)) for d, tb, n, t in rows if d == stage_db and tb == stage_name}
+        return any(
+            str(n) in stage and _plain(str(t)) != stage[str(n)]
+            for d, tb, n, t in rows
+            if not (d == stage_db and tb == stage_name)
+        )
+
+    def watermarks(self, table: Table, partitions: Iterable[int]) -> dict[int, int]:
+        if table is Table.EVENTS_RAW:
+            return super().watermarks(table, partitions)
+        return {p: NO_OFFSET for p in partitions}
+
+    def _apply(self, table: Table, ranges: Ranges) -> int:
+        if table in _PERIODS and not self.periods_convert:
+            return 0
+        return super()._apply(table, ranges)
+
+    def _checkpoint(self, point: CrashPoint) -> None:
+        return None
+
+    def attempt(self, rows: Sequence[RawRow], ingested_at: datetime) -> None:
+        """Every statement the real writer would run for ``rows`` alone; raises what they raise."""
+        self.forget()
+        self.client.command(f"TRUNCATE TABLE {self.db}.{Table.EVENTS_RAW}")
+        self.insert_raw(rows, ingested_at)
+        self.catch_up(sorted({r.partition for r in rows}))
+
+    def attempt_empty(self) -> None:
+        """The derived statements over no rows at all."""
+        self.forget()
+        self.client.command(f"TRUNCATE TABLE {self.db}.{Table.EVENTS_RAW}")
+        # claim a raw row that is not there: every derived statement runs, over nothing
+        self._wm[Table.EVENTS_RAW][0] = 0
+        try:
+            self.catch_up([0])
+        finally:
+            self.forget()
+
+
+_PERIODS = frozenset(rollup.GRAIN_TABLE.values())
+_WRAPPER = re.compile(r"^(?:SimpleAggregateFunction\(\w+, (.*)\)|LowCardinality\((.*)\))$")
+
+
+def _plain(type_: str) -> str:
+    """A column type without what does not change its values' range: ``SimpleAggregateFunction``
+    and ``LowCardinality`` wrappers."""
+    while m := _WRAPPER.match(type_):
+        type_ = m.group(1) or m.group(2)
+    return type_
+
+
+class Preflight:
+    """The probe database of one process, and trials of rows against it."""
+
+    def __init__(self, writer: ClickHouseWriter) -> None:
+        self.client = writer.client
+        self.source_db = writer.db
+        # a name of our own, like the stage: several aggregators may share one server
+        self.db = f"{writer.db}_probe_{uuid.uuid4().hex[:12]}"
+        self._probe = _TrialWriter(writer.client, self.db, writer.catalog)
+        self._ready = False
+
+    def refusals(self, rows: Sequence[RawRow], ingested_at: datetime) -> list[Refusal]:
+        """The events of ``rows`` that ClickHouse would refuse (one trial when there are none).
+        Raises on an outage, and ``NotTheData`` when the failure is not the rows' fault."""
+        if not rows:
+            return []
+        found = isolate(rows, lambda part: self._trial(part, ingested_at), self._dry)
+        for row, exc in found:
+            log.warning(
+                "event %s/%s (partition %d offset %d) refused by ClickHouse: %s",
+                row.tenant,
+                row.event_id,
+                row.partition,
+                row.offset,
+                reason(exc),
+            )
+        return [Refusal(row, reason(exc)) for row, exc in found]
+
+    def _trial(self, rows: Sequence[RawRow], ingested_at: datetime) -> BaseException | None:
+        return self._data_error(lambda: self._probe.attempt(rows, ingested_at))
+
+    def _dry(self) -> BaseException | None:
+        """A failure without rows is the query's (or the schema's), not the data's."""
+        return self._data_error(self._probe.attempt_empty)
+
+    def _data_error(self, run: Callable[[], None]) -> BaseException | None:
+        self._ensure()
+        try:
+            run()
+        except Exception as exc:
+            if is_data_error(exc):
+                return exc
+            raise
+        return None
+
+    def _ensure(self) -> None:
+        if not self._ready:
+            self._probe.prepare(self.source_db)
+            self._ready = True
+
+    def reset(self) -> None:
+        """Drop the probes: the next trial clones the real tables again (after a real statement
+        failed with a data error the trial did not foresee: a table may have changed)."""
+        self._ready = False
+        self._probe.close()
+        self.client.command(f"DROP DATABASE IF EXISTS {self.db} SYNC")
+
+    def close(self) -> None:
+        if self._ready:
+            self.reset()
