@@ -5,10 +5,11 @@ Mount it with::
     router, producer = ingest_router(settings, clickhouse_client, bootstrap)  # close producer on exit
     app.include_router(router)
 
-or, to supply the parts yourself, ``build_ingest_router(get_producer, get_credentials, settings)``
-where ``get_producer()`` returns the process's ``UsageProducer`` (built with
-``delivery_timeout_s=settings.ingest_delivery_timeout_s``) and ``get_credentials()`` its
-``CredentialStore``; both are called per request, so they may be built lazily.
+or, to supply the parts yourself, ``build_ingest_router(get_producer, get_credentials, settings,
+get_scopes=...)`` where ``get_producer()`` returns the process's ``UsageProducer`` (built with
+``delivery_timeout_s=settings.ingest_delivery_timeout_s``), ``get_credentials()`` its
+``CredentialStore`` and ``get_scopes()`` its ``ingest.scope.ScopeStore``; all are called per
+request, so they may be built lazily.
 
 The request: ``Authorization: Bearer <api key>``; the body is one CloudEvent object or a JSON
 array of up to ``ingest_max_events_per_request`` of them, at most ``ingest_max_body_bytes``.
@@ -46,6 +47,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from deploy.settings import IngestSettings
+from ingest.scope import KeyScope, ScopeCheck, ScopeLookup, ScopeStore
 from ingest.sdk import InvalidEvent, UsageProducer, prepare_event
 from query_api.credentials import CredentialStore, Principal, display_prefix
 from schemas.events import EntityKind
@@ -252,12 +254,15 @@ def build_ingest_router(
     get_credentials: Callable[[], CredentialLookup],
     settings: IngestSettings,
     *,
+    get_scopes: Callable[[], ScopeLookup],
     clock: Callable[[], float] = time.monotonic,
     recent_ids_capacity: int = 100_000,
     failed_auth_per_minute: int = 60,
 ) -> APIRouter:
     """The router serving ``POST /api/v1/events`` (see the module doc).
 
+    ``get_scopes()``: what each key may report for (``ingest.scope.ScopeStore``); an event
+    naming a resource outside it is rejected (``out_of_scope``).
     ``failed_auth_per_minute``: failed authentications allowed per client address (then 429),
     so guessing keys is slow."""
     router = APIRouter(tags=["ingest"])
@@ -288,10 +293,24 @@ def build_ingest_router(
             )
         return principal
 
+    def key_scope(principal: Principal) -> KeyScope:
+        """Blocking (the tenant's entities, cached): call it from the thread pool."""
+        try:
+            return get_scopes().key_scope(principal)
+        except Exception as exc:
+            log.warning("scope lookup failed for tenant %s: %s", principal.tenant, type(exc).__name__)
+            raise _HttpError(
+                503,
+                "credentials_unavailable",
+                "what this API key may report for cannot be checked right now; retry later",
+                headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)},
+            ) from None
+
     def check_events(
-        items: list[Any], tenant: str, judged_at_ms: int
+        items: list[Any], tenant: str, judged_at_ms: int, principal: Principal
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(per-event results, prepared events to send) — pure apart from reading ``recent``.
+        """(per-event results, prepared events to send) — pure apart from reading ``recent`` and
+        the key's scope (blocking, loaded at the first valid event; then set lookups per event).
 
         Every event is judged by the one instant ``judged_at_ms``, which then becomes the Kafka
         timestamp of the messages: the aggregator judges by it too, so a 202 is never followed
@@ -300,6 +319,7 @@ def build_ingest_router(
         results: list[dict[str, Any]] = []
         accepted: list[dict[str, Any]] = []
         seen: set[str] = set()
+        in_scope = ScopeCheck(lambda: key_scope(principal))
         for index, item in enumerate(items):
             raw_id = item.get("id") if isinstance(item, dict) else None
             echo = raw_id if isinstance(raw_id, str) and len(raw_id) <= 256 else None
@@ -315,6 +335,7 @@ def build_ingest_router(
                 if not isinstance(item, dict):
                     raise InvalidEvent(RejectCode.INVALID_EVENT, "an event is a JSON object")
                 event = prepare_event(item, tenant, received_at=now)
+                in_scope.check(event)  # out_of_scope: a resource this key may not report for
             except InvalidEvent as exc:
                 result.update(status="rejected", code=exc.code, message=exc.message)
                 continue
@@ -380,7 +401,7 @@ def build_ingest_router(
             tenant = principal.tenant
             # pydantic over up to 100 events: off the event loop, like the blocking send below
             judged_at_ms = now_ms()
-            results, accepted = await run_in_threadpool(check_events, items, tenant, judged_at_ms)
+            results, accepted = await run_in_threadpool(check_events, items, tenant, judged_at_ms, principal)
             if accepted:
                 try:
                     producer = get_producer()
@@ -420,7 +441,7 @@ def build_ingest_router(
 
 
 def ingest_router(settings: IngestSettings, client: Any, bootstrap: str) -> tuple[APIRouter, UsageProducer]:
-    """The router wired to this process's ClickHouse client (API keys) and a new producer whose
+    """The router wired to this process's ClickHouse client (API keys, scopes) and a new producer whose
     delivery timeout is the ingest one; the caller closes the producer (it flushes) on shutdown."""
     store = CredentialStore(
         client, settings.clickhouse_database, ttl_s=getattr(settings, "query_cache_ttl_s", 2.0)
@@ -428,4 +449,8 @@ def ingest_router(settings: IngestSettings, client: Any, bootstrap: str) -> tupl
     producer = UsageProducer(
         bootstrap, settings=settings, delivery_timeout_s=settings.ingest_delivery_timeout_s
     )
-    return build_ingest_router(lambda: producer, lambda: store, settings), producer
+    scopes = ScopeStore(
+        client, settings.clickhouse_database, ttl_s=getattr(settings, "query_cache_ttl_s", 2.0)
+    )
+    router = build_ingest_router(lambda: producer, lambda: store, settings, get_scopes=lambda: scopes)
+    return router, producer

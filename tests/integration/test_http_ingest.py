@@ -30,6 +30,7 @@ from ingest.http import (
     ingest_router,
     parse_body,
 )
+from ingest.scope import WORKSPACE_SCOPE, KeyScope, ScopeStore, build_tenant_scope
 from ingest.sdk import DeliveryError, DeliveryFailure, UsageProducer, new_event
 from query_api.credentials import CredentialStore, Principal, display_prefix, hash_secret, new_api_key
 from schemas import wire
@@ -91,6 +92,14 @@ class FakeStore:
         return Principal(TENANT, kind, raw, "workspace", "w1", "", "", status, None) if status else None
 
 
+class FakeScopes:
+    """Every key opens workspace w1, the one the test events report for."""
+
+    def key_scope(self, principal: Principal) -> KeyScope:
+        world = build_tenant_scope([(EntityKind.WORKSPACE.value, "w1", "", "", "", "")])
+        return world.for_key(WORKSPACE_SCOPE, "w1", "")
+
+
 class FakeSender:
     def __init__(self, error: Exception | None = None) -> None:
         self.error = error
@@ -104,7 +113,11 @@ class FakeSender:
 
 def fake_app(sender: FakeSender, store: FakeStore | None = None) -> TestClient:
     app = FastAPI()
-    app.include_router(build_ingest_router(lambda: sender, lambda: store or FakeStore(), IngestSettings()))
+    app.include_router(
+        build_ingest_router(
+            lambda: sender, lambda: store or FakeStore(), IngestSettings(), get_scopes=FakeScopes
+        )
+    )
     return TestClient(app, raise_server_exceptions=False)
 
 
@@ -226,6 +239,8 @@ class Ingest:
 
 
 def create_key(clickhouse: tuple[Any, str], tenant: str = TENANT) -> tuple[str, str]:
+    """A key of workspace w1 (created too: the events report for it, and a key reports only
+    for its own workspaces)."""
     client, db = clickhouse
     raw = new_api_key(live=False)
     key_id = f"key-{uuid.uuid4().hex[:8]}"
@@ -236,8 +251,11 @@ def create_key(clickhouse: tuple[Any, str], tenant: str = TENANT) -> tuple[str, 
         "scope": "workspace",
         "workspace_id": "w1",
     }
+    workspace = new_event(
+        "workspace.created", {"workspace_id": "w1", "name": "W1"}, tenant=tenant, source="test"
+    )
     lifecycle = new_event("api_key.created", data, tenant=tenant, source="test")
-    apply_events(client, db, [lifecycle])
+    apply_events(client, db, [workspace, lifecycle])
     return raw, key_id
 
 
@@ -253,11 +271,16 @@ def make_ingest(
         )
         client, db = clickhouse
         store = CredentialStore(client, db, ttl_s=0)  # no cache: a revocation counts at once
+        scopes = ScopeStore(client, db, ttl_s=0)
         raw, _ = create_key(clickhouse)
         producers = {"current": UsageProducer(kafka_bootstrap, topic=topic, delivery_timeout_s=20.0)}
         app = FastAPI()
         router = build_ingest_router(
-            lambda: producers["current"], lambda: store, s, failed_auth_per_minute=failed_auth_per_minute
+            lambda: producers["current"],
+            lambda: store,
+            s,
+            get_scopes=lambda: scopes,
+            failed_auth_per_minute=failed_auth_per_minute,
         )
         app.include_router(router)
         harness = Ingest(TestClient(app), raw, kafka_bootstrap, topic, clickhouse, producers)
