@@ -29,7 +29,7 @@ from aggregators.dedupe import BloomFilter
 from aggregators.processor import BatchProcessor
 from aggregators.writer import ClickHouseWriter
 from deploy.settings import CommonSettings, RunSettings
-from query_api.health import build_health_router, clickhouse_check, kafka_check
+from query_api.health import Status, build_health_router, clickhouse_check, kafka_check
 from schemas.clickhouse import connect
 from schemas.meters import default_catalog
 from schemas.migrate import migrate
@@ -87,19 +87,32 @@ def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) ->
     return BatchProcessor(writer, dlq, bloom)
 
 
-def aggregator_check(faust_app: Any) -> Any:
-    """Ready only while the faust app runs: a crashed consumer must not look healthy."""
+def aggregator_check(faust_app: Any, processor: BatchProcessor | None = None) -> Any:
+    """Down when the faust app stopped (a crashed consumer must not look healthy); degraded while
+    the processor retries a batch ClickHouse does not take, with how long and the engine's error
+    (query_api/health.py: degraded shows in /readyz but does not make it 503)."""
 
-    def check() -> tuple[bool, str]:
+    def check() -> tuple[bool | Status, str]:
         if getattr(faust_app, "crashed", False) or faust_app.should_stop:
             return False, f"stopped: {getattr(faust_app, 'crash_reason', None)!r}"
+        since = processor.stalled_since if processor is not None else None
+        if processor is not None and since is not None:
+            return Status.DEGRADED, (
+                f"stalled for {processor.stalled_seconds():.0f}s (since {since.isoformat(timespec='seconds')}), "
+                f"retrying: {processor.last_error}"
+            )
         return True, "consuming"
 
     return check
 
 
 def build_http_app(
-    settings: Any, client: Any, bootstrap: str, parts: set[Part], faust_app: Any = None
+    settings: Any,
+    client: Any,
+    bootstrap: str,
+    parts: set[Part],
+    faust_app: Any = None,
+    processor: BatchProcessor | None = None,
 ) -> tuple[FastAPI, list[Any]]:
     """The FastAPI app of this process and the things to close when it stops."""
     checks = {
@@ -107,7 +120,7 @@ def build_http_app(
         "clickhouse": clickhouse_check(client),
     }
     if faust_app is not None:
-        checks["aggregator"] = aggregator_check(faust_app)
+        checks["aggregator"] = aggregator_check(faust_app, processor)
     routers: list[APIRouter] = [build_health_router(checks)]
     closers: list[Any] = []
     if Part.INGEST in parts:
@@ -134,15 +147,16 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
 
         await asyncio.to_thread(ensure_topics, settings, bootstrap)
         faust_app = None
+        processor: BatchProcessor | None = None
         closers: list[Any] = []
         if Part.AGGREGATOR in parts:
             processor = build_processor(settings, client, bootstrap)
-            closers.append(processor.dead_letters)
+            closers.extend([processor.dead_letters, processor.preflight])
             faust_app = build_app(settings, bootstrap, processor)
             await faust_app.start()
         server = None
         if parts & {Part.INGEST, Part.QUERY}:
-            app, http_closers = build_http_app(settings, client, bootstrap, parts, faust_app)
+            app, http_closers = build_http_app(settings, client, bootstrap, parts, faust_app, processor)
             closers.extend(http_closers)
             server = _Server(
                 uvicorn.Config(

@@ -1,18 +1,39 @@
 """``/healthz`` (the process is alive), ``/readyz`` (Kafka and ClickHouse answer; 503 while either
-is down) and ``/metrics`` (Prometheus), mounted by every HTTP process."""
+is down) and ``/metrics`` (Prometheus), mounted by every HTTP process.
+
+A check answers ok, degraded or down (``True``/``False`` mean ok/down). ``/readyz`` answers 503
+only when a check is down; a degraded check (an aggregator retrying a batch ClickHouse does not
+take) shows in the body, ``"status": "degraded"`` with the check's detail, and the answer stays
+200: this process still takes events into Kafka, which keeps them until the aggregator can
+write, and still answers queries (with the freshness they report), so taking it out of a load
+balancer would turn a storage stall into refused events."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-Check = Callable[[], tuple[bool, str]]
+
+class Status(StrEnum):
+    OK = "ok"
+    DEGRADED = "degraded"
+    DOWN = "down"
+
+
+Check = Callable[[], tuple[bool | Status, str]]
+
+
+def _status(result: bool | Status) -> Status:
+    if isinstance(result, Status):
+        return result
+    return Status.OK if result else Status.DOWN
 
 
 def kafka_check(config: dict[str, Any], timeout_s: float = 2.0) -> Check:
@@ -57,15 +78,16 @@ def build_health_router(checks: dict[str, Check], cache_s: float = 1.0) -> APIRo
         if last["body"] is None or now - last["at"] > cache_s:
             results = await asyncio.gather(*(asyncio.to_thread(fn) for fn in checks.values()))
             body = {
-                name: {"status": "ok" if ok else "down", "detail": detail}
+                name: {"status": _status(ok).value, "detail": detail}
                 for name, (ok, detail) in zip(checks, results, strict=True)
             }
             last.update(at=now, body=body)
         body = last["body"]
-        ready = all(v["status"] == "ok" for v in body.values())
-        return JSONResponse(
-            {"status": "ok" if ready else "unavailable", "checks": body}, status_code=200 if ready else 503
-        )
+        states = {v["status"] for v in body.values()}
+        if Status.DOWN in states:
+            return JSONResponse({"status": "unavailable", "checks": body}, status_code=503)
+        overall = "degraded" if Status.DEGRADED in states else "ok"
+        return JSONResponse({"status": overall, "checks": body}, status_code=200)
 
     @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def metrics() -> Response:
