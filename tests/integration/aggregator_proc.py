@@ -22,12 +22,15 @@ def caught_up(bootstrap: str, topic: str, group: str) -> bool:
 
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
-        md = c.list_topics(topic, timeout=10)
-        parts = [TopicPartition(topic, p) for p in md.topics[topic].partitions]
-        committed = {tp.partition: tp.offset for tp in c.committed(parts, timeout=10)}
+        parts = []
+        for name in (topic, f"{topic}.control"):  # the usage topic and its control topic
+            md = c.list_topics(name, timeout=10)
+            if name in md.topics and md.topics[name].error is None:
+                parts += [TopicPartition(name, p) for p in md.topics[name].partitions]
+        committed = {(tp.topic, tp.partition): tp.offset for tp in c.committed(parts, timeout=10)}
         for tp in parts:
             _lo, hi = c.get_watermark_offsets(tp, timeout=10)
-            if hi > 0 and committed.get(tp.partition, -1) < hi:
+            if hi > 0 and committed.get((tp.topic, tp.partition), -1) < hi:
                 return False
         return True
     finally:

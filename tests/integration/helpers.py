@@ -9,7 +9,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.wire import batch_headers, encode_batch
+from schemas.events import LIFECYCLE_TYPES
+from schemas.wire import batch_headers, control_lane, encode_batch
+
+LIFECYCLE = frozenset(t.value for t in LIFECYCLE_TYPES)
 
 
 def iso(t: datetime) -> str:
@@ -29,23 +32,31 @@ def event(eid: str, type_: str, data: dict[str, Any], t: datetime, tenant: str) 
 
 
 def produce_batches(
-    bootstrap: str, topic: str, events: Iterable[Mapping[str, Any]], per_message: int = 200
+    bootstrap: str,
+    topic: str,
+    events: Iterable[Mapping[str, Any]],
+    per_message: int = 200,
+    route_lifecycle: bool = True,
 ) -> int:
-    """Produce events the way the SDK does (one tenant per message), idempotent, acks=all."""
+    """Produce events the way the SDK and ``metering admin`` do (one tenant per message),
+    idempotent, acks=all: usage events to ``topic``, lifecycle events to its control topic
+    ``<topic>.control`` (``route_lifecycle=False`` sends everything to ``topic``, as an attacker
+    with access to the usage topic would)."""
     from confluent_kafka import Producer
 
     producer = Producer(
         {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5}
     )
     failures: list[str] = []
-    by_tenant: dict[str, list[Mapping[str, Any]]] = {}
+    by_tenant: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for e in events:
-        by_tenant.setdefault(str(e["tenant"]), []).append(e)
+        lifecycle = route_lifecycle and e.get("type") in LIFECYCLE
+        by_tenant.setdefault((f"{topic}.control" if lifecycle else topic, str(e["tenant"])), []).append(e)
     sent = 0
-    for tenant, evs in by_tenant.items():
+    for (to, tenant), evs in by_tenant.items():
         for i in range(0, len(evs), per_message):
             producer.produce(
-                topic,
+                to,
                 key=tenant.encode(),
                 value=encode_batch(evs[i : i + per_message]),
                 headers=batch_headers(),
@@ -82,7 +93,9 @@ async def running_faust(settings: Any, bootstrap: str, processor: Any) -> AsyncI
 
 
 def consume_all(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[Any]:
-    """Every message of ``topic`` as SourceMessages (a plain consumer, no group commits)."""
+    """Every message of ``topic`` and of its control topic as SourceMessages, each with its lane
+    (control partitions as negative lanes, schemas/wire.py); a plain consumer, no group commits.
+    Control messages come first, as the aggregator would most likely see them."""
     from confluent_kafka import Consumer, TopicPartition
 
     from aggregators.decode import SourceMessage
@@ -90,21 +103,26 @@ def consume_all(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[Any
     c = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": f"read-{time.time_ns()}", "enable.auto.commit": False}
     )
-    md = c.list_topics(topic, timeout=10)
-    parts = sorted(md.topics[topic].partitions)
-    ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
-    c.assign([TopicPartition(topic, p, 0) for p in parts if ends[p] > 0])
-    out: list[Any] = []
+    control = f"{topic}.control"
+    ends: dict[tuple[str, int], int] = {}
+    for name in (control, topic):
+        md = c.list_topics(name, timeout=10)
+        if name not in md.topics or md.topics[name].error is not None:
+            continue
+        for p in sorted(md.topics[name].partitions):
+            ends[(name, p)] = c.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
+    c.assign([TopicPartition(t, p, 0) for (t, p), end in ends.items() if end > 0])
+    got: dict[str, list[Any]] = {control: [], topic: []}
     want = sum(ends.values())
     deadline = time.monotonic() + timeout_s
-    while len(out) < want and time.monotonic() < deadline:
+    while sum(map(len, got.values())) < want and time.monotonic() < deadline:
         for m in c.consume(500, timeout=0.5):
             if m.error():
                 continue
-            out.append(
-                SourceMessage(
-                    m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value(), m.headers() or []
-                )
+            name, p = m.topic(), m.partition()
+            lane = control_lane(p) if name == control else p
+            got[name].append(
+                SourceMessage(lane, m.offset(), m.timestamp()[1], m.key(), m.value(), m.headers() or [])
             )
     c.close()
-    return out
+    return got[control] + got[topic]

@@ -50,13 +50,14 @@ import yaml
 from fastapi.testclient import TestClient
 
 from aggregators.direct import make_processor
-from deploy.settings import AggregatorSettings, QuerySettings
+from deploy.settings import AggregatorSettings, CommonSettings, QuerySettings
 from ingest.sdk import UsageProducer
 from ingest.synth import TenantWorld, Workstation, World, usage_events, world_lifecycle_events
 from query_api.app import create_app
 from query_api.credentials import display_prefix, hash_secret, new_api_key
+from schemas.events import Plane
 from schemas.plans import PLANS, Plan
-from tests.integration.helpers import running_faust
+from tests.integration.helpers import LIFECYCLE, running_faust
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -424,13 +425,20 @@ def twins(world: World, usage: list[dict[str, Any]]) -> tuple[list[dict[str, Any
 
 def produce(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> int:
     """Through the producer SDK: validated, batched per tenant (small batches, so the aggregator
-    sees each tenant's usage over many messages and processing batches)."""
-    with UsageProducer(bootstrap, topic=topic, max_batch_events=150, linger_s=0.02) as producer:
+    sees each tenant's usage over many messages and processing batches); lifecycle events through
+    a control-plane producer to the control topic, as ``metering admin`` sends them."""
+    settings = CommonSettings(topic_events=topic)
+    kw: dict[str, Any] = {"settings": settings, "max_batch_events": 150, "linger_s": 0.02}
+    with (
+        UsageProducer(bootstrap, **kw) as usage,
+        UsageProducer(bootstrap, plane=Plane.CONTROL, **kw) as control,
+    ):
         for e in events:
-            producer.emit(e, e["tenant"])
-    assert producer.stats.failed_events == 0
-    assert producer.pending == 0
-    return producer.stats.delivered_events
+            (control if e["type"] in LIFECYCLE else usage).emit(e, e["tenant"])
+    for producer in (usage, control):
+        assert producer.stats.failed_events == 0
+        assert producer.pending == 0
+    return usage.stats.delivered_events + control.stats.delivered_events
 
 
 async def wait_processed(
@@ -441,12 +449,12 @@ async def wait_processed(
     from confluent_kafka import Consumer, TopicPartition
 
     offsets = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
-    parts = [TopicPartition(topic, p) for p in range(4)]
-    ends = {p.partition: offsets.get_watermark_offsets(p, timeout=10)[1] for p in parts}
+    parts = [TopicPartition(topic, p) for p in range(4)] + [TopicPartition(f"{topic}.control", 0)]
+    ends = {(p.topic, p.partition): offsets.get_watermark_offsets(p, timeout=10)[1] for p in parts}
 
     def all_committed() -> bool:
         done = offsets.committed(parts, timeout=5)
-        return all(max(tp.offset, 0) >= ends[tp.partition] for tp in done)
+        return all(max(tp.offset, 0) >= ends[(tp.topic, tp.partition)] for tp in done)
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + give_up_s
@@ -474,7 +482,11 @@ def scenario(kafka_bootstrap: str, _chdb_dir: Path) -> Iterator[Scenario]:
 
     topic = f"test-e2e-{uuid.uuid4().hex[:12]}"
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    for fut in admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)]).values():
+    new = [
+        NewTopic(topic, num_partitions=4, replication_factor=1),
+        NewTopic(f"{topic}.control", num_partitions=1),
+    ]
+    for fut in admin.create_topics(new).values():
         fut.result(timeout=30)
     client = ch.connect(f"chdb://{_chdb_dir}", "default")
     db = f"t_{uuid.uuid4().hex[:12]}"

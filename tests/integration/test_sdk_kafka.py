@@ -14,7 +14,7 @@ import orjson
 import pytest
 import typer
 from confluent_kafka import Consumer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ConfigResource
 from typer.testing import CliRunner
 
 from deploy.settings import CommonSettings
@@ -34,6 +34,7 @@ class Received:
     key: bytes | None
     headers: dict[str, bytes]
     events: list[dict[str, Any]]
+    timestamp_ms: int = 0
 
 
 def consume(bootstrap: str, topic: str, expected_events: int, give_up_s: float = 60.0) -> list[Received]:
@@ -62,7 +63,11 @@ def consume(bootstrap: str, topic: str, expected_events: int, give_up_s: float =
             raw_headers = msg.headers() or []
             pairs = raw_headers.items() if isinstance(raw_headers, dict) else raw_headers
             headers = {k: v.encode() if isinstance(v, str) else (v or b"") for k, v in pairs}
-            out.append(Received(msg.partition() or 0, msg.offset() or 0, msg.key(), headers, events))
+            out.append(
+                Received(
+                    msg.partition() or 0, msg.offset() or 0, msg.key(), headers, events, msg.timestamp()[1]
+                )
+            )
             count += len(events)
             if count >= expected_events and extra_until is None:
                 extra_until = time.monotonic() + 1.0
@@ -127,14 +132,21 @@ def test_backfill_header_and_old_events(kafka_bootstrap: str, topic: str) -> Non
     assert flags == {"acme-1": b"1", "acme-2": None}
 
 
-def test_ensure_topics_creates_both_topics_once(kafka_bootstrap: str) -> None:
+def test_ensure_topics_creates_every_topic_once(kafka_bootstrap: str) -> None:
     name = f"test-ensure-{uuid.uuid4().hex[:8]}"
     settings = CommonSettings(topic_events=name, topic_dead_letter=f"{name}.dlq", topic_partitions=3)
-    assert sorted(ensure_topics(settings, kafka_bootstrap)) == sorted([name, f"{name}.dlq"])
+    created = ensure_topics(settings, kafka_bootstrap)
+    assert sorted(created) == sorted([name, f"{name}.control", f"{name}.dlq"])
     assert ensure_topics(settings, kafka_bootstrap) == []
-    metadata = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    metadata = admin.list_topics(timeout=10)
     assert len(metadata.topics[name].partitions) == 3
     assert len(metadata.topics[f"{name}.dlq"].partitions) == 3
+    # the control plane: one partition (one order), kept forever (entities are rebuilt from it)
+    assert len(metadata.topics[f"{name}.control"].partitions) == 1
+    resource = ConfigResource(ConfigResource.Type.TOPIC, f"{name}.control")
+    config = admin.describe_configs([resource])[resource].result(timeout=10)
+    assert config["retention.ms"].value == "-1"
 
 
 def test_unreachable_broker_is_a_clear_error() -> None:
@@ -199,7 +211,8 @@ def test_cli_admin_api_key_sends_only_the_hash(cli: typer.Typer, kafka_bootstrap
     assert result.exit_code == 0, result.output
     printed = orjson.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
     raw = printed["api_key"]
-    (message,) = consume(kafka_bootstrap, topic, 1)
+    # lifecycle events go to the control topic, never to the usage topic
+    (message,) = consume(kafka_bootstrap, f"{topic}.control", 1)
     (event,) = message.events
     assert event["type"] == "api_key.created"
     assert event["data"]["key_hash"] == hash_secret(raw)
@@ -218,7 +231,7 @@ def test_cli_admin_workspace_and_member(cli: typer.Typer, kafka_bootstrap: str, 
         cli, ["admin", "member", "join", "--tenant", "acme", "--workspace-id", ws, "--email", "a@acme.io"]
     )
     assert joined.exit_code == 0, joined.output
-    events = [e for m in consume(kafka_bootstrap, topic, 2) for e in m.events]
+    events = [e for m in consume(kafka_bootstrap, f"{topic}.control", 2) for e in m.events]
     assert [e["type"] for e in events] == ["workspace.created", "member.joined"]
     assert events[1]["data"]["workspace_id"] == ws
 
@@ -229,15 +242,15 @@ def test_cli_load_sends_lifecycle_then_usage(cli: typer.Typer, kafka_bootstrap: 
     )
     assert result.exit_code == 0, result.output
     assert "3,000 usage events" in result.output
-    received = consume(kafka_bootstrap, topic, 3000)
-    events = [e for m in sorted(received, key=lambda r: (r.partition, r.offset)) for e in m.events]
-    usage = [e for e in events if e["id"].startswith("u-")]
-    assert len(usage) == 3000
-    for tenant in {e["tenant"] for e in events}:
-        mine = [e["id"] for e in events if e["tenant"] == tenant]
-        first_usage = next(i for i, x in enumerate(mine) if x.startswith("u-"))
-        assert all(x.startswith("lc-") for x in mine[:first_usage])
-        assert not any(x.startswith("lc-") for x in mine[first_usage:])  # lifecycle strictly first
+    usage_messages = consume(kafka_bootstrap, topic, 3000)
+    usage = [e for m in usage_messages for e in m.events]
+    assert len(usage) == 3000 and all(e["id"].startswith("u-") for e in usage)
+    # lifecycle on the control topic, acknowledged before the first usage event was sent
+    lifecycle = consume(kafka_bootstrap, f"{topic}.control", 1)
+    events = [e for m in lifecycle for e in m.events]
+    assert events and all(e["id"].startswith("lc-") for e in events)
+    assert {e["tenant"] for e in events} == {e["tenant"] for e in usage}
+    assert max(m.timestamp_ms for m in lifecycle) <= min(m.timestamp_ms for m in usage_messages)
 
 
 def test_cli_without_broker_says_how_to_start_one(monkeypatch: pytest.MonkeyPatch) -> None:
