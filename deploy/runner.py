@@ -30,6 +30,7 @@ from aggregators.processor import BatchProcessor
 from aggregators.writer import ClickHouseWriter
 from deploy.settings import CommonSettings, RunSettings
 from query_api.health import Status, build_health_router, clickhouse_check, kafka_check
+from query_api.admin_token import ensure_admin_token
 from schemas.clickhouse import connect
 from schemas.meters import default_catalog
 from schemas.migrate import migrate
@@ -157,6 +158,10 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
         server = None
         if parts & {Part.INGEST, Part.QUERY}:
             app, http_closers = build_http_app(settings, client, bootstrap, parts, faust_app, processor)
+        admin_token = ""
+        if Part.QUERY in parts:
+            # The admin API's credential: METERING_ADMIN_TOKEN, or one generated for this run.
+            settings, admin_token = ensure_admin_token(settings)
             closers.extend(http_closers)
             server = _Server(
                 uvicorn.Config(
@@ -164,7 +169,7 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
                 )
             )
             server_task = asyncio.create_task(server.serve())
-        print(_banner(settings, bootstrap, parts), flush=True)
+        print(_banner(settings, bootstrap, parts, admin_token), flush=True)
         await stop.wait()
         print("stopping…", flush=True)
         if server is not None:
@@ -179,11 +184,13 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
     print("stopped.", flush=True)
 
 
-def _banner(settings: Any, bootstrap: str, parts: set[Part]) -> str:
+def _banner(settings: Any, bootstrap: str, parts: set[Part], admin_token: str = "") -> str:
     lines = [f"metering: {', '.join(sorted(p.value for p in parts))} running"]
     if parts & {Part.INGEST, Part.QUERY}:
         base = f"http://{settings.http_host}:{settings.http_port}"
         lines.append(f"  HTTP API      {base}  (docs {base}/docs, readiness {base}/readyz)")
+    if admin_token:
+        lines.append(f"  Admin API     {base}/admin/v1  token {admin_token}")
     lines.append(
         f"  Kafka         {bootstrap}  usage topic {settings.topic_events}, "
         f"control topic {settings.topic_control} (administrators only)"

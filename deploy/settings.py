@@ -121,8 +121,39 @@ class AggregatorSettings(CommonSettings):
     faust_data_dir: Path = DEFAULT_CACHE / "faust"
 
 
-class QuerySettings(CommonSettings, HttpSettings):
-    """The query API process."""
+class AdminTokenSettings(BaseSettings):
+    """The admin credential of the admin API (``/admin/v1``, served with the query API; used by
+    ``metering admin``). It is neither an API key nor an access token, and opens nothing else.
+    Unset: the process serving the API generates one at each start and writes it to
+    ``admin_token_file`` (mode 0600), where ``metering admin`` reads it."""
+
+    model_config = SettingsConfigDict(env_prefix="METERING_", env_file=".env", extra="ignore")
+
+    admin_token: SecretStr | None = Field(
+        default=None, description="The admin token. Unset: generated at start, written to admin_token_file."
+    )
+    admin_token_file: Path = Field(
+        default=DEFAULT_CACHE / "admin-token",
+        description="Where a generated admin token is written (mode 0600) and the CLI looks for it.",
+    )
+    admin_api_url: str = Field(
+        default="", description="The admin API the CLI reads. Empty: http://<http_host>:<http_port>."
+    )
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().strip()) < 24:
+            raise ValueError("admin_token must be at least 24 characters (it opens every tenant)")
+        return v
+
+
+class AdminCliSettings(CommonSettings, HttpSettings, AdminTokenSettings):
+    """``metering admin``: Kafka (it sends lifecycle events) and the admin API (it reads)."""
+
+
+class QuerySettings(CommonSettings, HttpSettings, AdminTokenSettings):
+    """The query API process (and the admin API)."""
 
     query_rate_limit_per_minute: int = Field(default=600, ge=1, description="Per credential.")
     query_cache_ttl_s: float = Field(default=2.0, ge=0, description="Credential/entity cache lifetime.")

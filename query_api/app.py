@@ -19,7 +19,15 @@ from query_api.deps import Services
 from query_api.errors import ErrorStyle, install_error_handlers, style_for
 from query_api.ratelimit import RateLimiter
 from query_api.reader import Reader
-from query_api.routers import meters, quota_usages, row_usage, workspace_stats, workspace_usage, workstations
+from query_api.routers import (
+    admin,
+    meters,
+    quota_usages,
+    row_usage,
+    workspace_stats,
+    workspace_usage,
+    workstations,
+)
 
 DOCUMENTED_ROUTERS: tuple[APIRouter, ...] = (
     workspace_stats.router,  # 000
@@ -68,6 +76,8 @@ def create_app(
         )
         for router in DOCUMENTED_ROUTERS:
             app.include_router(router)
+        # The admin API (read side): its own credential, METERING_ADMIN_TOKEN (settings.admin_token).
+        app.include_router(admin.router)
     for router in extra_routers:
         app.include_router(router)
     _document_400_not_422(app)

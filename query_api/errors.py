@@ -72,6 +72,7 @@ _STYLES: tuple[tuple[str, ErrorStyle], ...] = (
     ("/v1/workspace/", ErrorStyle.ENVELOPE),
     ("/api/v1/usage", ErrorStyle.DRF),
     ("/api/v1/meters/", ErrorStyle.ENVELOPE),
+    ("/admin/v1/", ErrorStyle.ENVELOPE),  # the admin API (query_api/routers/admin.py)
 )
 
 #: Paths whose storage failure is the documented 500 (document 002); elsewhere it is a 503.

@@ -28,6 +28,7 @@ from tests.integration.test_query_api import TINY, World, basic, bearer, load_wo
 
 pytestmark = pytest.mark.clickhouse
 
+FUZZ_ADMIN_TOKEN = "mt_admin_fuzz-" + "z" * 32
 MAX_EXAMPLES = 15  # per operation and generation mode: 30 per operation in all
 FUZZ_SETTINGS = settings(
     max_examples=MAX_EXAMPLES,
@@ -56,6 +57,8 @@ class FuzzEnv:
             return [basic(s["email_alice"], s["member_alice"]), basic("x@y.z", s["member_alice"]), token]
         if path.startswith("/api/v1/usage"):
             return [{"Authorization": f"Token {s['key_root']}"}, key, token]
+        if path.startswith("/admin/"):
+            return [bearer(FUZZ_ADMIN_TOKEN), key, token]
         return [key, bearer(s["member_alice"])]
 
 
@@ -64,7 +67,7 @@ def fuzz(clickhouse: tuple[Any, str], monkeypatch: pytest.MonkeyPatch) -> Iterat
     client, database = clickhouse
     monkeypatch.setitem(PLANS, TINY.tier, TINY)
     a, b = load_worlds(client, database, datetime.now(UTC))
-    app = create_app(make_settings(database, query_cache_ttl_s=5.0), client)
+    app = create_app(make_settings(database, query_cache_ttl_s=5.0, admin_token=FUZZ_ADMIN_TOKEN), client)
     with TestClient(app, raise_server_exceptions=False) as tc:
         yield FuzzEnv(app, tc, a, b)
 
