@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import datetime as dt
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any
 
+import orjson
+from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
+
+from query_api.exact import json_number_text
 
 
 def rfc3339_ms(t: datetime) -> str:
@@ -23,6 +28,35 @@ UtcMillis = Annotated[
     PlainSerializer(rfc3339_ms, return_type=str, when_used="json"),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
+
+#: A number reported exactly: a Decimal here, a JSON number with every one of its digits on the
+#: wire (``number`` in /openapi.json), however large. pydantic would write a Decimal as a string
+#: and a float keeps ~17 digits, so a response holding one is rendered by ``exact_json``.
+ExactNumber = Annotated[Decimal, WithJsonSchema({"type": "number"})]
+
+
+def _exact(python: Any, json: Any) -> Any:
+    """The JSON-mode dump ``json`` with every Decimal and int of the Python-mode dump ``python``
+    (the same structure) put back as the exact text of a JSON number."""
+    if isinstance(python, Decimal):
+        return orjson.Fragment(json_number_text(python))
+    if isinstance(python, int) and not isinstance(python, bool):
+        return orjson.Fragment(str(python))  # orjson refuses ints beyond 64 bits
+    if isinstance(python, dict):
+        return {k: _exact(v, json[k]) for k, v in python.items()}
+    if isinstance(python, list | tuple):
+        return [_exact(p, j) for p, j in zip(python, json, strict=True)]
+    return json
+
+
+def exact_json(model: BaseModel, headers_from: Response) -> Response:
+    """``model`` as a 200 JSON response whose numbers are exact (``ExactNumber``); everything
+    else is written exactly as pydantic writes it. ``headers_from`` is the route's injected
+    ``Response``: FastAPI does not copy its headers onto a response the route returns itself."""
+    body = _exact(model.model_dump(mode="python"), model.model_dump(mode="json"))
+    out = Response(content=orjson.dumps(body), media_type="application/json")
+    out.headers.raw.extend(headers_from.headers.raw)
+    return out
 
 
 class _Out(BaseModel):
@@ -102,10 +136,10 @@ class QuotaUsageEnvelope(_Out):
 
 
 class WorkstationUsage(_Out):
-    cpu_hours: float = Field(alias="cpuHours")
+    cpu_hours: ExactNumber = Field(alias="cpuHours")
     gpu_hours: int = Field(alias="gpuHours")
     memory_gb_hours: int = Field(alias="memoryGBHours")
-    cost_usd: float = Field(alias="costUSD")
+    cost_usd: ExactNumber = Field(alias="costUSD")
     last_updated: UtcMillis = Field(alias="lastUpdated")
 
 
@@ -121,7 +155,7 @@ class WorkspaceUsage(_Out):
     period_end: datetime = Field(
         title="Period End", description="Exclusive end of the current billing period."
     )
-    render_minutes: float = Field(
+    render_minutes: ExactNumber = Field(
         title="Render Minutes",
         description="Total render output duration in minutes for the period.",
         examples=[142.7],
@@ -161,7 +195,9 @@ class RowUsagePage(_Out):
 class MeterRow(_Out):
     window_start: datetime
     window_end: datetime
-    value: float | None = Field(description="The meter's aggregate over the window (null for an empty AVG).")
+    value: ExactNumber | None = Field(
+        description="The meter's aggregate over the window (null for an empty AVG)."
+    )
     group_by: dict[str, str] = Field(default_factory=dict)
 
 

@@ -7,6 +7,8 @@ Rules every query here follows:
 - filtered by ``tenant = {tenant:String}`` first (it leads every ORDER BY key);
 - usage from the period tables (``usage_*`` merged with GROUP BY or plain sums; ``gauge_15m`` and
   ``entities`` with FINAL), raw events only for MINUTE windows and ranges the tables cannot tile;
+- sums are read wider than they are stored (``Decimal256(9)``, ``UInt128``): rows that each fit
+  ``Decimal128(9)`` may not fit it once summed, and the engine's ``sum`` wraps silently;
 - the documents' queries filter and group by the dimension columns of migration 0004
   (``workspace_id``, ``contract_id``, ``workstation_id``, ``datastream_id``: ``dims[...]``
   materialized), one query per request, with the settings of ``_SMALL_READ``: in embedded
@@ -18,6 +20,7 @@ change rarely and a request needs several of them; usage is never cached.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,12 +34,15 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from query_api.errors import StorageError
+from query_api.exact import finite_number, half_up, half_up_int, ratio
 from query_api.periods import DateRange, Granularity, Period, Window, clamp_to_sql, split_months
 from schemas.clickhouse import Table
 from schemas.events import DATA_MODELS, EntityKind, membership_id
 from schemas.meters import Aggregation, Meter, default_catalog
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class DocMeter(StrEnum):
@@ -151,6 +157,39 @@ def _from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
+def _attrs(text: str, what: str) -> dict[str, Any]:
+    """An entity's ``attrs``: a JSON object, as the projection writes it. Anything else (written
+    by hand, or by a bug) reads as no attributes at all, so the entity's defaults apply."""
+    if not text:
+        return {}
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        log.warning("unreadable attrs of %s: not a JSON object; defaults apply", what)
+        return {}
+    return value
+
+
+def _int_attr(attrs: dict[str, Any], name: str, default: int, what: str) -> int:
+    """A whole-number attribute; a value that is not a finite number reads as ``default``."""
+    number = finite_number(attrs.get(name, default))
+    if number is None:
+        log.warning("attribute %s of %s is not a number; %s applies", name, what, default)
+        return default
+    return int(number)
+
+
+def _rate(attrs: dict[str, Any], name: str, what: str) -> Decimal:
+    """A price of a rate card; one that is not a finite number reads as 0 (and is logged)."""
+    number = finite_number(attrs.get(name, 0))
+    if number is None:
+        log.warning("rate %s of %s is not a number; 0 applies", name, what)
+        return Decimal(0)
+    return number
+
+
 class _TtlCache:
     def __init__(self, ttl_s: float, max_items: int = 50_000) -> None:
         self._ttl = ttl_s
@@ -177,21 +216,21 @@ class _TtlCache:
 # ---- SQL fragments chosen by enums (never by user input) ------------------------------------------
 
 _PERIOD_VALUE = {
-    Aggregation.SUM: "sum(value_sum)",
-    Aggregation.COUNT: "sum(value_count)",
+    Aggregation.SUM: "sum(toDecimal256(value_sum, 9))",
+    Aggregation.COUNT: "sum(toUInt128(value_count))",
     Aggregation.MIN: "min(value_min)",
     Aggregation.MAX: "max(value_max)",
     Aggregation.LATEST: "argMaxMerge(value_latest)",
     Aggregation.UNIQUE_COUNT: "uniqExactMerge(value_unique)",
     # AVG: a (sum, count) pair, divided in Python.
-    Aggregation.AVG: "tuple(sum(value_sum), sum(value_count))",
-    Aggregation.INTEGRAL: "sum(integral)",
+    Aggregation.AVG: "tuple(sum(toDecimal256(value_sum, 9)), sum(toUInt128(value_count)))",
+    Aggregation.INTEGRAL: "sum(toDecimal256(integral, 9))",
 }
 
 #: The number as the aggregator reads it (from its JSON text, so 0.1 stays exactly 0.1).
 _RAW_NUMBER = "toDecimal128OrZero(JSONExtractRaw(data, {vf:String}), 9)"
 _RAW_VALUE = {
-    Aggregation.SUM: f"sum({_RAW_NUMBER})",
+    Aggregation.SUM: f"sum(toDecimal256({_RAW_NUMBER}, 9))",
     Aggregation.COUNT: "toUInt64(count())",
     Aggregation.MIN: f"min({_RAW_NUMBER})",
     Aggregation.MAX: f"max({_RAW_NUMBER})",
@@ -200,7 +239,7 @@ _RAW_VALUE = {
         "uniqExactArray(if(JSONType(data, {vf:String}) = 'Array', "
         "JSONExtract(data, {vf:String}, 'Array(String)'), [JSONExtractString(data, {vf:String})]))"
     ),
-    Aggregation.AVG: f"tuple(sum({_RAW_NUMBER}), toUInt64(count()))",
+    Aggregation.AVG: f"tuple(sum(toDecimal256({_RAW_NUMBER}, 9)), toUInt64(count()))",
 }
 
 #: Window start of a row as a Unix timestamp; ``{col}`` is the table's time column. Local
@@ -285,7 +324,8 @@ class Reader:
         )
         out = []
         for eid, name, parent, tier, contract, attrs in rows:
-            extra: dict[str, Any] = orjson.loads(attrs) if attrs else {}
+            what = f"workspace {eid}"
+            extra = _attrs(attrs, what)
             out.append(
                 Workspace(
                     id=str(eid),
@@ -294,8 +334,8 @@ class Reader:
                     tier=str(tier),
                     contract_id=str(contract),
                     # 1-28 by the event schema; clamped so bad data cannot break a period.
-                    billing_anchor_day=min(28, max(1, int(extra.get("billing_anchor_day", 1) or 1))),
-                    extra_vks=int(extra.get("extra_vks", 0) or 0),
+                    billing_anchor_day=min(28, max(1, _int_attr(extra, "billing_anchor_day", 1, what))),
+                    extra_vks=_int_attr(extra, "extra_vks", 0, what),
                 )
             )
         return out
@@ -375,13 +415,14 @@ class Reader:
             if not rows:
                 return None
             eid, name, attrs, updated = rows[0]
-            rates: dict[str, Any] = orjson.loads(attrs) if attrs else {}
+            what = f"workstation {eid}"
+            rates = _attrs(attrs, what)
             return Workstation(
                 id=str(eid),
                 name=str(name),
-                usd_per_cpu_hour=_dec(rates.get("usd_per_cpu_hour")),
-                usd_per_gpu_hour=_dec(rates.get("usd_per_gpu_hour")),
-                usd_per_gb_hour=_dec(rates.get("usd_per_gb_hour")),
+                usd_per_cpu_hour=_rate(rates, "usd_per_cpu_hour", what),
+                usd_per_gpu_hour=_rate(rates, "usd_per_gpu_hour", what),
+                usd_per_gb_hour=_rate(rates, "usd_per_gb_hour", what),
                 updated_at=_from_ms(int(updated)),
             )
 
@@ -403,8 +444,8 @@ class Reader:
             "countIf(kind = {member:String} AND status = 'active'), "
             "countIf(kind = {member:String} AND status != 'left'), "
             "(SELECT tuple("
-            "   sumIf(value_count, window_start >= {ps:DateTime('UTC')} AND window_start < {pe:DateTime('UTC')}),"
-            "   sumIf(value_count, window_start >= {ms:DateTime('UTC')} AND window_start < {me:DateTime('UTC')}))"
+            "   sumIf(toUInt128(value_count), window_start >= {ps:DateTime('UTC')} AND window_start < {pe:DateTime('UTC')}),"
+            "   sumIf(toUInt128(value_count), window_start >= {ms:DateTime('UTC')} AND window_start < {me:DateTime('UTC')}))"
             f" FROM {db}.{Table.USAGE_1D} WHERE tenant = {{tenant:String}} AND meter = {{meter:String}}"
             "   AND window_start >= {lo:DateTime('UTC')} AND window_start < {hi:DateTime('UTC')}"
             "   AND workspace_id = {ws:String}) "
@@ -449,9 +490,9 @@ class Reader:
         db = self._db
         window = "window_start >= {s:DateTime('UTC')} AND window_start < {e:DateTime('UTC')}"
         rows = self._small(
-            f"SELECT (SELECT sum(integral) FROM {db}.{Table.GAUGE_15M} FINAL "
+            f"SELECT (SELECT sum(toDecimal256(integral, 9)) FROM {db}.{Table.GAUGE_15M} FINAL "
             f"  WHERE tenant = {{tenant:String}} AND meter = {{mem:String}} AND {window} AND {dimension} = {{id:String}}),"
-            f" (SELECT sum(value_sum) FROM {db}.{table} "
+            f" (SELECT sum(toDecimal256(value_sum, 9)) FROM {db}.{table} "
             f"  WHERE tenant = {{tenant:String}} AND meter = {{cpu:String}} AND {window} AND {dimension} = {{id:String}})",
             {
                 "tenant": tenant,
@@ -470,8 +511,9 @@ class Reader:
         db = self._db
         # All time: usage_1mo has the fewest rows; gauges exist only per 15 minutes.
         rows = self._small(
-            "SELECT sumIf(value_sum, meter = {cpu:String}), sumIf(value_sum, meter = {gpu:String}), "
-            f"(SELECT sum(integral) FROM {db}.{Table.GAUGE_15M} FINAL WHERE tenant = {{tenant:String}} "
+            "SELECT sumIf(toDecimal256(value_sum, 9), meter = {cpu:String}), "
+            "sumIf(toDecimal256(value_sum, 9), meter = {gpu:String}), "
+            f"(SELECT sum(toDecimal256(integral, 9)) FROM {db}.{Table.GAUGE_15M} FINAL WHERE tenant = {{tenant:String}} "
             "  AND meter = {mem:String} AND workstation_id = {id:String}) "
             f"FROM {db}.{Table.USAGE_1MO} WHERE tenant = {{tenant:String}} "
             "AND meter IN ({cpu:String}, {gpu:String}) AND workstation_id = {id:String}",
@@ -491,8 +533,9 @@ class Reader:
     ) -> tuple[Decimal, int, int]:
         """Document 003: (render output seconds, AI tasks, egress bytes) of one workspace."""
         rows = self._small(
-            "SELECT sumIf(value_sum, meter = {render:String}), sumIf(value_count, meter = {tasks:String}), "
-            "sumIf(value_sum, meter = {egress:String}) "
+            "SELECT sumIf(toDecimal256(value_sum, 9), meter = {render:String}), "
+            "sumIf(toUInt128(value_count), meter = {tasks:String}), "
+            "sumIf(toDecimal256(value_sum, 9), meter = {egress:String}) "
             f"FROM {self._db}.{table} WHERE tenant = {{tenant:String}} "
             "AND meter IN ({render:String}, {tasks:String}, {egress:String}) "
             "AND window_start >= {s:DateTime('UTC')} AND window_start < {e:DateTime('UTC')} "
@@ -508,7 +551,7 @@ class Reader:
             },
         )
         render, tasks, egress = rows[0]
-        return _dec(render), int(tasks or 0), int(_dec(egress))
+        return _dec(render), int(tasks or 0), half_up_int(_dec(egress))
 
     def row_usage(
         self,
@@ -575,7 +618,8 @@ class Reader:
             bucket = "toStartOfMonth(window_start)"
         sql = (
             f"SELECT {bucket} AS d, workspace_id AS w, datastream_id AS ds, "
-            "uniqExactMergeIf(value_unique, meter = {mu:String}), sumIf(value_sum, meter = {mt:String}), "
+            "uniqExactMergeIf(value_unique, meter = {mu:String}), "
+            "sumIf(toDecimal256(value_sum, 9), meter = {mt:String}), "
             "count() OVER () "
             f"FROM {source} GROUP BY d, w, ds ORDER BY d, w, ds "
             "LIMIT {limit:UInt32} OFFSET {offset:UInt64}"
@@ -592,7 +636,7 @@ class Reader:
                 workspace_id=str(w),
                 datastream_id=str(ds),
                 unique_rows=int(u or 0),
-                total_rows=int(_dec(t)),
+                total_rows=half_up_int(_dec(t)),
             )
             for d, w, ds, u, t, _ in rows
         ]
@@ -668,7 +712,8 @@ class Reader:
             raw_value = row[-1]
             if meter.aggregation is Aggregation.AVG:
                 total, count = raw_value
-                val: Decimal | None = _dec(total) / int(count) if count else None
+                # The exact mean, rounded half up to the tables' 9 decimal places.
+                val: Decimal | None = half_up(ratio(_dec(total), int(count)), 9) if count else None
             else:
                 val = _dec(raw_value)
             bucket_ts = int(row[0])

@@ -27,7 +27,7 @@ from fastapi import APIRouter, Path, Query, Response
 
 from query_api.deps import ReaderDep, WorkspaceKeyPrincipal, stamp_freshness
 from query_api.errors import ErrorStyle, bad_request, error_responses, not_found
-from query_api.models import MeterQueryResponse, MeterRow
+from query_api.models import MeterQueryResponse, MeterRow, exact_json
 from query_api.periods import (
     Period,
     PeriodError,
@@ -136,7 +136,7 @@ def query_meter(
     filter_subject: Annotated[
         list[str] | None, Query(description="Event subject to keep; repeatable.")
     ] = None,
-) -> MeterQueryResponse:
+) -> Response:
     meter = default_catalog().get(slug)
     if meter is None:
         raise not_found(f"No meter {slug!r}.")
@@ -193,14 +193,16 @@ def query_meter(
             MeterRow(
                 window_start=w_start.astimezone(zone),
                 window_end=w_end.astimezone(zone),
-                value=float(p.value) if p.value is not None else None,
+                value=p.value,
                 group_by=dict(zip(groups, p.group, strict=True)),
             )
         )
-    return MeterQueryResponse(
+    answer = MeterQueryResponse(
         meter=meter.slug,
         window=window.value if window else None,
         from_=start.astimezone(zone),
         to=end.astimezone(zone),
         data=rows,
     )
+    # Values with every digit (a SUM may need 40; a float keeps ~17).
+    return exact_json(answer, response)

@@ -2,7 +2,8 @@
 
 ``memory`` is MiB-seconds (the meter ``ci_step_memory_mib_seconds``: each step's memory sample
 held until its next sample, at most 60 s), ``cpu`` milli-CPU-seconds (``ci_step_cpu_seconds`` x
-1000); both rounded to the nearest integer, halves away from zero.
+1000); both rounded to the nearest integer, halves away from zero, exactly whatever the size of
+the stored sums (a negative one, which only corrupt storage holds, is reported as stored).
 
 Order of checks: 401 (credentials), 400 (``period``), 404 (no such contract/workspace in the
 caller's tenant, including another tenant's), 403 (not a member of the contract).
@@ -11,13 +12,14 @@ caller's tenant, including another tenant's), 403 (not a member of the contract)
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
+from fractions import Fraction
 
 from fastapi import APIRouter, Path, Query, Response
 
 from query_api.credentials import Principal
 from query_api.deps import MemberKeyPrincipal, ReaderDep, stamp_freshness
 from query_api.errors import ErrorStyle, bad_request, error_responses, forbidden, not_found
+from query_api.exact import half_up_int
 from query_api.models import QuotaUsage, QuotaUsageEnvelope
 from query_api.periods import Period, PeriodError, coarsest_table, quota_period
 from query_api.reader import Reader
@@ -53,10 +55,6 @@ def _period(value: str) -> tuple[Period, Table]:
     return period, coarsest_table(period.start, period.end) or Table.USAGE_1D
 
 
-def _round(value: Decimal) -> int:
-    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
-
-
 def _answer(
     reader: Reader,
     response: Response,
@@ -68,7 +66,8 @@ def _answer(
 ) -> QuotaUsageEnvelope:
     stamp_freshness(response, reader, principal.tenant)
     memory, cpu_seconds = reader.quota_usage(principal.tenant, dimension, entity_id, period, table)
-    return QuotaUsageEnvelope(data=QuotaUsage(memory=_round(memory), cpu=_round(cpu_seconds * 1000)))
+    milli_cpu = Fraction(cpu_seconds) * 1000
+    return QuotaUsageEnvelope(data=QuotaUsage(memory=half_up_int(memory), cpu=half_up_int(milli_cpu)))
 
 
 @router.get(

@@ -3,19 +3,20 @@
 The workspace is the API key's (a workspace-scoped key; its workspace only, not the subtree).
 The billing period is the UTC calendar month: from the first of the month, 00:00 UTC, to the
 first of the next, exclusive. ``render_minutes`` is the render output seconds / 60, to 6 decimal
-places. Every error is ``{"error": {"code", "message", "details"}}``.
+places (exactly, with all its digits, however large the stored sum). Every error is
+``{"error": {"code", "message", "details"}}``.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
 
 from fastapi import APIRouter, Response
 
 from query_api.deps import ReaderDep, WorkspaceKeyPrincipal, stamp_freshness
 from query_api.errors import ErrorStyle, error_responses
-from query_api.models import WorkspaceUsage
+from query_api.exact import half_up, ratio
+from query_api.models import WorkspaceUsage, exact_json
 from query_api.periods import calendar_month, coarsest_table
 from schemas.clickhouse import Table
 
@@ -37,16 +38,16 @@ router = APIRouter(tags=["workspace"])
         ),
     },
 )
-def get_usage(principal: WorkspaceKeyPrincipal, reader: ReaderDep, response: Response) -> WorkspaceUsage:
+def get_usage(principal: WorkspaceKeyPrincipal, reader: ReaderDep, response: Response) -> Response:
     period = calendar_month(datetime.now(UTC))
     stamp_freshness(response, reader, principal.tenant)
     table = coarsest_table(period.start, period.end) or Table.USAGE_1D
     render_s, tasks, egress = reader.workspace_usage(principal.tenant, principal.workspace_id, period, table)
-    minutes = (render_s / Decimal(60)).quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
-    return WorkspaceUsage(
+    usage = WorkspaceUsage(
         period_start=period.start,
         period_end=period.end,
-        render_minutes=float(minutes),
+        render_minutes=half_up(ratio(render_s, 60), 6),
         task_count=tasks,
         egress_bytes=egress,
     )
+    return exact_json(usage, response)
