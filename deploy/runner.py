@@ -28,9 +28,10 @@ from aggregators.dead_letter import KafkaDeadLetterSink
 from aggregators.dedupe import BloomFilter
 from aggregators.processor import BatchProcessor
 from aggregators.writer import ClickHouseWriter
+from deploy.http_server import server_config
 from deploy.settings import CommonSettings, RunSettings
-from query_api.health import Status, build_health_router, clickhouse_check, kafka_check
 from query_api.admin_token import ensure_admin_token
+from query_api.health import Status, build_health_router, clickhouse_check, kafka_check
 from schemas.clickhouse import connect
 from schemas.meters import default_catalog
 from schemas.migrate import migrate
@@ -155,19 +156,16 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
             closers.extend([processor.dead_letters, processor.preflight])
             faust_app = build_app(settings, bootstrap, processor)
             await faust_app.start()
-        server = None
-        if parts & {Part.INGEST, Part.QUERY}:
-            app, http_closers = build_http_app(settings, client, bootstrap, parts, faust_app, processor)
         admin_token = ""
         if Part.QUERY in parts:
             # The admin API's credential: METERING_ADMIN_TOKEN, or one generated for this run.
             settings, admin_token = ensure_admin_token(settings)
+        server = None
+        if parts & {Part.INGEST, Part.QUERY}:
+            app, http_closers = build_http_app(settings, client, bootstrap, parts, faust_app, processor)
             closers.extend(http_closers)
-            server = _Server(
-                uvicorn.Config(
-                    app, host=settings.http_host, port=settings.http_port, log_level="warning", lifespan="on"
-                )
-            )
+            # Timeouts and a concurrency limit from the settings: slow clients cannot hold it.
+            server = _Server(server_config(app, settings))
             server_task = asyncio.create_task(server.serve())
         print(_banner(settings, bootstrap, parts, admin_token), flush=True)
         await stop.wait()

@@ -94,6 +94,15 @@ class HttpSettings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
+    http_header_timeout_s: float = Field(
+        default=10.0, gt=0, description="A connection whose request head is not complete by then is closed."
+    )
+    http_keepalive_timeout_s: int = Field(
+        default=5, ge=1, description="An idle connection between two requests is closed after this."
+    )
+    http_limit_concurrency: int = Field(
+        default=1000, ge=1, description="Open connections or running requests beyond which requests get 503."
+    )
 
 
 class IngestSettings(CommonSettings, HttpSettings):

@@ -12,7 +12,10 @@ get_scopes=...)`` where ``get_producer()`` returns the process's ``UsageProducer
 request, so they may be built lazily.
 
 The request: ``Authorization: Bearer <api key>``; the body is one CloudEvent object or a JSON
-array of up to ``ingest_max_events_per_request`` of them, at most ``ingest_max_body_bytes``.
+array of up to ``ingest_max_events_per_request`` of them, at most ``ingest_max_body_bytes``,
+in UTF-8, sent as ``application/json``, ``application/cloudevents+json`` (one event) or
+``application/cloudevents-batch+json`` (an array), ``charset=utf-8`` optional (docs/api.md,
+"HTTP ingest: request rules").
 The tenant is the API key's, never the payload's.
 
 The answer, ``202``, reports every event by position::
@@ -25,7 +28,8 @@ The answer, ``202``, reports every event by position::
 within ``ingest_delivery_timeout_s`` the answer is ``503`` (retry later, same ids: the pipeline
 counts an id once). ``duplicate``: the id appeared earlier in the request, or this process
 delivered it recently. Other answers, all ``{"error": {"code", "message", "details"}}``:
-``400 invalid_json``, ``401 unauthorized``, ``413 payload_too_large|too_many_events``,
+``400 invalid_json|invalid_encoding``, ``401 unauthorized``, ``413 payload_too_large|too_many_events``,
+``415 unsupported_media_type|unsupported_charset`` (after authentication),
 ``422 invalid_body|empty_batch``, ``429 rate_limited`` (per API key, and per client address
 after repeated failed authentications; with ``Retry-After``),
 ``503 kafka_unavailable|credentials_unavailable`` (with ``Retry-After``).
@@ -45,6 +49,7 @@ from typing import Any, Protocol
 import orjson
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from deploy.settings import IngestSettings
 from ingest.scope import KeyScope, ScopeCheck, ScopeLookup, ScopeStore
@@ -192,12 +197,14 @@ def json_bytes(value: Any) -> bytes:
 def parse_body(body: bytes) -> Any:
     """The JSON body. Non-finite numbers (``NaN``, ``Infinity``, ``1e400``) are not JSON that
     orjson accepts, but they are a bad *value* in one event, not a broken request: the lenient
-    parser lets that event be rejected alone. Raises ``ValueError`` for anything else."""
+    parser lets that event be rejected alone. Raises ``UnicodeDecodeError`` for bytes that are
+    not UTF-8 and ``ValueError`` for anything else."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         try:
-            return json.loads(body)
+            # Decoded as UTF-8 here: given bytes, json.loads would guess UTF-16 or UTF-32.
+            return json.loads(body.decode("utf-8"))
         except RecursionError:
             raise ValueError("the JSON is nested too deeply") from None
 
@@ -241,12 +248,107 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client's doing, not an error here: one line, no traceback. The answer below goes
+        # nowhere (the connection is gone); it only ends the request.
+        log.warning(
+            "client %s disconnected before sending the whole body (%d of %s bytes read)",
+            request.client.host if request.client else "?",
+            size,
+            declared if declared and declared.isdigit() else "unknown",
+        )
+        raise _HttpError(400, "client_disconnected", "the client disconnected during the body") from None
     return b"".join(chunks)
+
+
+# ---- request rules: media type and encoding (docs/api.md, "HTTP ingest: request rules") ------
+
+JSON_MEDIA_TYPE = "application/json"  # one event (an object) or an array of events
+CLOUDEVENT_MEDIA_TYPE = "application/cloudevents+json"  # CloudEvents HTTP binding, structured: one
+CLOUDEVENTS_BATCH_MEDIA_TYPE = "application/cloudevents-batch+json"  # the binding's batch: an array
+ACCEPTED_MEDIA_TYPES = (JSON_MEDIA_TYPE, CLOUDEVENT_MEDIA_TYPE, CLOUDEVENTS_BATCH_MEDIA_TYPE)
+_ACCEPT_HEADER = {"Accept": ", ".join(ACCEPTED_MEDIA_TYPES)}
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # UTF-32 LE begins like UTF-16 LE; UTF-32 BE with NULs
+
+
+def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
+    """``(media type, parameters)`` of a Content-Type value, names lower-cased, values unquoted."""
+    media, *params = value.split(";")
+    parameters: dict[str, str] = {}
+    for param in params:
+        name, sep, param_value = param.partition("=")
+        if sep:
+            parameters[name.strip().lower()] = param_value.strip().strip('"')
+    return media.strip().lower(), parameters
+
+
+def _media_type(request: Request) -> str:
+    """The request's media type, one of ``ACCEPTED_MEDIA_TYPES``, else 415. JSON is UTF-8
+    (RFC 8259): a ``charset`` parameter, optional, may only say so."""
+    raw = request.headers.get("content-type", "")
+    media, params = parse_content_type(raw)
+    if media not in ACCEPTED_MEDIA_TYPES:
+        got = f"not {raw[:100]!r}" if raw else "the request has no Content-Type"
+        raise _HttpError(
+            415,
+            "unsupported_media_type",
+            f"send events as {', '.join(ACCEPTED_MEDIA_TYPES)} (charset=utf-8 optional); {got}",
+            {"content_type": raw[:100] or None, "accepted": list(ACCEPTED_MEDIA_TYPES)},
+            _ACCEPT_HEADER,
+        )
+    charset = params.get("charset")
+    if charset is not None and charset.lower() != "utf-8":
+        raise _HttpError(
+            415,
+            "unsupported_charset",
+            f"JSON is exchanged as UTF-8 (RFC 8259); charset={charset[:40]} is not accepted",
+            {"charset": charset[:40], "accepted_charsets": ["utf-8"]},
+            _ACCEPT_HEADER,
+        )
+    return media
+
+
+def _not_utf8(reason: str) -> _HttpError:
+    return _HttpError(
+        400, "invalid_encoding", f"{reason}; JSON is exchanged as UTF-8 (RFC 8259)", {"encoding": "utf-8"}
+    )
+
+
+def _utf8_body(body: bytes) -> bytes:
+    """The body without a UTF-8 byte order mark (RFC 8259 lets a parser ignore one); 400 for a
+    UTF-16 or UTF-32 body, with or without its byte order mark. Other invalid UTF-8 is found
+    while parsing (``parse_body`` raises ``UnicodeDecodeError``)."""
+    if body.startswith(_UTF8_BOM):
+        return body[len(_UTF8_BOM) :]
+    # JSON in UTF-8 never holds a NUL byte (a NUL in a string is written \u0000), while UTF-16
+    # and UTF-32 put NULs in every ASCII character: a cheap, certain test even without a BOM.
+    if body.startswith(_UTF16_BOMS) or b"\x00" in body:
+        raise _not_utf8("the body is UTF-16 or UTF-32")
+    return body
+
+
+def _check_shape(payload: Any, media_type: str) -> None:
+    """The CloudEvents binding's two media types each say what the body holds."""
+    if media_type == CLOUDEVENT_MEDIA_TYPE and not isinstance(payload, dict):
+        raise _HttpError(
+            422,
+            "invalid_body",
+            f"{CLOUDEVENT_MEDIA_TYPE} carries one event (an object); "
+            f"send an array as {CLOUDEVENTS_BATCH_MEDIA_TYPE}",
+        )
+    if media_type == CLOUDEVENTS_BATCH_MEDIA_TYPE and not isinstance(payload, list):
+        raise _HttpError(
+            422,
+            "invalid_body",
+            f"{CLOUDEVENTS_BATCH_MEDIA_TYPE} carries an array of events; send one as {CLOUDEVENT_MEDIA_TYPE}",
+        )
 
 
 def build_ingest_router(
@@ -356,14 +458,18 @@ def build_ingest_router(
             "requestBody": {
                 "required": True,
                 "content": {
-                    "application/json": {
+                    JSON_MEDIA_TYPE: {
                         "schema": {
                             "oneOf": [
                                 {"type": "object", "description": "one CloudEvent"},
                                 {"type": "array", "items": {"type": "object"}, "maxItems": max_events},
                             ]
                         }
-                    }
+                    },
+                    CLOUDEVENT_MEDIA_TYPE: {"schema": {"type": "object", "description": "one CloudEvent"}},
+                    CLOUDEVENTS_BATCH_MEDIA_TYPE: {
+                        "schema": {"type": "array", "items": {"type": "object"}, "maxItems": max_events}
+                    },
                 },
             }
         },
@@ -376,11 +482,16 @@ def build_ingest_router(
                 raise _too_many(
                     f"at most {settings.ingest_rate_limit_per_minute} requests a minute per API key", wait
                 )
-            body = await _read_body(request, settings.ingest_max_body_bytes)
+            # After authentication: an unauthenticated caller learns nothing but 401 (docs/api.md).
+            media_type = _media_type(request)
+            body = _utf8_body(await _read_body(request, settings.ingest_max_body_bytes))
             try:
                 payload = parse_body(body)
-            except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(f"the body is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            except ValueError as exc:  # JSONDecodeError is a ValueError
                 raise _HttpError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+            _check_shape(payload, media_type)
             if isinstance(payload, dict):
                 items: list[Any] = [payload]
             elif isinstance(payload, list):

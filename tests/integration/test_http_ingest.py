@@ -118,7 +118,7 @@ def fake_app(sender: FakeSender, store: FakeStore | None = None) -> TestClient:
             lambda: sender, lambda: store or FakeStore(), IngestSettings(), get_scopes=FakeScopes
         )
     )
-    return TestClient(app, raise_server_exceptions=False)
+    return TestClient(app, raise_server_exceptions=False, headers={"Content-Type": "application/json"})
 
 
 NESTED = b"[" * 5000 + b"]" * 5000
@@ -137,7 +137,7 @@ EVENT_HEAD = (
         (EVENT_HEAD + b'"data":{"workspace_id":"w","artifact_id":"a","bytes":' + b"9" * 5000 + b"}}", 400),
         (b'{"id":"\\ud800","specversion":"1.0"}', 202),  # a lone surrogate
         (b'[{"id":5},{"id":["x"]},{"tenant":{"a":1}},{}]', 202),
-        ('{"a":1}'.encode("utf-16"), 202),
+        ('{"a":1}'.encode("utf-16"), 400),  # JSON is UTF-8 (test_http_request_rules.py)
         (b"NaN", 422),
         (b"", 400),
     ],
@@ -402,7 +402,7 @@ def test_malformed_requests_are_4xx_and_send_nothing(make_ingest: Callable[..., 
     ingest = make_ingest()
     cases: list[tuple[bytes, int, str]] = [
         (b"{not json", 400, "invalid_json"),
-        (b"\xff\xfe", 400, "invalid_json"),
+        (b"\xff\xfe", 400, "invalid_encoding"),
         (b"42", 422, "invalid_body"),
         (b'"an event"', 422, "invalid_body"),
         (b"null", 422, "invalid_body"),
@@ -416,7 +416,8 @@ def test_malformed_requests_are_4xx_and_send_nothing(make_ingest: Callable[..., 
         assert set(r.json()["error"]) == {"code", "message", "details"}
     # without Content-Length (chunked), the limit holds while reading
     chunks = (b" " * 65536 for _ in range(20))
-    r = ingest.http.post(EVENTS_PATH, content=chunks, headers={"Authorization": f"Bearer {ingest.key}"})
+    headers = {"Authorization": f"Bearer {ingest.key}", "Content-Type": "application/json"}
+    r = ingest.http.post(EVENTS_PATH, content=chunks, headers=headers)
     assert (r.status_code, r.json()["error"]["code"]) == (413, "payload_too_large")
     # nothing of the above reached Kafka: the sentinel is all there is
     assert ingest.post(event("sentinel")).status_code == 202
@@ -471,7 +472,9 @@ def test_ingest_router_wires_a_process(kafka_bootstrap: str, topic: str, clickho
     app.include_router(router)
     try:
         r = TestClient(app).post(
-            EVENTS_PATH, content=orjson.dumps(event("wired")), headers={"Authorization": f"Bearer {raw}"}
+            EVENTS_PATH,
+            content=orjson.dumps(event("wired")),
+            headers={"Authorization": f"Bearer {raw}", "Content-Type": "application/json"},
         )
         assert r.status_code == 202 and r.json()["accepted"] == 1
     finally:
