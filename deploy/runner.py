@@ -56,7 +56,9 @@ class _Server(uvicorn.Server):
 @contextlib.contextmanager
 def kafka_bootstrap(settings: CommonSettings, start_local: bool) -> Iterator[str]:
     """The bootstrap address: the configured cluster, or the project's local broker (started
-    here, and stopped on exit, only when ``start_local`` and it was not already running)."""
+    here, and stopped on exit, only when ``start_local`` and it was not already running). A
+    broker left running by a run that was killed (SIGKILL: the broker has a session of its own)
+    is taken over, or replaced if on another port, and stopped on exit like one started here."""
     if settings.kafka_bootstrap_servers:
         yield settings.kafka_bootstrap_servers
         return

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -119,11 +120,19 @@ class BrokerStartError(BrokerError):
 
 @dataclass(frozen=True)
 class PidRecord:
-    """What the pid file records about a broker we launched."""
+    """What the pid file records about a broker we launched.
+
+    ``owner``: the process that stops the broker when it exits (``running_broker``, e.g.
+    ``metering run``), with its start time (``owner_started``, clock ticks since boot from
+    procfs; ``None`` without procfs) so that a reused pid is not mistaken for it. No owner: the
+    broker was started to stay up (``up``, ``start()``) and only ``down``/``stop()`` ends it.
+    """
 
     pid: int
     port: int
     controller_port: int
+    owner: int | None = None
+    owner_started: int | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -245,9 +254,12 @@ def parse_properties(text: str) -> dict[str, str]:
 
 
 def format_pid_file(record: PidRecord) -> str:
-    return (
-        json.dumps({"pid": record.pid, "port": record.port, "controller_port": record.controller_port}) + "\n"
-    )
+    data: dict[str, int] = {"pid": record.pid, "port": record.port, "controller_port": record.controller_port}
+    if record.owner is not None:
+        data["owner"] = record.owner
+        if record.owner_started is not None:
+            data["owner_started"] = record.owner_started
+    return json.dumps(data) + "\n"
 
 
 def parse_pid_file(text: str) -> PidRecord | None:
@@ -272,7 +284,14 @@ def parse_pid_file(text: str) -> PidRecord | None:
     pid, port, controller_port = values
     if port > 65535 or controller_port > 65535:
         return None
-    return PidRecord(pid=pid, port=port, controller_port=controller_port)
+    # The owner fields are optional (files written before they existed have none); a malformed
+    # one counts as absent, like a malformed file.
+    owner, owner_started = (_positive_int(data.get(key)) for key in ("owner", "owner_started"))
+    return PidRecord(pid, port, controller_port, owner, owner_started if owner is not None else None)
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def is_kafka_cmdline(argv: list[str], server_properties: Path) -> bool:
@@ -454,6 +473,34 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return not _is_zombie(pid)
+
+
+def _process_started(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or ``None`` without procfs or process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # comm may contain spaces and parentheses
+    # starttime is field 22 of proc(5); the fields after "(comm)" start at field 3.
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
+
+
+def _owner_of_this_process() -> tuple[int, int | None]:
+    return os.getpid(), _process_started(os.getpid())
+
+
+def _is_orphan(record: PidRecord) -> bool:
+    """Whether the broker's owner exited without stopping it (e.g. ``make run``'s process group
+    was SIGKILLed: the broker runs in a session of its own and outlives it). No one else would
+    ever stop such a broker. A broker without owner (``up``) is never an orphan."""
+    if record.owner is None:
+        return False
+    if not _pid_alive(record.owner):
+        return True
+    started = _process_started(record.owner)
+    # The pid is alive but may be another process by now: compare start times when known.
+    return record.owner_started is not None and started is not None and started != record.owner_started
 
 
 def _is_our_broker(pid: int, data_dir: Path) -> bool:
@@ -660,13 +707,44 @@ def _start(
     heap_mb: int,
     cache_dir: Path | None,
     timeout_s: float,
+    own: bool = False,
 ) -> tuple[str, bool]:
-    """Start (or reuse) the broker; return its bootstrap and whether we started it."""
+    """Start (or reuse) the broker; return its bootstrap and whether the caller must stop it.
+
+    ``own``: the caller stops the broker when it exits (``running_broker``); it is recorded as
+    the owner. An orphan (its owner died without stopping it, see ``_is_orphan``) is taken
+    over: reused when it answers on ``port``, otherwise stopped and replaced. With ``own`` the
+    caller is then its owner (and must stop it); without, it stays up like one from ``up``.
+    """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    owner, owner_started = _owner_of_this_process() if own else (None, None)
     with _file_lock(data_dir / LOCK_FILE):
         deadline = time.monotonic() + timeout_s
         record = _read_pid_record(data_dir)
+        replaced_on_port = False
+        if record is not None and _is_our_broker(record.pid, data_dir) and _is_orphan(record):
+            if record.port == port and _wait_ready(port, deadline, pid=record.pid):
+                adopted = dataclasses.replace(record, owner=owner, owner_started=owner_started)
+                _write_atomically(data_dir / PID_FILE, format_pid_file(adopted))
+                print(
+                    f"Kafka: took over the broker on {record.bootstrap} (pid {record.pid}) left running "
+                    f"by process {record.owner}, which exited without stopping it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return record.bootstrap, own
+            why = f"listens on port {record.port}" if record.port != port else "does not answer"
+            print(
+                f"Kafka: replacing the broker (pid {record.pid}) left running by process "
+                f"{record.owner}, which exited without stopping it; it {why}",
+                file=sys.stderr,
+                flush=True,
+            )
+            _terminate(record.pid, DEFAULT_STOP_TIMEOUT_S)
+            (data_dir / PID_FILE).unlink(missing_ok=True)
+            replaced_on_port, record = record.port == port, None
+            deadline = time.monotonic() + timeout_s
         if record is not None and _is_our_broker(record.pid, data_dir):
             if record.port != port:
                 raise DataDirInUseError(
@@ -682,7 +760,7 @@ def _start(
                 f"--- {data_dir / LOG_DIR / 'server.log'} (tail) ---\n"
                 + tail(data_dir / LOG_DIR / "server.log")
             )
-        stale_on_port = record is not None and record.port == port
+        stale_on_port = replaced_on_port or (record is not None and record.port == port)
         if record is not None or (data_dir / PID_FILE).exists():
             # Stale: the process is gone (or the pid was reused by something
             # else). Never signal it; just forget it.
@@ -731,7 +809,7 @@ def _start(
         # next start/stop still finds (and can reuse or stop) the JVM.
         _write_atomically(
             data_dir / PID_FILE,
-            format_pid_file(PidRecord(pid=proc.pid, port=port, controller_port=cport)),
+            format_pid_file(PidRecord(proc.pid, port, cport, owner, owner_started)),
         )
         if _wait_ready(port, deadline, pid=proc.pid):
             return bootstrap_for(port), True
@@ -761,6 +839,9 @@ def start(
     timeout_s: float = DEFAULT_START_TIMEOUT_S,
 ) -> str:
     """Start a single-node KRaft broker (or reuse ours); return ``"127.0.0.1:PORT"``.
+
+    The broker stays up until ``stop()``: one left behind by a ``running_broker`` owner that
+    died is taken over (or replaced, if on another port) and stays up too.
 
     Returns only once a metadata request succeeds; ``timeout_s`` bounds that
     wait (a first-run jar download is not counted). Raises ``PortInUseError``
@@ -818,7 +899,8 @@ def running_broker(
     cache_dir: Path | None = None,
     timeout_s: float = DEFAULT_START_TIMEOUT_S,
 ) -> Iterator[str]:
-    """Yield a bootstrap string; stop the broker on exit only if we started it.
+    """Yield a bootstrap string; stop the broker on exit only if we started it
+    (or took it over from an owner that died without stopping it).
 
     Reusing a broker someone else started (e.g. ``make up``) must not tear it
     down under them when a test session ends.
@@ -831,6 +913,7 @@ def running_broker(
         heap_mb=heap_mb,
         cache_dir=cache_dir,
         timeout_s=timeout_s,
+        own=True,
     )
     try:
         yield bootstrap

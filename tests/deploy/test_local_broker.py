@@ -9,6 +9,7 @@ dir on free ports, so they never collide with a developer's running broker.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -17,9 +18,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,6 +99,26 @@ def test_pid_file_round_trip() -> None:
 )
 def test_parse_pid_file_rejects_malformed(text: str) -> None:
     assert lb.parse_pid_file(text) is None
+
+
+def test_pid_file_records_the_owner() -> None:
+    owned = lb.PidRecord(pid=1234, port=19092, controller_port=19093, owner=77, owner_started=5)
+    assert lb.parse_pid_file(lb.format_pid_file(owned)) == owned
+    # written before owners existed, or hand-edited: no owner (the broker is then never adopted)
+    base = '{"pid": 1, "port": 2, "controller_port": 3'
+    for extra in ("", ', "owner": "x"', ', "owner": true', ', "owner": -1', ', "owner_started": 5'):
+        record = lb.parse_pid_file(base + extra + "}")
+        assert record is not None and (record.owner, record.owner_started) == (None, None), extra
+
+
+def test_an_orphan_is_a_broker_whose_owner_is_gone() -> None:
+    me = os.getpid()
+    started = lb._process_started(me)
+    assert started is not None  # procfs: the start time tells a reused pid apart
+    assert not lb._is_orphan(lb.PidRecord(1, 2, 3))  # no owner: started to stay up
+    assert not lb._is_orphan(lb.PidRecord(1, 2, 3, owner=me, owner_started=started))
+    assert lb._is_orphan(lb.PidRecord(1, 2, 3, owner=_dead_pid()))
+    assert lb._is_orphan(lb.PidRecord(1, 2, 3, owner=me, owner_started=started + 1))  # pid reused
 
 
 def test_is_kafka_cmdline(tmp_path: Path) -> None:
@@ -368,3 +391,143 @@ def test_start_timeout_kills_broker_and_reports_log(data_dir: Path) -> None:
     assert "server.log" in message
     assert not (data_dir / "broker.pid").exists()
     assert _processes_mentioning(str(data_dir)) == []
+
+
+# ---------------------------------------------------------------------------
+# A broker whose owner was SIGKILLed (``make run``'s process group killed)
+# ---------------------------------------------------------------------------
+
+REPO_ROOT = Path(lb.__file__).resolve().parents[2]
+
+
+def _spawn_owner(port: int, data_dir: Path) -> subprocess.Popen[str]:
+    """A process that holds the broker with ``running_broker``, in a process group of its own;
+    returns once the broker is up."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from deploy.kafka import local_broker as lb\n"
+        f"with lb.running_broker(port={port}, data_dir=Path({str(data_dir)!r})):\n"
+        "    print('up', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+    return proc
+
+
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.kafka
+def test_an_orphan_on_another_port_is_replaced_and_stopped_on_exit(data_dir: Path) -> None:
+    port = lb.find_free_port()
+    owner = _spawn_owner(port, data_dir)
+    orphan = lb.status(data_dir).pid
+    _kill_group(owner)
+    assert lb.status(data_dir).pid == orphan  # the broker outlived its owner: an orphan
+
+    other = lb.find_free_port(exclude=frozenset({port, port + 1}))
+    with lb.running_broker(port=other, data_dir=data_dir) as bootstrap:
+        assert bootstrap == f"127.0.0.1:{other}"
+        st = lb.status(data_dir)
+        assert st.running and st.pid != orphan
+        assert orphan not in _processes_mentioning(str(data_dir))
+    assert not lb.status(data_dir).running
+    assert _processes_mentioning(str(data_dir)) == []
+
+
+@pytest.mark.kafka
+def test_up_takes_over_an_orphan_and_keeps_it_up(data_dir: Path) -> None:
+    port = lb.find_free_port()
+    owner = _spawn_owner(port, data_dir)
+    orphan = lb.status(data_dir).pid
+    _kill_group(owner)
+    assert lb.start(port=port, data_dir=data_dir) == f"127.0.0.1:{port}"
+    assert lb.status(data_dir).pid == orphan
+    record = lb.parse_pid_file((data_dir / "broker.pid").read_text())
+    assert record is not None and record.owner is None  # `up`'s now: no run will stop it
+    with lb.running_broker(port=port, data_dir=data_dir):
+        pass
+    assert lb.status(data_dir).pid == orphan
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[Any], log: Path, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"metering run exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} not ready within {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_metering_run_after_its_process_group_was_sigkilled(tmp_path: Path, data_dir: Path) -> None:
+    """``make run``'s process group SIGKILLed leaves the broker running (a session of its own).
+    The next run takes it over, comes up despite the dead run's leftovers (pid file, the Kafka
+    data dir's locks, the embedded ClickHouse directory), and its Ctrl-C stops the broker too."""
+    http_port = lb.find_free_port()
+    kafka_port = lb.find_free_port(exclude=frozenset({http_port, http_port + 1}))
+    env = {k: v for k, v in os.environ.items() if "BOOTSTRAP_SERVERS" not in k}
+    env |= {
+        "METERING_HTTP_PORT": str(http_port),
+        "METERING_KAFKA_PORT": str(kafka_port),
+        "METERING_KAFKA_DATA_DIR": str(data_dir),
+        "METERING_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'chdb'}",
+        "METERING_FAUST_DATA_DIR": str(tmp_path / "faust"),
+    }
+    metering = Path(sys.executable).with_name("metering")
+    readyz = f"http://127.0.0.1:{http_port}/readyz"
+    runs: list[subprocess.Popen[Any]] = []
+
+    def start_run(name: str) -> tuple[subprocess.Popen[Any], Path]:
+        log = tmp_path / f"{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [str(metering), "run"],
+                cwd=tmp_path,  # no .env of the checkout
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, like `make run` in a terminal
+            )
+        runs.append(proc)
+        return proc, log
+
+    try:
+        first, first_log = start_run("first")
+        _wait_ready(readyz, first, first_log)
+        broker = lb.status(data_dir).pid
+        _kill_group(first)
+        assert lb.status(data_dir).pid == broker  # before the fix, nothing would ever stop it
+
+        second, second_log = start_run("second")
+        _wait_ready(readyz, second, second_log)
+        assert lb.status(data_dir).pid == broker  # taken over, not a second broker
+        record = lb.parse_pid_file((data_dir / "broker.pid").read_text())
+        assert record is not None and record.owner == second.pid
+        assert "took over the broker" in second_log.read_text()
+
+        os.killpg(second.pid, signal.SIGINT)  # Ctrl-C
+        assert second.wait(timeout=90) == 0, second_log.read_text()[-3000:]
+        assert not lb.status(data_dir).running
+        assert _processes_mentioning(str(data_dir)) == []
+    finally:
+        for proc in runs:
+            if proc.poll() is None:
+                _kill_group(proc)
