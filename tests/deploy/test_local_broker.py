@@ -490,6 +490,7 @@ def test_metering_run_after_its_process_group_was_sigkilled(tmp_path: Path, data
         "METERING_KAFKA_DATA_DIR": str(data_dir),
         "METERING_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'chdb'}",
         "METERING_FAUST_DATA_DIR": str(tmp_path / "faust"),
+        "METERING_ADMIN_TOKEN_FILE": str(tmp_path / "admin-token"),  # not the checkout's .cache
     }
     metering = Path(sys.executable).with_name("metering")
     readyz = f"http://127.0.0.1:{http_port}/readyz"
