@@ -16,7 +16,12 @@ array of up to ``ingest_max_events_per_request`` of them, at most ``ingest_max_b
 in UTF-8, sent as ``application/json``, ``application/cloudevents+json`` (one event) or
 ``application/cloudevents-batch+json`` (an array), ``charset=utf-8`` optional (docs/api.md,
 "HTTP ingest: request rules").
-The tenant is the API key's, never the payload's.
+The tenant is the API key's, never the payload's. A usage key sends usage events only (a
+lifecycle event is ``forbidden_event_type``: the control plane is the administrators', written
+with ``metering admin`` to the control topic) and only for resources inside its scope
+(``out_of_scope``, ingest/scope.py). Every event of a request is judged by one instant, sent as
+the Kafka message timestamp, so the aggregator takes the same decision: a 202 is counted.
+Every per-event code: docs/api.md, "Ingest".
 
 The answer, ``202``, reports every event by position::
 
