@@ -127,21 +127,47 @@ def _read_events(file: str) -> Iterator[tuple[str, Any]]:
 def emit(
     type_: Annotated[str | None, typer.Option("--type", help="Event type, e.g. ci.step.cpu.")] = None,
     tenant: Annotated[
-        str | None, typer.Option(help="Tenant of the event(s); events in a file may name their own.")
+        str | None,
+        typer.Option(
+            help='Tenant of the event(s). Without it, each event of --file names its own ("tenant"); '
+            "with it, an event naming another tenant is rejected."
+        ),
     ] = None,
     data: Annotated[str | None, typer.Option(help="The event's data as a JSON object.")] = None,
-    subject: Annotated[str | None, typer.Option(help="Subject (default: the data's id field).")] = None,
-    time_: Annotated[str | None, typer.Option("--time", help="ISO-8601 event time (default: now).")] = None,
-    id_: Annotated[str | None, typer.Option("--id", help="Event id (default: a new UUID).")] = None,
+    subject: Annotated[
+        str | None,
+        typer.Option(help="Subject (default: the data's id field of the type, e.g. workstation_id)."),
+    ] = None,
+    time_: Annotated[
+        str | None,
+        typer.Option(
+            "--time", help="Event time, RFC 3339 with a zone, e.g. 2026-11-22T10:00:00Z (default: now)."
+        ),
+    ] = None,
+    id_: Annotated[
+        str | None,
+        typer.Option(
+            "--id",
+            help="Event id (default: a new UUID). The pipeline counts an id once per tenant: give the same "
+            "id when retrying the same usage, a new one for new usage.",
+        ),
+    ] = None,
     source: Annotated[str, typer.Option(help="CloudEvents source.")] = "metering-cli",
     file: Annotated[
         str | None, typer.Option("--file", "-f", help="Events from a .json/.jsonl file, or - for stdin.")
     ] = None,
-    backfill: Annotated[bool, typer.Option(help="Allow events older than 35 days.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="One JSON result per event.")] = False,
+    backfill: Annotated[
+        bool, typer.Option("--backfill", metavar="", help="Allow events older than 35 days.")
+    ] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", metavar="", help="One JSON result per event (status, code, message).")
+    ] = False,
 ) -> None:
-    """Send events straight to Kafka: one from options, or many from a file. Prints accepted or
-    rejected per event; exits 1 if any was rejected or not delivered."""
+    """Send usage events straight to Kafka: one from options, or many from a file. Prints, per
+    event, delivered (Kafka acknowledged it) or rejected (invalid: not sent) or failed (not
+    acknowledged); exits 1 if any was not delivered. Delivered is not counted yet: the pipeline
+    counts each event id once per tenant, so an id it has seen before is delivered and then
+    dropped as a duplicate. Lifecycle events are refused here: `metering admin` sends those."""
     if file is not None and (type_ or data):
         raise typer.BadParameter("give either --file or --type/--data, not both")
     raw: list[tuple[str, Any]]
@@ -178,19 +204,19 @@ def emit(
         except InvalidEvent as exc:
             result.update(status="rejected", code=exc.code, message=exc.message)
             continue
-        result.update(status="accepted", tenant=owner)
+        result.update(status="delivered", tenant=owner)  # once Kafka acknowledges it, below
         by_tenant.setdefault(owner, []).append(prepared)
 
     failed: set[str] = set()
     if by_tenant:
         failed = set(_send(CommonSettings(), by_tenant, backfill, judged_at_ms))
     for result in results:
-        if result["status"] == "accepted" and result["id"] in failed:
+        if result["status"] == "delivered" and result["id"] in failed:
             result.update(
                 status="failed", code="not_delivered", message="Kafka did not acknowledge the event"
             )
         _print_result(result, json_output)
-    if any(r["status"] != "accepted" for r in results):
+    if any(r["status"] != "delivered" for r in results):
         raise typer.Exit(1)
 
 
@@ -199,9 +225,9 @@ def _print_result(result: Mapping[str, Any], as_json: bool) -> None:
         out.print(orjson.dumps(result).decode(), markup=False)
         return
     status = result["status"]
-    colour = "green" if status == "accepted" else "red"
-    line = f"[{colour}]{status:<8}[/{colour}] {result['event']} {result['id'] or '-'}"
-    if status != "accepted":
+    colour = "green" if status == "delivered" else "red"
+    line = f"[{colour}]{status:<9}[/{colour}] {result['event']} {result['id'] or '-'}"
+    if status != "delivered":
         line += f"  {result['code']}: {result['message']}"
     out.print(line)
 
@@ -212,13 +238,31 @@ def _print_result(result: Mapping[str, Any], as_json: bool) -> None:
 def load(
     tenants: Annotated[int, typer.Option(min=1, help="Tenants in the synthetic world.")] = 20,
     rate: Annotated[float, typer.Option(min=0, help="Events per second (0: as fast as possible).")] = 5000,
-    count: Annotated[int | None, typer.Option(min=1, help="Stop after this many usage events.")] = None,
-    duration: Annotated[float | None, typer.Option(min=0.1, help="Stop after this many seconds.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the world and the traffic (same seed, same ids).")] = 0,
+    count: Annotated[
+        int | None,
+        typer.Option(min=1, help="Stop after this many usage events (default: 100,000 unless --duration)."),
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(min=0.1, help="Stop after this many seconds (or --count, if sooner).")
+    ] = None,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the world and the traffic. Same seed, same event ids: the pipeline counts an "
+            "id once per tenant, so running again with the same seed adds no usage (use another seed)."
+        ),
+    ] = 0,
     window_hours: Annotated[
         float, typer.Option(min=0.01, max=24 * 34, help="Usage is spread over this many past hours.")
     ] = 2.0,
-    lifecycle: Annotated[bool, typer.Option(help="Send the world's lifecycle events first.")] = True,
+    lifecycle: Annotated[
+        bool,
+        typer.Option(
+            "--lifecycle/--no-lifecycle",
+            metavar="",
+            help="Send the world's lifecycle events (to the control topic) before its usage.",
+        ),
+    ] = True,
 ) -> None:
     """Realistic synthetic traffic of every event type for many tenants (default: 100,000 events)."""
     if count is None and duration is None:

@@ -137,14 +137,31 @@ def _visible(requests: dict[str, dict[str, Any]], sent_at: datetime) -> bool:
 
 def demo(
     json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object with the requests.")
+        bool, typer.Option("--json", metavar="", help="Print one JSON object with the requests.")
     ] = False,
     tenants: Annotated[int, typer.Option(min=2, help="Tenants in the demo world.")] = 3,
-    days: Annotated[int, typer.Option(min=1, max=34, help="Days of usage history.")] = 21,
+    days: Annotated[
+        int, typer.Option(min=1, max=34, help="Days of usage history (plus the last hour).")
+    ] = 21,
     minutes_per_day: Annotated[int, typer.Option(min=1, max=1440, help="Minutes of traffic per day.")] = 30,
-    seed: Annotated[int, typer.Option(help="Seed of the demo world.")] = 42,
-    base_url: Annotated[str, typer.Option(help="Where the HTTP API of the running system listens.")] = "",
-    wait_s: Annotated[float, typer.Option(help="How long to wait for the data to be visible.")] = 300.0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the demo world. Same seed, same event ids: the pipeline counts an id once "
+            "per tenant, so a second run with the same seed adds no usage (use another seed)."
+        ),
+    ] = 42,
+    base_url: Annotated[
+        str,
+        typer.Option(
+            help="Where the HTTP API of the running system listens "
+            "(default: http://$METERING_HTTP_HOST:$METERING_HTTP_PORT, i.e. http://127.0.0.1:8080)."
+        ),
+    ] = "",
+    wait_s: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds to wait for the data to be visible before giving up (exit 1)."),
+    ] = 300.0,
 ) -> None:
     """Load a demo world through the real ingest path into a running system (`make run`), wait
     until it is visible, and print an authorized request per documented endpoint plus the URL of

@@ -177,7 +177,7 @@ def test_cli_emit_one_event(cli: typer.Typer, kafka_bootstrap: str, topic: str) 
         cli, ["emit", "--type", "workstation.gpu", "--tenant", "acme", "--data", data, "--id", "cli-1"]
     )
     assert result.exit_code == 0, result.output
-    assert "accepted" in result.output and "cli-1" in result.output
+    assert "delivered" in result.output and "cli-1" in result.output
     (message,) = consume(kafka_bootstrap, topic, 1)
     assert message.key == b"acme"
     assert message.events[0]["data"] == {"workstation_id": "ws-1", "gpu_seconds": 12.5}
@@ -195,7 +195,7 @@ def test_cli_emit_file_reports_rejections(
     assert result.exit_code == 1
     lines = [orjson.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert [(r["status"], r.get("code")) for r in lines] == [
-        ("accepted", None),
+        ("delivered", None),
         ("rejected", "event_too_old"),
         ("rejected", "tenant_mismatch"),
         ("rejected", "invalid_json"),
