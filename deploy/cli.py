@@ -104,9 +104,7 @@ def _register_optional() -> None:
     app.command()(emit)
     app.command()(load)
     app.command()(demo)
-    app.add_typer(
-        admin_app, name="admin", help="Create and revoke tenants' entities (emits lifecycle events)."
-    )
+    app.add_typer(admin_app, name="admin")  # its help: ingest/cli.py
 
 
 _register_optional()

@@ -8,12 +8,22 @@ The top-level ``metering`` app registers these (``deploy/cli.py``)::
 
 Every command validates its events before connecting, so bad input fails fast without a broker,
 then sends through the SDK and waits for Kafka's acknowledgement (``acks=all``) before it says
-"accepted" or prints an id. Kafka is ``KAFKA_BOOTSTRAP_SERVERS`` or the local broker on
-``127.0.0.1:$METERING_KAFKA_PORT``; these commands never start a broker.
+"delivered" or prints an id. Delivered is not yet applied: the aggregator counts (or applies)
+what Kafka holds a moment later, and counts an event id once per tenant, so an id sent again is
+delivered and then dropped as a duplicate. Kafka is ``KAFKA_BOOTSTRAP_SERVERS`` or the local
+broker on ``127.0.0.1:$METERING_KAFKA_PORT``; these commands never start a broker.
+
+``metering admin`` also reads the running system's admin API (``ingest/admin_client.py``): to
+check what a command names before anything is sent (``ingest/admin_checks.py``; ``--force``
+skips that), to wait until the aggregator has applied what it sent (``--wait``), and to list
+entities (``ingest/admin_list.py``). Its exit codes: 0 done; 1 invalid, refused by a check, or
+not delivered (nothing applied); 2 no Kafka; 3 delivered, but not seen applied within
+``--wait-timeout``; 4 the admin API could not be asked (nothing sent).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -21,14 +31,17 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -39,12 +52,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from deploy.settings import CommonSettings
+from deploy.settings import AdminCliSettings, CommonSettings
+from ingest.admin_checks import Checks, Refused
+from ingest.admin_client import AdminApiError, AdminClient, base_url, expectations, wait_applied
+from ingest.admin_list import add_list_commands
 from ingest.kafka_config import KafkaUnavailable, check_reachable, ensure_topics, resolve_bootstrap
 from ingest.sdk import DeliveryError, InvalidEvent, UsageProducer, format_time, new_event, prepare_event
 from ingest.synth import World, usage_events, world_lifecycle_events
+from query_api.admin_reader import AdminKind
 from query_api.credentials import display_prefix, hash_secret, new_access_token, new_api_key
-from schemas.events import EventType, Plane, membership_id
+from schemas.events import LIFECYCLE_KIND, EntityKind, EventType, Plane, membership_id
 from schemas.validation import RejectCode, kafka_time, now_ms
 
 out = Console(highlight=False, soft_wrap=True)
@@ -359,7 +376,13 @@ def _load_summary(sent: Counter[str], rejected: int, failed: int, elapsed: float
 # ---- metering admin … -------------------------------------------------------------------------
 
 admin_app = typer.Typer(
-    help="Create and change tenants' entities by emitting lifecycle events.", no_args_is_help=True
+    help="Create, change and list tenants' entities. Changes are lifecycle events sent to the "
+    "control topic; the aggregator applies them a moment later (--wait waits for that). Reads go "
+    "through the running system's admin API, with the admin token (METERING_ADMIN_TOKEN, or the "
+    "file the system writes it to, .cache/admin-token). Exit codes: 0 done; 1 invalid, refused "
+    "by a check or not delivered; 2 no Kafka; 3 delivered but not seen applied in time; 4 the "
+    "admin API could not be asked.",
+    no_args_is_help=True,
 )
 _groups: dict[str, typer.Typer] = {}
 for _name, _help in (
@@ -375,24 +398,84 @@ for _name, _help in (
 ):
     _groups[_name] = typer.Typer(help=_help, no_args_is_help=True)
     admin_app.add_typer(_groups[_name], name=_name)
+add_list_commands(_groups)
+
+#: The ``metering admin`` group of each kind of entity (for messages).
+_GROUP = {
+    EntityKind.WORKSPACE: "workspace",
+    EntityKind.CONTRACT: "contract",
+    EntityKind.MEMBER: "member",
+    EntityKind.VIRTUAL_KEY: "vk",
+    EntityKind.AGENT: "agent",
+    EntityKind.WORKSTATION: "workstation",
+    EntityKind.DATASTREAM: "datastream",
+    EntityKind.API_KEY: "api-key",
+    EntityKind.ACCESS_TOKEN: "token",
+}
 
 Tenant = Annotated[str, typer.Option(help="The tenant that owns the entity.")]
-Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+Json = Annotated[
+    bool,
+    typer.Option(
+        "--json", metavar="", help="Print the result as one JSON object (and do not wait, unless --wait)."
+    ),
+]
 NewId = Annotated[str | None, typer.Option("--id", help="Id of the new entity (default: a new UUID).")]
 ExistingId = Annotated[str, typer.Option("--id", help="Id of the entity.")]
 WorkspaceId = Annotated[str, typer.Option(help="Workspace id.")]
 MemberId = Annotated[str, typer.Option(help="Member id.")]
+Wait = Annotated[
+    bool | None,
+    typer.Option(
+        "--wait/--no-wait",
+        metavar="",
+        show_default=False,
+        help="Return once the aggregator has applied it, i.e. a new key or token is usable (polls the "
+        "admin API). Default: wait when the output is a terminal, but not with --json or --force.",
+    ),
+]
+WaitTimeout = Annotated[
+    float, typer.Option(min=0.1, metavar="SECONDS", help="How long --wait waits; then it exits 3.")
+]
+Force = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        metavar="",
+        help="Send without the checks against the admin API (for when it is unreachable); "
+        "implies --no-wait unless --wait is given.",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How an admin command reports, and how far it follows what it sent."""
+
+    as_json: bool = False
+    wait: bool | None = None  # None: wait when interactive (stdout is a terminal)
+    wait_timeout_s: float = 30.0
+    force: bool = False
+
+    @property
+    def waits(self) -> bool:
+        if self.wait is not None:
+            return self.wait
+        return sys.stdout.isatty() and not self.as_json and not self.force
 
 
 def _lifecycle(
     tenant: str,
     events: list[tuple[EventType, dict[str, Any]]],
     result: dict[str, Any],
-    as_json: bool,
+    delivery: Delivery,
     secret: tuple[str, str] | None = None,
+    checks: Callable[[Checks], object] | None = None,
 ) -> None:
-    """Validate, send and acknowledge lifecycle events, then print ``result`` (and a secret,
-    shown this once: only its hash was sent)."""
+    """Validate lifecycle events, check what they name against the admin API (unless --force:
+    nothing is sent if a check fails), send them and wait for Kafka's acknowledgement, print
+    ``result`` (and a secret, shown this once: only its hash was sent), then with --wait poll
+    the admin API until the aggregator has applied them."""
     judged_at_ms = now_ms()
     now = kafka_time(judged_at_ms)
     try:
@@ -408,20 +491,113 @@ def _lifecycle(
     except InvalidEvent as exc:
         err.print(f"[red]rejected:[/red] {exc.code}: {exc.message}")
         raise typer.Exit(1) from None
-    failed = _send(CommonSettings(), {tenant: prepared}, False, judged_at_ms, Plane.CONTROL)
-    if failed:
-        raise typer.Exit(1)
-    result = {"tenant": tenant, **result, "event_ids": [e["id"] for e in prepared]}
-    if as_json:
-        out.print(orjson.dumps(result | dict([secret] if secret else [])).decode(), markup=False)
-        return
-    shown = " ".join(
-        f"{k}={v}" for k, v in result.items() if k not in ("event_ids", "tenant") and v is not None
+    settings = AdminCliSettings()
+    with contextlib.ExitStack() as stack:
+        api: AdminClient | None = None
+        if checks is not None and not delivery.force:
+            api = stack.enter_context(_checked(settings, tenant, checks))
+        failed = _send(settings, {tenant: prepared}, False, judged_at_ms, Plane.CONTROL)
+        if failed:
+            raise typer.Exit(1)
+        result = {"tenant": tenant, **result, "event_ids": [e["id"] for e in prepared]}
+        if not delivery.as_json:
+            shown = " ".join(
+                f"{k}={v}" for k, v in result.items() if k not in ("event_ids", "tenant") and v is not None
+            )
+            out.print(f"tenant={tenant} {shown}", markup=False)
+            if secret is not None:
+                out.print(f"{secret[0]}: {secret[1]}", markup=False)
+                err.print(
+                    "Store it now: it is not shown again and cannot be recovered (only its hash is kept)."
+                )
+        applied, problem = False, None
+        if delivery.waits:
+            applied, problem = _follow(settings, api, stack, tenant, prepared, delivery.wait_timeout_s)
+    if delivery.as_json:
+        status = {"status": "applied" if applied else "delivered"}
+        out.print(orjson.dumps(result | status | dict([secret] if secret else [])).decode(), markup=False)
+    if problem is not None:
+        err.print(problem, style="red", markup=False)
+        raise typer.Exit(3)
+    if not delivery.as_json:
+        out.print(_outcome(events[0][0], applied), markup=False)
+
+
+@contextlib.contextmanager
+def _checked(
+    settings: AdminCliSettings, tenant: str, checks: Callable[[Checks], object]
+) -> Iterator[AdminClient]:
+    """The admin API, once ``checks`` passed on it; exit 1 if one failed, 4 if it cannot be asked."""
+    try:
+        api = AdminClient.from_settings(settings)
+    except AdminApiError as exc:
+        _cannot_check(exc)
+    with api:
+        try:
+            checks(Checks(api, tenant))
+        except Refused as exc:
+            err.print(f"[red]refused:[/red] {escape(str(exc))}. Nothing was sent.")
+            raise typer.Exit(1) from None
+        except AdminApiError as exc:
+            _cannot_check(exc)
+        yield api
+
+
+def _cannot_check(exc: AdminApiError) -> NoReturn:
+    err.print(
+        f"[red]error:[/red] cannot check the command against the admin API: {escape(str(exc))}.\n"
+        "Nothing was sent. --force sends it without the checks (and without waiting)."
     )
-    out.print(f"ok tenant={tenant} {shown}", markup=False)
-    if secret is not None:
-        out.print(f"{secret[0]}: {secret[1]}", markup=False)
-        err.print("Store it now: it is not shown again and cannot be recovered (only its hash is kept).")
+    raise typer.Exit(4) from None
+
+
+def _follow(
+    settings: AdminCliSettings,
+    api: AdminClient | None,
+    stack: contextlib.ExitStack,
+    tenant: str,
+    prepared: list[dict[str, Any]],
+    timeout_s: float,
+) -> tuple[bool, str | None]:
+    """Wait (with a spinner) until the aggregator has applied ``prepared``: (applied, a problem
+    to report, if it could not be seen applied)."""
+    try:
+        if api is None:
+            api = stack.enter_context(AdminClient.from_settings(settings))
+        with err.status("delivered to Kafka; waiting for the aggregator to apply it…"):
+            done = wait_applied(api, tenant, expectations(prepared), timeout_s)
+    except AdminApiError as exc:
+        return False, f"delivered to Kafka; cannot tell whether the aggregator has applied it: {exc}"
+    except KeyboardInterrupt:
+        return False, "delivered to Kafka; stopped waiting for the aggregator (interrupted)"
+    if done:
+        return True, None
+    return False, (
+        f"delivered to Kafka, not yet applied by the aggregator after {timeout_s:g} s: is the "
+        f"aggregator running? check {base_url(settings)}/readyz"
+    )
+
+
+def _outcome(first: EventType, applied: bool) -> str:
+    """What the command's first event did, for a person: applied, or only delivered."""
+    kind = LIFECYCLE_KIND[first]
+    credential = {EntityKind.API_KEY: "key", EntityKind.ACCESS_TOKEN: "token"}.get(kind)
+    creates = first in (EventType.API_KEY_CREATED, EventType.ACCESS_TOKEN_ISSUED)
+    revokes = first in (EventType.API_KEY_REVOKED, EventType.ACCESS_TOKEN_REVOKED)
+    if applied and creates:
+        return f"applied: the {credential} is usable now"
+    if applied and revokes:
+        return (
+            f"applied: the {credential} is revoked; a process that has it cached refuses it within "
+            "METERING_QUERY_CACHE_TTL_S (default 2 s)"
+        )
+    if applied:
+        return f"applied: `metering admin {_GROUP[kind]} list` shows it now"
+    then = f"the {credential} becomes usable" if creates else "it takes effect"
+    return (
+        f"delivered to Kafka; {then} once the aggregator applies it (usually within a second; "
+        "--wait waits for that)"
+    )
 
 
 def _new_id(given: str | None) -> str:
@@ -439,8 +615,11 @@ def workspace_create(
         int, typer.Option(min=1, max=28, help="Day the billing period starts.")
     ] = 1,
     json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
 ) -> None:
-    """Create a workspace."""
+    """Create a workspace (checked: the parent exists; a given --id is not taken)."""
     ws = _new_id(id_)
     data: dict[str, Any] = {
         "workspace_id": ws,
@@ -450,7 +629,21 @@ def workspace_create(
     }
     if parent_id:
         data["parent_id"] = parent_id
-    _lifecycle(tenant, [(EventType.WORKSPACE_CREATED, data)], {"workspace_id": ws}, json_output)
+
+    def check(c: Checks) -> None:
+        if id_:
+            c.absent(AdminKind.WORKSPACES, ws, instead="; `workspace update` changes it")
+        if parent_id:
+            c.workspace(parent_id)
+
+    checks = check if id_ or parent_id else None
+    _lifecycle(
+        tenant,
+        [(EventType.WORKSPACE_CREATED, data)],
+        {"workspace_id": ws},
+        Delivery(json_output, wait, wait_timeout, force),
+        checks=checks,
+    )
 
 
 @_groups["workspace"].command("update")
@@ -460,13 +653,22 @@ def workspace_update(
     name: Annotated[str | None, typer.Option(help="New name.")] = None,
     tier: Annotated[str | None, typer.Option(help="New tier.")] = None,
     json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
 ) -> None:
-    """Rename a workspace or change its tier."""
+    """Rename a workspace or change its tier (checked: it exists)."""
     if name is None and tier is None:
         raise typer.BadParameter("give --name and/or --tier")
     data: dict[str, Any] = {"workspace_id": id_}
     data |= {k: v for k, v in (("name", name), ("tier", tier)) if v is not None}
-    _lifecycle(tenant, [(EventType.WORKSPACE_UPDATED, data)], {"workspace_id": id_}, json_output)
+    _lifecycle(
+        tenant,
+        [(EventType.WORKSPACE_UPDATED, data)],
+        {"workspace_id": id_},
+        Delivery(json_output, wait, wait_timeout, force),
+        checks=lambda c: c.workspace(id_),
+    )
 
 
 @_groups["contract"].command("create")
@@ -478,8 +680,12 @@ def contract_create(
         list[str] | None, typer.Option(help="Workspaces the contract covers (repeatable).")
     ] = None,
     json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
 ) -> None:
-    """Create a contract (optionally with its workspaces)."""
+    """Create a contract, optionally with its workspaces (checked: they exist; a given --id is
+    not taken)."""
     cid = _new_id(id_)
     events: list[tuple[EventType, dict[str, Any]]] = [
         (EventType.CONTRACT_CREATED, {"contract_id": cid, "name": name})
@@ -488,7 +694,21 @@ def contract_create(
         (EventType.CONTRACT_WORKSPACE_ADDED, {"contract_id": cid, "workspace_id": w})
         for w in workspace_id or []
     ]
-    _lifecycle(tenant, events, {"contract_id": cid, "workspace_ids": workspace_id or []}, json_output)
+
+    def check(c: Checks) -> None:
+        if id_:
+            c.absent(AdminKind.CONTRACTS, cid)
+        for w in workspace_id or []:
+            c.workspace(w)
+
+    result = {"contract_id": cid, "workspace_ids": workspace_id or []}
+    _lifecycle(
+        tenant,
+        events,
+        result,
+        Delivery(json_output, wait, wait_timeout, force),
+        checks=check if id_ or workspace_id else None,
+    )
 
 
 @_groups["contract"].command("add-workspace")
@@ -497,10 +717,24 @@ def contract_add_workspace(
     contract_id: Annotated[str, typer.Option(help="Contract id.")],
     workspace_id: WorkspaceId,
     json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
 ) -> None:
-    """Put a workspace under a contract."""
+    """Put a workspace under a contract (checked: both exist)."""
     data = {"contract_id": contract_id, "workspace_id": workspace_id}
-    _lifecycle(tenant, [(EventType.CONTRACT_WORKSPACE_ADDED, data)], dict(data), json_output)
+
+    def check(c: Checks) -> None:
+        c.exists(AdminKind.CONTRACTS, contract_id)
+        c.workspace(workspace_id)
+
+    _lifecycle(
+        tenant,
+        [(EventType.CONTRACT_WORKSPACE_ADDED, data)],
+        dict(data),
+        Delivery(json_output, wait, wait_timeout, force),
+        checks=check,
+    )
 
 
 @_groups["member"].command("join")
@@ -508,52 +742,128 @@ def member_join(
     tenant: Tenant,
     workspace_id: WorkspaceId,
     email: Annotated[str, typer.Option(help="The member's email.")],
-    member_id: Annotated[str | None, typer.Option(help="Member id (default: a new UUID).")] = None,
+    member_id: Annotated[
+        str | None,
+        typer.Option(
+            help="Member id (default: a new UUID); an existing member's id adds them to this workspace."
+        ),
+    ] = None,
     json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
 ) -> None:
-    """Add a member to a workspace."""
+    """Add a member to a workspace (checked: the workspace exists; an existing member is not
+    already in it and has this email)."""
     mid = _new_id(member_id)
     data = {"workspace_id": workspace_id, "member_id": mid, "email": email}
     result = {"member_id": mid, "membership_id": membership_id(workspace_id, mid)}
-    _lifecycle(tenant, [(EventType.MEMBER_JOINED, data)], result, json_output)
+
+    def check(c: Checks) -> None:
+        if member_id:
+            c.can_join(workspace_id, mid, email)
+        else:
+            c.workspace(workspace_id)
+
+    _lifecycle(
+        tenant,
+        [(EventType.MEMBER_JOINED, data)],
+        result,
+        Delivery(json_output, wait, wait_timeout, force),
+        checks=check,
+    )
 
 
 def _member_change(event_type: EventType, name: str, doc: str) -> None:
     def command(
-        tenant: Tenant, workspace_id: WorkspaceId, member_id: MemberId, json_output: Json = False
+        tenant: Tenant,
+        workspace_id: WorkspaceId,
+        member_id: MemberId,
+        json_output: Json = False,
+        wait: Wait = None,
+        wait_timeout: WaitTimeout = 30.0,
+        force: Force = False,
     ) -> None:
         data = {"workspace_id": workspace_id, "member_id": member_id}
+        leaving = event_type is EventType.MEMBER_LEFT
         _lifecycle(
             tenant,
             [(event_type, data)],
             {"membership_id": membership_id(workspace_id, member_id)},
-            json_output,
+            Delivery(json_output, wait, wait_timeout, force),
+            checks=lambda c: c.can_change_membership(workspace_id, member_id, leaving),
         )
 
     command.__doc__ = doc
     _groups["member"].command(name)(command)
 
 
-_member_change(EventType.MEMBER_LEFT, "leave", "A member leaves the workspace (final).")
-_member_change(EventType.MEMBER_ACTIVATED, "activate", "Reactivate a member.")
-_member_change(EventType.MEMBER_DEACTIVATED, "deactivate", "Deactivate a member.")
+_member_change(
+    EventType.MEMBER_LEFT,
+    "leave",
+    "A member leaves the workspace: activate/deactivate no longer apply; `join` adds them again. "
+    "(Checked: they are a member of it.)",
+)
+_member_change(
+    EventType.MEMBER_ACTIVATED, "activate", "Reactivate a member (checked: a member who has not left)."
+)
+_member_change(
+    EventType.MEMBER_DEACTIVATED, "deactivate", "Deactivate a member (checked: a member who has not left)."
+)
 
 
 @_groups["vk"].command("create")
 def vk_create(
-    tenant: Tenant, workspace_id: WorkspaceId, id_: NewId = None, json_output: Json = False
+    tenant: Tenant,
+    workspace_id: WorkspaceId,
+    id_: NewId = None,
+    json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
 ) -> None:
-    """Create a virtual key."""
+    """Create a virtual key (checked: the workspace exists; a given --id is not taken)."""
     vk = _new_id(id_)
     data = {"workspace_id": workspace_id, "virtual_key_id": vk}
-    _lifecycle(tenant, [(EventType.VIRTUAL_KEY_CREATED, data)], {"virtual_key_id": vk}, json_output)
+
+    def check(c: Checks) -> None:
+        c.workspace(workspace_id)
+        if id_:
+            c.absent(AdminKind.VIRTUAL_KEYS, vk)
+
+    _lifecycle(
+        tenant,
+        [(EventType.VIRTUAL_KEY_CREATED, data)],
+        {"virtual_key_id": vk},
+        Delivery(json_output, wait, wait_timeout, force),
+        checks=check,
+    )
 
 
 @_groups["vk"].command("revoke")
-def vk_revoke(tenant: Tenant, workspace_id: WorkspaceId, id_: ExistingId, json_output: Json = False) -> None:
-    """Revoke a virtual key."""
+def vk_revoke(
+    tenant: Tenant,
+    workspace_id: WorkspaceId,
+    id_: ExistingId,
+    json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
+) -> None:
+    """Revoke a virtual key (checked: it exists, in that workspace, and is not revoked yet)."""
     data = {"workspace_id": workspace_id, "virtual_key_id": id_}
-    _lifecycle(tenant, [(EventType.VIRTUAL_KEY_REVOKED, data)], {"virtual_key_id": id_}, json_output)
+
+    def check(c: Checks) -> None:
+        c.in_workspace(AdminKind.VIRTUAL_KEYS, id_, workspace_id)
+        c.not_revoked(AdminKind.VIRTUAL_KEYS, id_)
+
+    _lifecycle(
+        tenant,
+        [(EventType.VIRTUAL_KEY_REVOKED, data)],
+        {"virtual_key_id": id_},
+        Delivery(json_output, wait, wait_timeout, force),
+        checks=check,
+    )
 
 
 @_groups["vk"].command("buy-extra")
@@ -562,29 +872,78 @@ def vk_buy_extra(
     workspace_id: WorkspaceId,
     count: Annotated[int, typer.Option(min=1, help="Extra virtual keys bought.")],
     json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
 ) -> None:
-    """Buy extra virtual keys beyond the tier's limit."""
+    """Buy extra virtual keys beyond the tier's limit (checked: the workspace exists)."""
     data = {"workspace_id": workspace_id, "count": count}
-    _lifecycle(tenant, [(EventType.VIRTUAL_KEY_EXTRA_PURCHASED, data)], dict(data), json_output)
+    _lifecycle(
+        tenant,
+        [(EventType.VIRTUAL_KEY_EXTRA_PURCHASED, data)],
+        dict(data),
+        Delivery(json_output, wait, wait_timeout, force),
+        checks=lambda c: c.workspace(workspace_id),
+    )
 
 
-def _agent_change(event_type: EventType, name: str, doc: str, new: bool) -> None:
+@_groups["agent"].command("create")
+def agent_create(
+    tenant: Tenant,
+    workspace_id: WorkspaceId,
+    id_: NewId = None,
+    json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
+) -> None:
+    """Create an agent (checked: the workspace exists; a given --id is not taken)."""
+    agent = _new_id(id_)
+    data = {"workspace_id": workspace_id, "agent_id": agent}
+
+    def check(c: Checks) -> None:
+        c.workspace(workspace_id)
+        if id_:
+            c.absent(AdminKind.AGENTS, agent)
+
+    _lifecycle(
+        tenant,
+        [(EventType.AGENT_CREATED, data)],
+        {"agent_id": agent},
+        Delivery(json_output, wait, wait_timeout, force),
+        checks=check,
+    )
+
+
+def _agent_change(event_type: EventType, name: str, doc: str) -> None:
     def command(
-        tenant: Tenant, workspace_id: WorkspaceId, id_: NewId = None, json_output: Json = False
+        tenant: Tenant,
+        workspace_id: WorkspaceId,
+        id_: ExistingId,
+        json_output: Json = False,
+        wait: Wait = None,
+        wait_timeout: WaitTimeout = 30.0,
+        force: Force = False,
     ) -> None:
-        if not new and not id_:
-            raise typer.BadParameter("--id is required")
-        agent = _new_id(id_)
-        data = {"workspace_id": workspace_id, "agent_id": agent}
-        _lifecycle(tenant, [(event_type, data)], {"agent_id": agent}, json_output)
+        data = {"workspace_id": workspace_id, "agent_id": id_}
+        _lifecycle(
+            tenant,
+            [(event_type, data)],
+            {"agent_id": id_},
+            Delivery(json_output, wait, wait_timeout, force),
+            checks=lambda c: c.in_workspace(AdminKind.AGENTS, id_, workspace_id),
+        )
 
     command.__doc__ = doc
     _groups["agent"].command(name)(command)
 
 
-_agent_change(EventType.AGENT_CREATED, "create", "Create an agent.", new=True)
-_agent_change(EventType.AGENT_ACTIVATED, "activate", "Activate an agent (--id).", new=False)
-_agent_change(EventType.AGENT_DEACTIVATED, "deactivate", "Deactivate an agent (--id).", new=False)
+_agent_change(
+    EventType.AGENT_ACTIVATED, "activate", "Activate an agent (checked: it exists in that workspace)."
+)
+_agent_change(
+    EventType.AGENT_DEACTIVATED, "deactivate", "Deactivate an agent (checked: it exists in that workspace)."
+)
 
 
 @_groups["workstation"].command("create")
@@ -603,8 +962,12 @@ def workstation_create(
     ] = None,
     id_: NewId = None,
     json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
 ) -> None:
-    """Create a workstation with its rate card."""
+    """Create a workstation with its rate card (checked: the workspace exists; a given --id is
+    not taken)."""
     ws = _new_id(id_)
     data = {
         "workstation_id": ws,
@@ -615,7 +978,21 @@ def workstation_create(
     }
     if workspace_id:
         data["workspace_id"] = workspace_id
-    _lifecycle(tenant, [(EventType.WORKSTATION_CREATED, data)], {"workstation_id": ws}, json_output)
+
+    def check(c: Checks) -> None:
+        if workspace_id:
+            c.workspace(workspace_id)
+        if id_:
+            c.absent(AdminKind.WORKSTATIONS, ws)
+
+    checks = check if workspace_id or id_ else None
+    _lifecycle(
+        tenant,
+        [(EventType.WORKSTATION_CREATED, data)],
+        {"workstation_id": ws},
+        Delivery(json_output, wait, wait_timeout, force),
+        checks=checks,
+    )
 
 
 @_groups["datastream"].command("create")
@@ -625,48 +1002,112 @@ def datastream_create(
     name: Annotated[str, typer.Option(help="Datastream name.")],
     id_: NewId = None,
     json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
 ) -> None:
-    """Create a datastream in a workspace."""
+    """Create a datastream in a workspace (checked: the workspace exists; a given --id is not
+    taken)."""
     ds = _new_id(id_)
     data = {"datastream_id": ds, "workspace_id": workspace_id, "name": name}
-    _lifecycle(tenant, [(EventType.DATASTREAM_CREATED, data)], {"datastream_id": ds}, json_output)
+
+    def check(c: Checks) -> None:
+        c.workspace(workspace_id)
+        if id_:
+            c.absent(AdminKind.DATASTREAMS, ds)
+
+    _lifecycle(
+        tenant,
+        [(EventType.DATASTREAM_CREATED, data)],
+        {"datastream_id": ds},
+        Delivery(json_output, wait, wait_timeout, force),
+        checks=check,
+    )
+
+
+class KeyScope(StrEnum):
+    WORKSPACE = "workspace"
+    MEMBER = "member"
 
 
 @_groups["api-key"].command("create")
 def api_key_create(
     tenant: Tenant,
     scope: Annotated[
-        str, typer.Option(help="workspace (the workspace and its subtree) or member.")
-    ] = "workspace",
+        KeyScope,
+        typer.Option(
+            help="workspace: opens the workspace usage APIs for the workspace and its subtree "
+            "(needs --workspace-id); member: opens a member's own quota usage (needs --member-id "
+            "and --email)."
+        ),
+    ] = KeyScope.WORKSPACE,
     workspace_id: Annotated[str | None, typer.Option(help="The key's workspace.")] = None,
     member_id: Annotated[str | None, typer.Option(help="The member (scope member).")] = None,
-    email: Annotated[str | None, typer.Option(help="The member's email (scope member).")] = None,
-    test: Annotated[bool, typer.Option("--test", help="An fl_test_ key instead of fl_live_.")] = False,
-    id_: NewId = None,
+    email: Annotated[
+        str | None, typer.Option(help="The member's email (scope member): must be that member's.")
+    ] = None,
+    test: Annotated[
+        bool, typer.Option("--test", metavar="", help="An fl_test_ key instead of fl_live_.")
+    ] = False,
+    id_: Annotated[
+        str | None, typer.Option("--id", help="Id of the new key (default: key_ and 32 random hex digits).")
+    ] = None,
     json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
 ) -> None:
-    """Create an API key. The key is printed once; only its SHA-256 is emitted and stored."""
-    if scope not in ("workspace", "member"):
-        raise typer.BadParameter("--scope is workspace or member")
+    """Create an API key. The key is printed once; only its SHA-256 is emitted and stored.
+    Checked: the workspace exists; a member given by --member-id and/or --email is a member of
+    it (of the tenant, without --workspace-id), has not left, and has that email."""
     raw = new_api_key(live=not test)
     key_id = id_ or f"key_{uuid.uuid4().hex}"
     data: dict[str, Any] = {
         "key_id": key_id,
         "key_hash": hash_secret(raw),
         "prefix": display_prefix(raw),
-        "scope": scope,
+        "scope": scope.value,
     }
     data |= {
         k: v for k, v in (("workspace_id", workspace_id), ("member_id", member_id), ("email", email)) if v
     }
     result = {"key_id": key_id, "prefix": display_prefix(raw)}
-    _lifecycle(tenant, [(EventType.API_KEY_CREATED, data)], result, json_output, secret=("api_key", raw))
+
+    def check(c: Checks) -> None:
+        if id_:
+            c.absent(AdminKind.API_KEYS, key_id)
+        if workspace_id:
+            c.workspace(workspace_id)
+        if member_id or email:
+            c.member(member_id, email, workspace_id)
+
+    _lifecycle(
+        tenant,
+        [(EventType.API_KEY_CREATED, data)],
+        result,
+        Delivery(json_output, wait, wait_timeout, force),
+        secret=("api_key", raw),
+        checks=check,
+    )
 
 
 @_groups["api-key"].command("revoke")
-def api_key_revoke(tenant: Tenant, id_: ExistingId, json_output: Json = False) -> None:
-    """Revoke an API key (by its key id)."""
-    _lifecycle(tenant, [(EventType.API_KEY_REVOKED, {"key_id": id_})], {"key_id": id_}, json_output)
+def api_key_revoke(
+    tenant: Tenant,
+    id_: Annotated[str, typer.Option("--id", help="The key's id (`api-key list` shows them).")],
+    json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
+) -> None:
+    """Revoke an API key by its id (checked: it exists and is not revoked yet)."""
+    _lifecycle(
+        tenant,
+        [(EventType.API_KEY_REVOKED, {"key_id": id_})],
+        {"key_id": id_},
+        Delivery(json_output, wait, wait_timeout, force),
+        checks=lambda c: c.not_revoked(AdminKind.API_KEYS, id_),
+    )
 
 
 _TTL = re.compile(r"^(\d+)([smhd]?)$")
@@ -687,10 +1128,16 @@ def token_issue(
     member_id: MemberId,
     email: Annotated[str, typer.Option(help="The member's email.")],
     ttl: Annotated[str, typer.Option(help="Lifetime: 3600, 90m, 12h, 30d.")] = "30d",
-    id_: NewId = None,
+    id_: Annotated[
+        str | None, typer.Option("--id", help="Id of the new token (default: tok_ and 32 random hex digits).")
+    ] = None,
     json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
 ) -> None:
-    """Issue a member's access token. Printed once; only its SHA-256 is emitted and stored."""
+    """Issue a member's access token. Printed once; only its SHA-256 is emitted and stored.
+    Checked: the member exists in the tenant, has not left everywhere, and has that email."""
     lifetime = parse_ttl(ttl)
     raw = new_access_token()
     token_id = id_ or f"tok_{uuid.uuid4().hex}"
@@ -703,12 +1150,36 @@ def token_issue(
         "expires_at": expires_at,
     }
     result = {"token_id": token_id, "expires_at": expires_at}
+
+    def check(c: Checks) -> None:
+        if id_:
+            c.absent(AdminKind.ACCESS_TOKENS, token_id)
+        c.member(member_id, email)
+
     _lifecycle(
-        tenant, [(EventType.ACCESS_TOKEN_ISSUED, data)], result, json_output, secret=("access_token", raw)
+        tenant,
+        [(EventType.ACCESS_TOKEN_ISSUED, data)],
+        result,
+        Delivery(json_output, wait, wait_timeout, force),
+        secret=("access_token", raw),
+        checks=check,
     )
 
 
 @_groups["token"].command("revoke")
-def token_revoke(tenant: Tenant, id_: ExistingId, json_output: Json = False) -> None:
-    """Revoke an access token (by its token id)."""
-    _lifecycle(tenant, [(EventType.ACCESS_TOKEN_REVOKED, {"token_id": id_})], {"token_id": id_}, json_output)
+def token_revoke(
+    tenant: Tenant,
+    id_: Annotated[str, typer.Option("--id", help="The token's id (`token list` shows them).")],
+    json_output: Json = False,
+    wait: Wait = None,
+    wait_timeout: WaitTimeout = 30.0,
+    force: Force = False,
+) -> None:
+    """Revoke an access token by its id (checked: it exists and is not revoked yet)."""
+    _lifecycle(
+        tenant,
+        [(EventType.ACCESS_TOKEN_REVOKED, {"token_id": id_})],
+        {"token_id": id_},
+        Delivery(json_output, wait, wait_timeout, force),
+        checks=lambda c: c.not_revoked(AdminKind.ACCESS_TOKENS, id_),
+    )

@@ -325,7 +325,8 @@ def test_admin_workstation_create_with_a_workspace(world: World, monkeypatch: py
     cli.add_typer(admin_app, name="admin")
     args = ["admin", "workstation", "create", "--tenant", ACME, "--name", "new", "--id", "ws-new"]
     rates_args = ["--usd-per-cpu-hour", "1", "--usd-per-gpu-hour", "1", "--usd-per-gb-hour", "1"]
-    result = CliRunner().invoke(cli, [*args, *rates_args, "--workspace-id", "side", "--json"])
+    # --force: no admin API runs here to check that workspace "side" exists (test_admin_cli.py does)
+    result = CliRunner().invoke(cli, [*args, *rates_args, "--workspace-id", "side", "--json", "--force"])
     assert result.exit_code == 0, result.output
     control = f"{world.topic}.control"
     (event,) = [e for m in consume(world.bootstrap, control, 1) for e in m.events]

@@ -206,7 +206,9 @@ def test_cli_emit_file_reports_rejections(
 
 def test_cli_admin_api_key_sends_only_the_hash(cli: typer.Typer, kafka_bootstrap: str, topic: str) -> None:
     result = CliRunner().invoke(
-        cli, ["admin", "api-key", "create", "--tenant", "acme", "--workspace-id", "ws-1", "--json"]
+        # --force: no admin API runs here to check that ws-1 exists (tests/integration/test_admin_cli.py)
+        cli,
+        ["admin", "api-key", "create", "--tenant", "acme", "--workspace-id", "ws-1", "--json", "--force"],
     )
     assert result.exit_code == 0, result.output
     printed = orjson.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
@@ -228,7 +230,7 @@ def test_cli_admin_workspace_and_member(cli: typer.Typer, kafka_bootstrap: str, 
     assert created.exit_code == 0, created.output
     ws = orjson.loads(created.output.splitlines()[-1])["workspace_id"]
     joined = runner.invoke(
-        cli, ["admin", "member", "join", "--tenant", "acme", "--workspace-id", ws, "--email", "a@acme.io"]
+        cli, [*"admin member join --tenant acme --email a@acme.io --force".split(), "--workspace-id", ws]
     )
     assert joined.exit_code == 0, joined.output
     events = [e for m in consume(kafka_bootstrap, f"{topic}.control", 2) for e in m.events]
