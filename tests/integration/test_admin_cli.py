@@ -172,6 +172,16 @@ def test_the_system_writes_its_admin_token_for_its_user_only(system: System) -> 
     assert token not in banner  # where it is, never what it is
     assert httpx.get(f"{system.url}/admin/v1/tenants/x/workspaces", headers=bearer(token)).status_code == 404
     assert httpx.get(f"{system.url}/admin/v1/tenants/x/workspaces").status_code == 401
+    # the admin token is no usage key: the ingest refuses it like any unknown credential
+    event = {
+        "specversion": "1.0",
+        "id": "e",
+        "source": "s",
+        "type": "egress.download",
+        "time": "2026-01-01T00:00:00Z",
+    }
+    r = httpx.post(f"{system.url}/api/v1/events", json=event, headers=bearer(token))
+    assert r.status_code == 401, r.text
 
 
 # ---- --wait -------------------------------------------------------------------------------------------
