@@ -45,6 +45,7 @@ from aggregators.faults import CrashPoint, checkpoint
 from aggregators.rollup import Ranges
 from aggregators.writer import DERIVED, NO_OFFSET, ClickHouseWriter
 from schemas.clickhouse import Table
+from schemas.events import LIFECYCLE_TYPES, EventType
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,17 @@ class _TrialWriter(ClickHouseWriter):
             return super().watermarks(table, partitions)
         return {p: NO_OFFSET for p in partitions}
 
+    #: the event types of the rows under trial: statements that read none of them are skipped
+    types: frozenset[EventType] = frozenset()
+
     def _apply(self, table: Table, ranges: Ranges) -> int:
         if table in _PERIODS and not self.periods_convert:
+            return 0
+        if table is Table.GAUGE_15M and not self.types & {
+            m.event_type for m in self.catalog.meters if m.is_gauge
+        }:
+            return 0
+        if table is Table.ENTITIES and not self.types & LIFECYCLE_TYPES:
             return 0
         return super()._apply(table, ranges)
 
@@ -165,6 +175,7 @@ class _TrialWriter(ClickHouseWriter):
     def attempt(self, rows: Sequence[RawRow], ingested_at: datetime) -> None:
         """Every statement the real writer would run for ``rows`` alone; raises what they raise."""
         self.forget()
+        self.types = frozenset(r.type for r in rows)
         self.client.command(f"TRUNCATE TABLE {self.db}.{Table.EVENTS_RAW}")
         self.insert_raw(rows, ingested_at)
         self.catch_up(sorted({r.partition for r in rows}))
@@ -172,6 +183,7 @@ class _TrialWriter(ClickHouseWriter):
     def attempt_empty(self) -> None:
         """The derived statements over no rows at all."""
         self.forget()
+        self.types = frozenset()
         self.client.command(f"TRUNCATE TABLE {self.db}.{Table.EVENTS_RAW}")
         # claim a raw row that is not there: every derived statement runs, over nothing
         self._wm[Table.EVENTS_RAW][0] = 0
