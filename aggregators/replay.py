@@ -20,6 +20,7 @@ from typing import Any
 from aggregators import rollup
 from aggregators.decode import SourceMessage, decode_messages
 from aggregators.dedupe import first_occurrences
+from aggregators.preflight import Preflight
 from aggregators.projection import LifecycleEvent, fold
 from aggregators.rollup import Grain
 from aggregators.writer import ClickHouseWriter, fmt_time
@@ -190,9 +191,12 @@ def replay_messages(
     tenant: str | None,
     start: dict[int, int],
     report: KafkaReplayReport,
+    preflight: Preflight | None = None,
 ) -> None:
     """Rewrite ``events_raw`` from ``messages`` (all at offsets >= ``start`` of their partition):
-    the old rows from those offsets are deleted first, so running it twice changes nothing."""
+    the old rows from those offsets are deleted first, so running it twice changes nothing.
+    Events ClickHouse refuses are left out (counted as rejected), as the live aggregator leaves
+    them out (preflight.py): a replay writes the same rows."""
     c, db = writer.client, writer.db
     msgs = [m for m in messages if tenant is None or (m.key or b"").decode() == tenant]
     report.messages += len(msgs)
@@ -215,8 +219,17 @@ def replay_messages(
             earlier.update((t, str(x[0])) for x in found)
     fresh = [r for r in rows if (r.tenant, r.event_id) not in earlier]
     report.duplicates += len(decoded.rows) - len(fresh)
+    now = datetime.now(UTC)
+    probe = preflight or Preflight(writer)
+    try:
+        refused = {(f.row.tenant, f.row.event_id) for f in probe.refusals(fresh, now)}
+    finally:
+        if preflight is None:
+            probe.close()
+    fresh = [r for r in fresh if (r.tenant, r.event_id) not in refused]
+    report.rejected += len(refused)
     if fresh:
-        writer.insert_raw(fresh, datetime.now(UTC))
+        writer.insert_raw(fresh, now)
         report.events_written += len(fresh)
         times = [r.time for r in fresh]
         report.first_event = min([*times, *([report.first_event] if report.first_event else [])])
