@@ -1,4 +1,5 @@
-"""The query API application: the five documented usage endpoints and the generic meter query.
+"""The query API application: the five documented usage endpoints and the generic meter query,
+and the admin API (``/admin/v1``, read-only, behind the admin token: ``routers/admin.py``).
 
 ``create_app`` is called by the process runner (``metering run`` / ``metering query-api``) with
 the process's one ClickHouse client; with embedded ClickHouse (chdb) that client is shared with
