@@ -17,7 +17,9 @@ from typing import Annotated, Any
 import orjson
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from deploy.settings import AdminCliSettings
 from ingest.admin_client import AdminApiError, AdminClient
@@ -124,6 +126,27 @@ def render(tenant: str, kind: AdminKind, items: list[dict[str, Any]], total: int
     return table
 
 
+def records(tenant: str, kind: AdminKind, items: list[dict[str, Any]], total: int) -> Text:
+    """The same as ``render``, one entity per paragraph: for terminals too narrow for the table,
+    where it would fold ids (which are copied whole, e.g. into ``revoke --id``)."""
+    shown = f"{len(items)} of {total}" if len(items) < total else f"{total}"
+    text = Text(f"{kind.value} of tenant {tenant} ({shown})\n", style="italic")
+    for item in items:
+        (_, first), *rest = COLUMNS[kind]
+        text.append(_cell(item, first), style="bold")
+        text.append("".join(f"\n  {heading:<10} {_cell(item, field)}" for heading, field in rest) + "\n")
+    return text
+
+
+def show(console: Console, tenant: str, kind: AdminKind, items: list[dict[str, Any]], total: int) -> None:
+    table = render(tenant, kind, items, total)
+    natural = Measurement.get(console, console.options.update(max_width=100_000), table).maximum
+    if natural <= console.width:
+        console.print(table)
+    else:
+        console.print(records(tenant, kind, items, total))
+
+
 def list_entities(
     tenant: str, kind: AdminKind, filters: Mapping[str, str | None], limit: int | None, as_json: bool
 ) -> None:
@@ -142,7 +165,7 @@ def list_entities(
         body = {"tenant": tenant, "kind": kind.value, "total": total, "items": items}
         out.print(orjson.dumps(body).decode(), markup=False)
         return
-    out.print(render(tenant, kind, items, total))
+    show(out, tenant, kind, items, total)
 
 
 def workspace_list(
