@@ -229,9 +229,8 @@ def test_cli_admin_workspace_and_member(cli: typer.Typer, kafka_bootstrap: str, 
     )
     assert created.exit_code == 0, created.output
     ws = orjson.loads(created.output.splitlines()[-1])["workspace_id"]
-    joined = runner.invoke(
-        cli, [*"admin member join --tenant acme --email a@acme.io --force".split(), "--workspace-id", ws]
-    )
+    join = ["admin", "member", "join", "--tenant", "acme", "--email", "a@acme.io", "--force"]
+    joined = runner.invoke(cli, [*join, "--workspace-id", ws])
     assert joined.exit_code == 0, joined.output
     events = [e for m in consume(kafka_bootstrap, f"{topic}.control", 2) for e in m.events]
     assert [e["type"] for e in events] == ["workspace.created", "member.joined"]
