@@ -80,13 +80,64 @@ def build_app(settings: AggregatorSettings, bootstrap: str, processor: BatchProc
         settings.topic_events, control, value_type=bytes, value_serializer="raw", key_serializer="raw"
     )
     stopping = asyncio.Event()
+    # Ownership. A partition is written by the process that owns it, and only while it owns it:
+    # two processes writing one partition at once could both roll up the same raw rows into the
+    # period tables (seen in the rebalance test: period counts above the raw table's). So:
+    # - `owned` is this process's assignment; `settled` is clear while a rebalance is under way
+    #   (ownership unknown): no batch starts then;
+    # - events of partitions no longer owned (still in the take buffer after a revocation) are
+    #   neither applied nor acknowledged: their new owner reads them from the committed offset;
+    # - a revocation waits for the batch in flight (`in_flight`) to finish, or to give up if it is
+    #   waiting out an outage, before the partitions can be handed to another process;
+    # - a partition's messages are applied in order (the raw watermark skips anything at or below
+    #   the highest offset written): when events of a topic-partition are skipped (not owned) or
+    #   a batch is given up, the topic-partition is *rewound*: once owned it is sought back to the
+    #   first offset not applied, and the later events the take buffer still holds are dropped
+    #   until the re-read ones arrive. Re-reading applied events is harmless (skipped by offset).
+    owned: set[int] = set()
+    settled = asyncio.Event()
+    in_flight = asyncio.Lock()
+    rewind: dict[Any, int] = {}  # tp -> first offset not applied: nothing later until it is back
+    sought: set[Any] = set()  # tps of `rewind` sought back while owned
+
+    def must_reread(tp: Any, offset: int) -> None:
+        rewind[tp] = min(rewind.get(tp, offset), offset)
+
+    def lane_of(ev: Any) -> int:
+        return _lane(ev.message.topic, ev.message.partition, control)
 
     @app.agent(topics, concurrency=1, name="aggregate")
     async def aggregate(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        async for events in take_applied(stream, settings.batch_max_messages, settings.batch_within_s):
+        async for taken in take_applied(stream, settings.batch_max_messages, settings.batch_within_s):
+            await settled.wait()
+            for tp, first in sorted(rewind.items()):
+                if tp not in sought and _lane(tp.topic, tp.partition, control) in owned:
+                    log.info("rewinding %s to offset %d, the first not applied", tp, first)
+                    await app.consumer.seek(tp, first)
+                    sought.add(tp)
+            events = []
+            for ev in taken.events:
+                tp, offset = ev.message.tp, ev.message.offset
+                if lane_of(ev) not in owned:
+                    must_reread(tp, offset)  # its owner reads it; if this process, after a seek
+                    continue
+                if tp in rewind:
+                    if offset > rewind[tp]:
+                        continue  # fetched before the rewind: it comes again after the seek
+                    del rewind[tp]  # back at the first offset not applied: in order again
+                    sought.discard(tp)
+                events.append(ev)
+            if len(events) < len(taken.events):
+                log.info(
+                    "%d message(s) of partitions handed to another process left to it",
+                    len(taken.events) - len(events),
+                )
+            if not events:
+                yield None
+                continue
             batch = [
                 SourceMessage(
-                    partition=_lane(ev.message.topic, ev.message.partition, control),
+                    partition=lane_of(ev),
                     offset=ev.message.offset,
                     # round, not int(): the float seconds faust gives must give back the exact
                     # millisecond the producer judged the event by
@@ -99,28 +150,55 @@ def build_app(settings: AggregatorSettings, bootstrap: str, processor: BatchProc
             ]
             # ClickHouse calls block; run them off the event loop so heartbeats keep flowing
             # while a batch waits out an outage.
-            stats = await asyncio.to_thread(
-                processor.process_with_retry, batch, stopping.is_set, settings.clickhouse_retry_max_s
-            )
-            if stats is None:
-                # Stopping before the batch could be applied: leave without asking for the next
-                # batch, so this one is never acknowledged (take.py) and is consumed again.
-                log.warning(
-                    "stopping with a batch of %d message(s) not applied; not acknowledged", len(batch)
+            mine = {m.partition for m in batch}
+
+            def give_up(mine: set[int] = mine) -> bool:
+                return stopping.is_set() or not mine <= owned
+
+            async with in_flight:
+                stats = await asyncio.to_thread(
+                    processor.process_with_retry, batch, give_up, settings.clickhouse_retry_max_s
                 )
-                return
+            if stats is None:
+                if stopping.is_set():
+                    # Stopping before the batch could be applied: leave without asking for the
+                    # next batch, so this one is never acknowledged (take.py) and is consumed again.
+                    log.warning(
+                        "stopping with a batch of %d message(s) not applied; not acknowledged", len(batch)
+                    )
+                    return
+                # A partition of the batch was revoked while it waited out an outage: nothing
+                # of it is acknowledged; the partitions' owners (this process too, for those it
+                # keeps, after the seek to the committed offset) consume it again.
+                log.warning("batch of %d message(s) given up: its partitions were reassigned", len(batch))
+                for ev in events:
+                    must_reread(ev.message.tp, ev.message.offset)
+                yield None
+                continue
+            taken.applied = {ev.message.tp for ev in events}
             log.debug("batch: %s", stats)
             _record_lag(app, events, control)
             yield None
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _revoked(_app: faust.App, revoked: set[Any], **_: Any) -> None:
-        processor.revoke([_lane(tp.topic, tp.partition, control) for tp in revoked if tp.topic in lanes])
+        settled.clear()
+        gone = [_lane(tp.topic, tp.partition, control) for tp in revoked if tp.topic in lanes]
+        owned.difference_update(gone)
+        processor.revoke(gone)
+        sought.difference_update(revoked)  # seek again if this process owns them again
+        # Another process may be given these partitions once this returns: let the batch that
+        # is writing them finish (or give up) first.
+        async with in_flight:
+            pass
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _assigned(_app: faust.App, assigned: set[Any], **_: Any) -> None:
         parts = [_lane(tp.topic, tp.partition, control) for tp in assigned if tp.topic in lanes]
-        await asyncio.to_thread(processor.assign, parts)
+        await asyncio.to_thread(processor.acquire, parts)
+        owned.clear()
+        owned.update(parts)
+        settled.set()
 
     lanes = {settings.topic_events, control}
     app.metering_stopping = stopping  # type: ignore[attr-defined]

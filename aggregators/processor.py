@@ -116,6 +116,13 @@ class BatchProcessor:
         self._bloom_partitions.update(new)
         log.info("dedupe filter loaded %d ids for partitions %s", len(hashes), new)
 
+    def acquire(self, partitions: Sequence[int]) -> None:
+        """Partitions (lanes) this process owns from now on: another process may have written
+        them since this one last did, so their cached watermarks are dropped and re-read; their
+        ids are loaded into the Bloom filter."""
+        self.writer.forget(partitions)
+        self.assign(partitions)
+
     def revoke(self, partitions: Sequence[int]) -> None:
         # Another process may write these partitions now: our cached watermarks would go stale.
         # The Bloom filter may keep their ids: extra entries only cost an exact check.

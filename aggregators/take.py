@@ -20,11 +20,21 @@ from typing import Any
 from mode.utils.futures import notify
 
 
-def take_applied(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
-    """Lists of at most ``max_`` events, each cut after ``within`` seconds at the latest.
+class Taken:
+    """One batch of events. The caller sets ``applied`` to the topic-partitions whose events it
+    has applied; asking for the next batch acknowledges exactly those events, no others."""
 
-    The caller must fully apply a list before asking for the next one: asking is the
-    acknowledgement."""
+    __slots__ = ("applied", "events")
+
+    def __init__(self, events: list[Any]) -> None:
+        self.events = events
+        self.applied: set[Any] = set()
+
+
+def take_applied(stream: Any, max_: int, within: float) -> AsyncIterator[Taken]:
+    """Batches (``Taken``) of at most ``max_`` events, each cut after ``within`` seconds at the
+    latest. The caller must apply a batch before asking for the next one: asking acknowledges
+    the events of the topic-partitions named in ``Taken.applied``."""
     agen = _take(stream, max_, within)
     # Like faust's own buffering generators: registered so that the stream closes it on stop
     # (closing acknowledges nothing here).
@@ -34,7 +44,7 @@ def take_applied(stream: Any, max_: int, within: float) -> AsyncIterator[list[An
     return agen
 
 
-async def _take(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
+async def _take(stream: Any, max_: int, within: float) -> AsyncIterator[Taken]:
     buffer: list[Any] = []
     events: list[Any] = []
     buffer_full = asyncio.Event()
@@ -79,15 +89,16 @@ async def _take(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any
             if not buffer:
                 continue
             buffer_consuming = stream.loop.create_future()
-            batch = list(events)
+            taken = Taken(list(events))
             # If the caller leaves (return, exception, cancellation, aclose), GeneratorExit or
             # the error is raised here and nothing below runs: the batch stays unacknowledged.
-            yield batch
-            # The caller asked for the next batch: it has applied this one.
+            yield taken
+            # The caller asked for the next batch: it has applied what it says it applied.
             buffer.clear()
             events.clear()
-            for event in batch:
-                await stream.ack(event)
+            for event in taken.events:
+                if event.message.tp in taken.applied:
+                    await stream.ack(event)
             notify(buffer_consuming)
             buffer_full.clear()
             buffer_consumed.set()

@@ -111,6 +111,7 @@ def test_rebalances_between_two_aggregators(kafka_bootstrap: str, topic: str, cl
     parts = [_events(p, 1500) for p in ("x", "y", "z")]
     group = f"rebalance-{topic}"
     done = lambda n: _totals(client, db)[1] == n  # noqa: E731
+    raw_count = lambda: int(client.command(f"SELECT count() FROM {db}.events_raw"))  # noqa: E731
 
     async def scenario() -> None:
         produce_batches(kafka_bootstrap, topic, parts[0], per_message=30)
@@ -128,11 +129,14 @@ def test_rebalances_between_two_aggregators(kafka_bootstrap: str, topic: str, cl
             finally:
                 await second.__aexit__(None, None, None)
             await asyncio.to_thread(produce_batches, kafka_bootstrap, topic, parts[2], 30)
-            if not await _until(lambda: done(4500)):
-                # KNOWN OPEN PROBLEM (seen twice in ~6 CI runs): after the second aggregator
-                # leaves, the first one sometimes does not resume the partitions handed back
-                # within 120 s. Recorded as xfail (not a pass) until it is understood; nothing
-                # was counted twice: that is asserted above and below whenever it converges.
+            if not await _until(lambda: raw_count() == 4500 and done(4500)):
+                # Never counted twice, converged or not: the period tables hold at most what the
+                # raw table holds (before the ownership rules in aggregators/app.py, two owners of
+                # one partition rolled the same raw rows up twice: 5,000-5,550 against 4,500).
+                await asyncio.sleep(3)
+                assert _totals(client, db)[1] <= raw_count()
+                # KNOWN OPEN PROBLEM (issue 8): after the second aggregator leaves, the first
+                # one sometimes does not resume the partitions handed back within 120 s.
                 pytest.xfail("partitions handed back after a member left were not resumed in 120 s")
             await asyncio.sleep(2)
 
