@@ -60,6 +60,7 @@ from deploy.settings import IngestSettings
 from ingest.scope import KeyScope, ScopeCheck, ScopeLookup, ScopeStore
 from ingest.sdk import InvalidEvent, UsageProducer, prepare_event
 from query_api.credentials import CredentialStore, Principal, display_prefix
+from query_api.ratelimit import RateLimiter
 from schemas.events import EntityKind
 from schemas.validation import RejectCode, kafka_time, now_ms
 
@@ -91,50 +92,6 @@ class CredentialLookup(Protocol):
 
 
 # ---- in-process state (pure, thread-safe) -----------------------------------------------------
-
-
-class TokenBucket:
-    """``capacity`` tokens, refilled at ``rate_per_s``; one request takes one token."""
-
-    def __init__(self, capacity: float, rate_per_s: float, now: float) -> None:
-        self.capacity = capacity
-        self.rate = rate_per_s
-        self.tokens = capacity
-        self.updated = now
-
-    def take(self, now: float) -> float:
-        """0.0 if a token was taken, else the seconds until one is available."""
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
-
-
-class RateLimiter:
-    """One token bucket per credential: ``per_minute`` requests a minute, bursts up to that."""
-
-    def __init__(
-        self, per_minute: int, clock: Callable[[], float] = time.monotonic, max_keys: int = 10_000
-    ) -> None:
-        self._per_minute = per_minute
-        self._clock = clock
-        self._max_keys = max_keys
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def acquire(self, key: str) -> float:
-        """0.0 when allowed, else the seconds to wait (``Retry-After``)."""
-        now = self._clock()
-        with self._lock:
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                bucket = self._buckets[key] = TokenBucket(self._per_minute, self._per_minute / 60.0, now)
-                if len(self._buckets) > self._max_keys:
-                    self._buckets.popitem(last=False)  # the least recently used key starts afresh
-            self._buckets.move_to_end(key)
-            return bucket.take(now)
 
 
 class RecentIds:
@@ -373,8 +330,9 @@ def build_ingest_router(
     ``failed_auth_per_minute``: failed authentications allowed per client address (then 429),
     so guessing keys is slow."""
     router = APIRouter(tags=["ingest"])
-    limiter = RateLimiter(settings.ingest_rate_limit_per_minute, clock)
-    failures = RateLimiter(failed_auth_per_minute, clock)
+    # the query API's limiter: one token bucket per key, the same rules for both
+    limiter = RateLimiter(settings.ingest_rate_limit_per_minute, clock=clock)
+    failures = RateLimiter(failed_auth_per_minute, clock=clock)
     recent = RecentIds(recent_ids_capacity)
     max_events = settings.ingest_max_events_per_request
 
@@ -393,7 +351,7 @@ def build_ingest_router(
             ) from None
         if principal is None or not principal.active:
             wait = failures.acquire(request.client.host if request.client else "?")
-            if wait > 0:
+            if wait is not None:
                 raise _too_many("too many failed authentications from this address", wait)
             raise _HttpError(
                 401, "unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"}
@@ -483,7 +441,7 @@ def build_ingest_router(
         try:
             principal = await authenticate(request)
             wait = limiter.acquire(principal.credential_id)
-            if wait > 0:
+            if wait is not None:
                 raise _too_many(
                     f"at most {settings.ingest_rate_limit_per_minute} requests a minute per API key", wait
                 )

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -31,6 +30,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import orjson
+from cachetools import TTLCache
 from clickhouse_connect.driver.client import Client
 
 from query_api.errors import StorageError
@@ -191,26 +191,30 @@ def _rate(attrs: dict[str, Any], name: str, what: str) -> Decimal:
 
 
 class _TtlCache:
+    """Loaded values kept ``ttl_s`` seconds (cachetools' TTL cache: bounded, least recently
+    used out first); ``ttl_s <= 0`` caches nothing."""
+
     def __init__(self, ttl_s: float, max_items: int = 50_000) -> None:
         self._ttl = ttl_s
-        self._max = max_items
-        self._items: dict[tuple[Any, ...], tuple[float, Any]] = {}
+        self._items: TTLCache[tuple[Any, ...], Any] | None = (
+            TTLCache(maxsize=max_items, ttl=ttl_s) if ttl_s > 0 else None
+        )
         self._lock = threading.Lock()
 
     def get(self, key: tuple[Any, ...], load: Callable[[], T]) -> T:
-        if self._ttl <= 0:
+        if self._items is None:
             return load()
-        now = time.monotonic()
         with self._lock:
-            hit = self._items.get(key)
-            if hit is not None and now - hit[0] < self._ttl:
-                return hit[1]  # type: ignore[no-any-return]
+            hit = self._items.get(key, _MISSING)
+        if hit is not _MISSING:
+            return hit  # type: ignore[no-any-return]
         value = load()
         with self._lock:
-            if len(self._items) >= self._max:
-                self._items.clear()
-            self._items[key] = (now, value)
+            self._items[key] = value
         return value
+
+
+_MISSING = object()
 
 
 # ---- SQL fragments chosen by enums (never by user input) ------------------------------------------

@@ -23,9 +23,7 @@ from aggregators.direct import apply_events
 from deploy.settings import IngestSettings
 from ingest.http import (
     EVENTS_PATH,
-    RateLimiter,
     RecentIds,
-    TokenBucket,
     build_ingest_router,
     ingest_router,
     parse_body,
@@ -41,26 +39,6 @@ TENANT = "acme"
 
 
 # ---- pure parts -------------------------------------------------------------------------------
-
-
-def test_token_bucket_refills_at_its_rate() -> None:
-    bucket = TokenBucket(capacity=2, rate_per_s=0.5, now=0.0)
-    assert bucket.take(0.0) == 0.0
-    assert bucket.take(0.0) == 0.0
-    assert bucket.take(0.0) == pytest.approx(2.0)  # one token every 2 s
-    assert bucket.take(1.0) == pytest.approx(1.0)
-    assert bucket.take(2.0) == 0.0
-
-
-def test_rate_limiter_is_per_key() -> None:
-    now = [0.0]
-    limiter = RateLimiter(per_minute=2, clock=lambda: now[0])
-    assert [limiter.acquire("a") for _ in range(3)][:2] == [0.0, 0.0]
-    assert limiter.acquire("a") > 0
-    assert limiter.acquire("b") == 0.0
-    now[0] = 30.0  # half a minute: one more request for "a"
-    assert limiter.acquire("a") == 0.0
-    assert limiter.acquire("a") > 0
 
 
 def test_recent_ids_are_bounded() -> None:
