@@ -15,10 +15,12 @@ help:
 	@echo "make bench      pipeline and query benchmarks (prints figures, last line JSON)"
 	@echo "make lint | typecheck | kafka-up | kafka-down | migrate | schemas"
 
-$(STAMP): pyproject.toml
+# The client distribution (client/, `usage-metering-client`) holds the event models the server
+# imports too: installed first, from this checkout, never from a package index.
+$(STAMP): pyproject.toml client/pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/pip install -q --upgrade pip
-	@$(BIN)/pip install -q -e ".[dev]"
+	@$(BIN)/pip install -q -e ./client -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)
