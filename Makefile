@@ -29,10 +29,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/metering run
 
-test: $(STAMP)
+# promtool (alert rules) and redis-server (shared rate limits), for the tests: see the script.
+tools:
+	@bash deploy/tools/install-test-tools.sh
+.PHONY: tools
+
+test: $(STAMP) tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) tools
 	$(BIN)/python -m pytest -m "not kafka and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)

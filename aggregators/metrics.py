@@ -28,6 +28,12 @@ STALLED = Gauge(  # (a counter named ..._stalled_seconds_total claims ..._stalle
     "How long the current batch has been retried; 0 while batches flow",
 )
 CONSUMER_LAG = Gauge("metering_consumer_lag", "Messages behind the log end", ["partition"])
+TENANT_FRESHNESS = Gauge(  # set where freshness is written: BatchProcessor.process, step 6
+    "metering_tenant_freshness_seconds",
+    "For the tenant's last applied batch: seconds from the ingest accepting its oldest event "
+    "(the Kafka message timestamp) to the tenant's tables being refreshed with it",
+    ["tenant"],
+)
 BATCHES = Counter("metering_batches_total", "Batches processed")
 INGEST_REQUESTS = Counter("metering_ingest_requests_total", "HTTP ingest requests", ["status"])
 

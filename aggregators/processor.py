@@ -173,7 +173,8 @@ class BatchProcessor:
         for r in rows:
             if r.time > last_time.get(r.tenant, datetime.min.replace(tzinfo=UTC)):
                 last_time[r.tenant] = r.time
-        self.writer.touch_freshness(last_time, self.clock())
+        refreshed = self.clock()
+        self.writer.touch_freshness(last_time, refreshed)
         self.bloom.add(hashes)  # hashed once, in _new_rows
         stats.tenants = set(last_time)
 
@@ -187,6 +188,7 @@ class BatchProcessor:
         for table, n in applied.items():
             metrics.ROWS_WRITTEN.labels(table.value).inc(n)
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
+        _record_freshness(rows, fresh, refreshed)
         checkpoint(CrashPoint.AFTER_BATCH)
         return stats
 
@@ -296,6 +298,21 @@ class BatchProcessor:
         self._stall_started = None
         self.stalled_since = None
         self.last_error = None
+
+
+def _record_freshness(rows: Sequence[RawRow], messages: Sequence[SourceMessage], refreshed: datetime) -> None:
+    """``metering_tenant_freshness_seconds`` of every tenant written: from the ingest accepting
+    the tenant's oldest event of the batch (its Kafka message's timestamp, the instant the ingest
+    judged it by) to ``refreshed``, when the tenant's tables were refreshed with it."""
+    accepted = {(m.partition, m.offset): m.timestamp_ms for m in messages}
+    oldest: dict[str, int] = {}
+    for r in rows:
+        ts = accepted.get((r.partition, r.offset))
+        if ts is not None and ts < oldest.get(r.tenant, ts + 1):
+            oldest[r.tenant] = ts
+    refreshed_ms = refreshed.timestamp() * 1000
+    for tenant, ts in oldest.items():
+        metrics.TENANT_FRESHNESS.labels(tenant).set(max(0.0, (refreshed_ms - ts) / 1000))
 
 
 def _storage_rejects(

@@ -163,7 +163,8 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
             # The admin API's credential: METERING_ADMIN_TOKEN, or one generated for this run.
             settings, admin_token = ensure_admin_token(settings)
         server = None
-        if parts & {Part.INGEST, Part.QUERY}:
+        # Every process serves HTTP: an aggregator alone serves /healthz, /readyz and /metrics only.
+        if parts & {Part.INGEST, Part.QUERY, Part.AGGREGATOR}:
             app, http_closers = build_http_app(settings, client, bootstrap, parts, faust_app, processor)
             closers.extend(http_closers)
             # Timeouts and a concurrency limit from the settings: slow clients cannot hold it.
@@ -189,6 +190,9 @@ def _banner(settings: Any, bootstrap: str, parts: set[Part], admin_token: str = 
     if parts & {Part.INGEST, Part.QUERY}:
         base = f"http://{settings.http_host}:{settings.http_port}"
         lines.append(f"  HTTP API      {base}  (docs {base}/docs, readiness {base}/readyz)")
+    else:
+        base = f"http://{settings.http_host}:{settings.http_port}"
+        lines.append(f"  Health        {base}/readyz  metrics {base}/metrics")
     if admin_token:
         lines.append(f"  Admin API     {base}/admin/v1  token {admin_token}")
     lines.append(

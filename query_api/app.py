@@ -18,6 +18,7 @@ from deploy.settings import QuerySettings
 from query_api.credentials import CredentialStore
 from query_api.deps import Services
 from query_api.errors import ErrorStyle, install_error_handlers, style_for
+from query_api.http_metrics import HttpMetrics
 from query_api.ratelimit import RateLimiter
 from query_api.reader import Reader
 from query_api.routers import (
@@ -64,6 +65,7 @@ def create_app(
         redoc_url=None,
     )
     install_error_handlers(app)
+    app.add_middleware(HttpMetrics)  # metering_http_requests_total / _duration_seconds, every route
     if include_query:
         database = settings.clickhouse_database
         ttl = settings.query_cache_ttl_s
