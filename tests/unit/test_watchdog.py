@@ -1,0 +1,136 @@
+"""The partition watchdog (aggregators/watchdog.py): pure logic, the clock passed in."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import REGISTRY, generate_latest
+
+from aggregators.watchdog import Action, Observation, Stall, Watchdog, describe
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def dog(timeout: float = 30.0) -> tuple[Watchdog, Clock]:
+    clock = Clock()
+    return Watchdog(timeout, clock), clock
+
+
+def ob(lane: int, end: int, nxt: int) -> Observation:
+    return Observation(lane, end, nxt)
+
+
+def actions(stalls: list[Stall]) -> list[tuple[int, Action | None]]:
+    return [(s.lane, s.action) for s in stalls]
+
+
+def test_a_lane_with_nothing_to_consume_is_never_stalled() -> None:
+    w, clock = dog()
+    w.own([0])
+    for _ in range(10):
+        clock.now += 60
+        assert w.observe([ob(0, 100, 100)]) == []
+    assert w.stalls() == []
+    assert w.since_progress() == {0: 0.0}  # seen caught up: progress
+
+
+def test_a_lane_behind_without_progress_is_reseeked_after_the_timeout_then_restarted() -> None:
+    w, clock = dog(30)
+    w.own([0, 1])
+    clock.now += 29.9
+    assert w.observe([ob(0, 100, 40), ob(1, 5, 5)]) == []
+    clock.now += 0.1
+    got = w.observe([ob(0, 100, 40), ob(1, 5, 5)])
+    assert actions(got) == [(0, Action.RESEEK)]
+    assert got[0].lag == 60 and got[0].stalled_s == pytest.approx(30)
+    # the reseek is given a timeout to work: no second action before
+    clock.now += 29
+    assert w.observe([ob(0, 100, 40)]) == []
+    assert actions(w.stalls()) == [(0, None)]  # still reported as stalled
+    clock.now += 1
+    assert actions(w.observe([ob(0, 100, 40)])) == [(0, Action.RESTART)]
+    # and again every timeout while it lasts
+    clock.now += 30
+    assert actions(w.observe([ob(0, 100, 40)])) == [(0, Action.RESTART)]
+
+
+def test_progress_ends_a_stall_and_the_next_one_starts_with_a_reseek() -> None:
+    w, clock = dog(10)
+    w.own([3])
+    clock.now += 10
+    assert actions(w.observe([ob(3, 50, 0)])) == [(3, Action.RESEEK)]
+    clock.now += 2
+    w.progressed([3])  # the reseek worked
+    assert w.stalls() == []
+    clock.now += 9
+    assert w.observe([ob(3, 60, 20)]) == []
+    clock.now += 1
+    assert actions(w.observe([ob(3, 60, 20)])) == [(3, Action.RESEEK)]
+
+
+def test_steady_progress_is_no_stall_however_far_behind() -> None:
+    w, clock = dog(5)
+    w.own([0])
+    for i in range(20):
+        clock.now += 4
+        w.progressed([0])
+        assert w.observe([ob(0, 10_000, i * 10)]) == []
+
+
+def test_busy_holds_the_clock_an_outage_is_not_a_consumer_stall() -> None:
+    w, clock = dog(10)
+    w.own([0, 1])
+    for _ in range(6):  # a batch retried through a 60 s ClickHouse outage
+        clock.now += 10
+        assert w.observe([ob(0, 100, 0), ob(1, 100, 0)], busy=True) == []
+    # the outage is over; the stall clock starts again from the end of it
+    clock.now += 9
+    assert w.observe([ob(0, 100, 0), ob(1, 100, 0)]) == []
+    clock.now += 1
+    assert actions(w.observe([ob(0, 100, 0), ob(1, 100, 0)])) == [(0, Action.RESEEK), (1, Action.RESEEK)]
+    # the metric says the truth meanwhile: no progress for 70 s
+    assert w.since_progress() == {0: 70.0, 1: 70.0}
+
+
+def test_an_assignment_restarts_the_clocks_and_forgets_lanes_gone() -> None:
+    w, clock = dog(10)
+    w.own([0, 1])
+    clock.now += 10
+    assert actions(w.observe([ob(0, 9, 0), ob(1, 9, 0)])) == [(0, Action.RESEEK), (1, Action.RESEEK)]
+    w.own([1, 2])  # a rebalance: faust seeks every partition to its committed offset
+    assert [s.lane for s in w.stalls()] == [1]
+    clock.now += 5
+    assert w.observe([ob(0, 9, 0), ob(1, 9, 0), ob(2, 9, 0)]) == []  # 0 is not ours any more
+    assert set(w.since_progress()) == {1, 2}
+    clock.now += 5
+    # lane 1 was being healed before the rebalance: the escalation goes on
+    assert actions(w.observe([ob(1, 9, 0), ob(2, 9, 0)])) == [(1, Action.RESTART), (2, Action.RESEEK)]
+
+
+def test_lanes_not_owned_are_ignored_and_control_lanes_count() -> None:
+    w, clock = dog(1)
+    w.own([-1])
+    clock.now += 1
+    assert actions(w.observe([ob(5, 10, 0), ob(-1, 3, 1)])) == [(-1, Action.RESEEK)]
+    assert describe(w.stalls()) == "stalled: partition -1 (2 behind, 1s)"
+    assert describe([]) == ""
+
+
+def test_the_metrics_are_exported() -> None:
+    w, clock = dog(1)
+    w.own([7])
+    clock.now += 4
+    text = generate_latest(REGISTRY).decode()
+    assert 'metering_partition_last_progress_seconds{partition="7"} 4.0' in text
+    assert 'metering_partition_stalls_total{action="reseek"}' in text
+    assert 'metering_partition_stalls_total{action="restart"}' in text
+
+
+def test_a_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        Watchdog(0)
