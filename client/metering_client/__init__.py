@@ -13,6 +13,7 @@ See docs/sdk.md. Imports pydantic and httpx only, nothing of the server.
 
 from metering_client.client import AsyncMeteringClient, MeteringClient, QueuePolicy, build_usage_event
 from metering_client.events import Event, EventType
+from metering_client.kafka import KafkaTransport, connect
 from metering_client.prepare import IngestError, InvalidEvent
 from metering_client.results import (
     ClientClosed,
@@ -43,6 +44,7 @@ __all__ = [
     "HttpTransport",
     "IngestError",
     "InvalidEvent",
+    "KafkaTransport",
     "MeteringClient",
     "Outcome",
     "QueueFull",
@@ -51,4 +53,5 @@ __all__ = [
     "Status",
     "Transport",
     "build_usage_event",
+    "connect",
 ]
