@@ -170,9 +170,14 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
             # Timeouts and a concurrency limit from the settings: slow clients cannot hold it.
             server = _Server(server_config(app, settings))
             server_task = asyncio.create_task(server.serve())
-        print(_banner(settings, bootstrap, parts, admin_token), flush=True)
+        # The SQL endpoint for analysts, when this process holds the embedded engine (issue 9).
+        sql_server, sql_task, sql_line = await _start_sql_endpoint(settings, parts, closers)
+        print(_banner(settings, bootstrap, parts, admin_token) + sql_line, flush=True)
         await stop.wait()
         print("stopping…", flush=True)
+        if sql_server is not None:
+            sql_server.should_exit = True
+            await sql_task
         if server is not None:
             server.should_exit = True
             await server_task
@@ -183,6 +188,25 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
             with contextlib.suppress(Exception):
                 closer.close()
     print("stopped.", flush=True)
+
+
+async def _start_sql_endpoint(settings: Any, parts: set[Part], closers: list[Any]) -> tuple[Any, Any, str]:
+    """The SQL endpoint's server and task (None when off: query_api/sql_endpoint.py logs why),
+    and a banner line."""
+    if Part.QUERY not in parts:
+        return None, None, ""
+    from query_api.sql_endpoint import bind_socket, build_sql_app, open_endpoint, sql_server_config
+
+    sock = bind_socket(settings) if settings.sql_enabled and settings.embedded_clickhouse else None
+    endpoint = await asyncio.to_thread(open_endpoint, settings)
+    if endpoint is None or sock is None:
+        return None, None, ""
+    closers.append(endpoint.engine)
+    server = _Server(sql_server_config(build_sql_app(endpoint), settings))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    where = f"http://{settings.sql_host}:{sock.getsockname()[1]}"
+    how = "ClickHouse HTTP, read-only; user analyst, key from `metering admin analyst-key create`"
+    return server, task, f"\n  SQL endpoint  {where}  ({how})"
 
 
 def _banner(settings: Any, bootstrap: str, parts: set[Part], admin_token: str = "") -> str:

@@ -161,8 +161,36 @@ class AdminCliSettings(CommonSettings, HttpSettings, AdminTokenSettings):
     """``metering admin``: Kafka (it sends lifecycle events) and the admin API (it reads)."""
 
 
-class QuerySettings(CommonSettings, HttpSettings, AdminTokenSettings):
-    """The query API process (and the admin API)."""
+class SqlSettings(BaseSettings):
+    """The SQL endpoint: ClickHouse's HTTP interface for analysts, served on the embedded engine
+    by the process that holds it (query_api/sql_endpoint.py). Off with a ClickHouse server:
+    analysts query the server. Every limit is set on the endpoint's engine handles before they
+    are made read-only, so no client can raise one."""
+
+    model_config = SettingsConfigDict(env_prefix="METERING_", env_file=".env", extra="ignore")
+
+    sql_enabled: bool = Field(default=True, description="Serve the SQL endpoint (embedded engine only).")
+    sql_host: str = "127.0.0.1"
+    sql_port: int = Field(default=8123, ge=0, le=65535, description="Port of the SQL endpoint.")
+    sql_keys_file: Path = Field(
+        default=DEFAULT_CACHE / "analyst-keys.json",
+        description="Hashes of the analyst keys (`metering admin analyst-key`), mode 0600.",
+    )
+    sql_max_execution_time_s: int = Field(default=60, ge=1, description="max_execution_time of a query.")
+    sql_max_result_rows: int = Field(default=10_000_000, ge=1, description="max_result_rows of a query.")
+    sql_max_result_bytes: int = Field(default=1 << 30, ge=1, description="max_result_bytes of a query.")
+    sql_max_memory_usage: int = Field(default=2 << 30, ge=1, description="max_memory_usage of a query.")
+    sql_max_threads: int = Field(default=1, ge=1, description="Threads of one query: a bounded share.")
+    sql_max_concurrent_queries: int = Field(
+        default=2, ge=1, description="Queries run at once (one engine handle each); more wait their turn."
+    )
+    sql_queue_timeout_s: float = Field(
+        default=10.0, gt=0, description="A query waiting this long for a handle gets code 202."
+    )
+
+
+class QuerySettings(CommonSettings, HttpSettings, AdminTokenSettings, SqlSettings):
+    """The query API process (and the admin API, and the SQL endpoint on the embedded engine)."""
 
     query_rate_limit_per_minute: int = Field(default=600, ge=1, description="Per credential.")
     query_cache_ttl_s: float = Field(default=2.0, ge=0, description="Credential/entity cache lifetime.")
