@@ -103,6 +103,19 @@ class HttpSettings(BaseSettings):
     http_limit_concurrency: int = Field(
         default=1000, ge=1, description="Open connections or running requests beyond which requests get 503."
     )
+    rate_limit_storage: SecretStr = Field(
+        default=SecretStr("memory://"),
+        description="Where rate-limit counts live: memory:// (each process its own) or "
+        "redis://[:password@]host:6379/0 (one limit shared by every process using it; deploy/README.md).",
+    )
+
+    @field_validator("rate_limit_storage")
+    @classmethod
+    def _rate_limit_scheme(cls, v: SecretStr) -> SecretStr:
+        scheme = v.get_secret_value().partition("://")[0].lower()
+        if scheme not in ("memory", "redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster"):
+            raise ValueError("rate_limit_storage must be memory:// or a redis:// (rediss://...) URI")
+        return v
 
 
 class IngestSettings(CommonSettings, HttpSettings):

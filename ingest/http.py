@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
@@ -319,7 +318,6 @@ def build_ingest_router(
     settings: IngestSettings,
     *,
     get_scopes: Callable[[], ScopeLookup],
-    clock: Callable[[], float] = time.monotonic,
     recent_ids_capacity: int = 100_000,
     failed_auth_per_minute: int = 60,
 ) -> APIRouter:
@@ -330,9 +328,10 @@ def build_ingest_router(
     ``failed_auth_per_minute``: failed authentications allowed per client address (then 429),
     so guessing keys is slow."""
     router = APIRouter(tags=["ingest"])
-    # the query API's limiter: one token bucket per key, the same rules for both
-    limiter = RateLimiter(settings.ingest_rate_limit_per_minute, clock=clock)
-    failures = RateLimiter(failed_auth_per_minute, clock=clock)
+    # the query API's limiter (query_api/ratelimit.py), the same rules and storage for both
+    limits_at = settings.rate_limit_storage.get_secret_value()
+    limiter = RateLimiter(settings.ingest_rate_limit_per_minute, storage=limits_at, name="ingest")
+    failures = RateLimiter(failed_auth_per_minute, storage=limits_at, name="ingest-auth-failures")
     recent = RecentIds(recent_ids_capacity)
     max_events = settings.ingest_max_events_per_request
 

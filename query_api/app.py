@@ -69,13 +69,16 @@ def create_app(
     if include_query:
         database = settings.clickhouse_database
         ttl = settings.query_cache_ttl_s
+        limits_at = settings.rate_limit_storage.get_secret_value()  # memory:// or shared (Redis)
         app.state.services = Services(
             settings=settings,
             client=client,
             store=CredentialStore(client, database, ttl_s=ttl),
             reader=Reader(client, database, cache_ttl_s=ttl),
-            limiter=RateLimiter(settings.query_rate_limit_per_minute),
-            failures=RateLimiter(settings.query_rate_limit_per_minute),
+            limiter=RateLimiter(settings.query_rate_limit_per_minute, storage=limits_at, name="query"),
+            failures=RateLimiter(
+                settings.query_rate_limit_per_minute, storage=limits_at, name="query-auth-failures"
+            ),
         )
         for router in DOCUMENTED_ROUTERS:
             app.include_router(router)
