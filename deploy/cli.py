@@ -105,6 +105,10 @@ def _register_optional() -> None:
     app.command()(load)
     app.command()(demo)
     app.add_typer(admin_app, name="admin")  # its help: ingest/cli.py
+    from deploy.sql_cli import analyst_key_app, sql
+
+    app.command()(sql)
+    admin_app.add_typer(analyst_key_app, name="analyst-key")
 
 
 _register_optional()

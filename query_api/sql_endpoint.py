@@ -198,7 +198,9 @@ class SqlEndpoint:
         return PlainTextResponse(body, status_code=http_status(code), headers=headers)
 
     @staticmethod
-    def _summary(read_rows: int, read_bytes: int, result_rows: int, result_bytes: int, elapsed_s: float) -> str:
+    def _summary(
+        read_rows: int, read_bytes: int, result_rows: int, result_bytes: int, elapsed_s: float
+    ) -> str:
         return orjson.dumps(
             {
                 "read_rows": str(read_rows),
