@@ -56,6 +56,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from deploy.settings import IngestSettings
+from ingest.openapi import ingest_openapi
 from ingest.scope import KeyScope, ScopeCheck, ScopeLookup, ScopeStore
 from ingest.sdk import InvalidEvent, UsageProducer, prepare_event
 from query_api.credentials import CredentialStore, Principal, display_prefix
@@ -416,25 +417,8 @@ def build_ingest_router(
         EVENTS_PATH,
         status_code=202,
         summary="Ingest usage and lifecycle events",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    JSON_MEDIA_TYPE: {
-                        "schema": {
-                            "oneOf": [
-                                {"type": "object", "description": "one CloudEvent"},
-                                {"type": "array", "items": {"type": "object"}, "maxItems": max_events},
-                            ]
-                        }
-                    },
-                    CLOUDEVENT_MEDIA_TYPE: {"schema": {"type": "object", "description": "one CloudEvent"}},
-                    CLOUDEVENTS_BATCH_MEDIA_TYPE: {
-                        "schema": {"type": "array", "items": {"type": "object"}, "maxItems": max_events}
-                    },
-                },
-            }
-        },
+        # the typed request body and every answer (ingest/openapi.py), for generated clients
+        openapi_extra=ingest_openapi(max_events),
     )
     async def ingest_events(request: Request) -> Response:
         try:
