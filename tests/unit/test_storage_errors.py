@@ -221,8 +221,8 @@ def test_a_stall_is_visible_while_it_lasts_and_counted() -> None:
 def test_a_stop_during_a_stall_returns_none() -> None:
     proc = FlakyProcessor([db_error(60, "no table")] * 100)
     assert proc.process_with_retry([], lambda: True) is None
-    assert proc.stalled_since is not None and "no table" in str(proc.last_error)
-    proc._flowing()  # (the stall gauge reports every live processor of this process)
+    # given up: the processor waits on nothing any more, so it reports no stall
+    assert proc.stalled_since is None and proc.last_error is None and proc.stalled_seconds() == 0
 
 
 def test_readyz_shows_a_stalled_aggregator_as_degraded_and_stays_200() -> None:
