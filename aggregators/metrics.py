@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import weakref
 from typing import Protocol
 
@@ -52,3 +54,29 @@ def watch_stall(source: _Stalls) -> None:
 
 
 STALLED.set_function(lambda: max((s.stalled_seconds() for s in list(_stall_sources)), default=0.0))
+
+FRESHNESS_FORGET_S = 300.0
+_freshness_set_at: dict[str, float] = {}  # tenant -> monotonic time its freshness was last set
+_freshness_lock = threading.Lock()
+
+
+def record_tenant_freshness(seconds: dict[str, float], now: float | None = None) -> None:
+    """Set TENANT_FRESHNESS for the tenants of a batch, and forget tenants no batch has refreshed
+    for ``FRESHNESS_FORGET_S``: a tenant that stopped sending would otherwise keep its last value,
+    and a slow last batch would hold the freshness alert firing forever."""
+    now = time.monotonic() if now is None else now
+    with _freshness_lock:
+        for tenant, value in seconds.items():
+            TENANT_FRESHNESS.labels(tenant).set(value)
+            _freshness_set_at[tenant] = now
+        for tenant, at in list(_freshness_set_at.items()):
+            if now - at > FRESHNESS_FORGET_S:
+                TENANT_FRESHNESS.remove(tenant)
+                del _freshness_set_at[tenant]
+
+
+def forget_lag(lanes: list[int]) -> None:
+    """Drop the CONSUMER_LAG series of lanes this process no longer owns: their new owner reports
+    them, and a frozen value left here would look like a partition that makes no progress."""
+    for lane in lanes:
+        CONSUMER_LAG.remove(str(lane))  # (a lane never reported here: nothing to remove)

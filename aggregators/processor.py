@@ -128,6 +128,7 @@ class BatchProcessor:
         # The Bloom filter may keep their ids: extra entries only cost an exact check.
         self.writer.forget(partitions)
         self._bloom_partitions.difference_update(partitions)
+        metrics.forget_lag(list(partitions))
 
     # ---- the batch ----------------------------------------------------------------------------
 
@@ -311,8 +312,7 @@ def _record_freshness(rows: Sequence[RawRow], messages: Sequence[SourceMessage],
         if ts is not None and ts < oldest.get(r.tenant, ts + 1):
             oldest[r.tenant] = ts
     refreshed_ms = refreshed.timestamp() * 1000
-    for tenant, ts in oldest.items():
-        metrics.TENANT_FRESHNESS.labels(tenant).set(max(0.0, (refreshed_ms - ts) / 1000))
+    metrics.record_tenant_freshness({t: max(0.0, (refreshed_ms - ts) / 1000) for t, ts in oldest.items()})
 
 
 def _storage_rejects(

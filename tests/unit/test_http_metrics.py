@@ -1,5 +1,6 @@
-"""HTTP request metrics: counted by method, route template (never the raw path) and status; and
-the per-tenant freshness gauge the aggregator sets where it writes freshness."""
+"""HTTP request metrics: counted by method, route template (never the raw path) and status; the
+per-tenant freshness gauge the aggregator sets where it writes freshness (an idle tenant's is
+forgotten); a revoked partition's lag series is dropped."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
+from aggregators import metrics
 from aggregators.decode import RawRow, SourceMessage
 from aggregators.processor import _record_freshness
 from query_api.http_metrics import UNMATCHED, HttpMetrics
@@ -88,3 +90,17 @@ def test_freshness_is_measured_from_the_oldest_accepted_event_per_tenant() -> No
     gauge = "metering_tenant_freshness_seconds"
     assert REGISTRY.get_sample_value(gauge, {"tenant": "fresh-a"}) == 7.0
     assert REGISTRY.get_sample_value(gauge, {"tenant": "fresh-b"}) == 0.5
+
+
+def test_an_idle_tenants_freshness_is_forgotten_and_a_revoked_lanes_lag_dropped() -> None:
+    gauge = "metering_tenant_freshness_seconds"
+    metrics.record_tenant_freshness({"idle-t": 70.0, "busy-t": 1.0}, now=1_000.0)
+    metrics.record_tenant_freshness({"busy-t": 2.0}, now=1_000.0 + metrics.FRESHNESS_FORGET_S / 2)
+    assert REGISTRY.get_sample_value(gauge, {"tenant": "idle-t"}) == 70.0
+    metrics.record_tenant_freshness({"busy-t": 3.0}, now=1_000.0 + metrics.FRESHNESS_FORGET_S + 1)
+    assert REGISTRY.get_sample_value(gauge, {"tenant": "idle-t"}) is None  # its last value no longer stands
+    assert REGISTRY.get_sample_value(gauge, {"tenant": "busy-t"}) == 3.0
+
+    metrics.CONSUMER_LAG.labels("7").set(500)
+    metrics.forget_lag([7, 8])  # 8 was never reported here
+    assert REGISTRY.get_sample_value("metering_consumer_lag", {"partition": "7"}) is None
