@@ -241,6 +241,9 @@ class BatchProcessor:
                 log.warning("applying batch failed (%s); retrying in %.1fs", self.last_error, delay)
                 self.writer.forget()
                 if self._wait(delay, should_stop):
+                    # Given up (a stop, or the batch's partitions went to another process): this
+                    # processor no longer waits on anything, so it reports no stall.
+                    self._end_stall()
                     return None
                 delay = min(max_backoff_s, delay * 2)
                 continue
@@ -294,8 +297,12 @@ class BatchProcessor:
 
     def _flowing(self) -> None:
         if self._stall_started is not None:
-            self._count_stall(time.monotonic())
             log.info("batches flow again after a stall of %.1fs", self.stalled_seconds())
+        self._end_stall()
+
+    def _end_stall(self) -> None:
+        if self._stall_started is not None:
+            self._count_stall(time.monotonic())
         self._stall_started = None
         self.stalled_since = None
         self.last_error = None
