@@ -29,12 +29,14 @@ in emission order, and a service sees one backlog, not a reordering.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import random
 import threading
 import time as _time
 import uuid
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -74,6 +76,8 @@ DEFAULT_BLOCK_TIMEOUT_S = 10.0
 #: Failures kept for ``flush()`` to raise; beyond that they are counted (``DeliveryFailed.omitted``)
 #: and still reach ``on_failure`` and ``metrics``.
 MAX_KEPT_FAILURES = 10_000
+#: At interpreter exit, how long each client still open may take to send its queue.
+EXIT_TIMEOUT_S = 10.0
 
 
 class QueuePolicy(StrEnum):
@@ -350,6 +354,7 @@ class MeteringClient(_Base, UsageHelpers[str]):
         self._sleep = sleep
         self._worker = threading.Thread(target=self._run, name="metering-client", daemon=True)
         self._worker.start()
+        _OPEN.add(self)
 
     # -- public API --
 
@@ -420,6 +425,7 @@ class MeteringClient(_Base, UsageHelpers[str]):
             self._queued_bytes = 0
         if leftover:
             self._ledger.record(self._unsent(leftover))
+        _OPEN.discard(self)
         self.transport.close()
         failed = self._ledger.take_failures()
         if failed is not None:
@@ -493,6 +499,22 @@ class MeteringClient(_Base, UsageHelpers[str]):
                 self._sleep(delay)
             elif self._stop_retrying.wait(delay):
                 return self._gave_up(attempt, outcome.retry).final_results(ids)
+
+
+#: Thread-based clients not closed yet: closed at interpreter exit, so that a service that forgets
+#: ``close()`` still sends its queue (the worker is a daemon thread, which exit would stop).
+_OPEN: weakref.WeakSet[MeteringClient] = weakref.WeakSet()
+
+
+@atexit.register
+def close_open_clients(timeout: float = EXIT_TIMEOUT_S) -> None:
+    """Close every ``MeteringClient`` still open, each given ``timeout`` seconds; what is not
+    delivered is logged as an error (there is no caller left to raise to)."""
+    for client in list(_OPEN):
+        try:
+            client.close(timeout)
+        except DeliveryFailed as failed:
+            log.error("at exit: %s", failed)
 
 
 # ---- the asyncio client -----------------------------------------------------------------------

@@ -494,3 +494,17 @@ def test_async_queue_full_raise_and_closed() -> None:
             await client.emit(cpu_event(4))
 
     asyncio.run(main())
+
+
+def test_a_client_left_open_is_closed_at_exit(caplog: pytest.LogCaptureFixture) -> None:
+    from metering_client.client import close_open_clients
+
+    fake = FakeIngest(reject={"e-1": "out_of_scope"})
+    client = make_client(fake, linger_s=60.0)
+    client.emit(cpu_event(0))
+    client.emit(cpu_event(1))
+    close_open_clients()  # what atexit runs
+    assert fake.counted == ["e-0"]
+    assert "at exit" in caplog.text and "e-1" in caplog.text
+    with pytest.raises(ClientClosed):
+        client.emit(cpu_event(2))
