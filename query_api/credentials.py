@@ -107,7 +107,7 @@ class CredentialStore:
         tenant, entity_id, stored, status, workspace_id, email, expires_at, attrs = rows[0]
         if not hmac.compare_digest(str(stored), digest):
             return None
-        extra: dict[str, Any] = orjson.loads(attrs) if attrs else {}
+        extra = _attrs(attrs)
         if expires_at is not None and expires_at.tzinfo is None:
             expires_at = expires_at.replace(tzinfo=UTC)
         return Principal(
@@ -121,3 +121,16 @@ class CredentialStore:
             status=str(status),
             expires_at=expires_at,
         )
+
+
+def _attrs(text: str | None) -> dict[str, Any]:
+    """A credential's ``attrs``: a JSON object as the projection writes it. Anything else (a row
+    written by hand, or by a bug) reads as no attributes, so the credential gets the narrowest
+    defaults (scope ``member``, no member id) instead of failing every request with a 500."""
+    if not text:
+        return {}
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}

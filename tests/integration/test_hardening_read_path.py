@@ -549,3 +549,23 @@ def test_meter_query_extremes(env: Env) -> None:
     with localcontext(prec=PREC):
         mean = half_up(exact_sum(TWO_MAX) / 6, 9)
     assert meter(env, "workstation_memory_gb_avg", group_by="workstation_id") == {big: mean}
+
+
+# ---- credentials ------------------------------------------------------------------------------------
+
+
+def test_a_key_with_unreadable_attributes_is_refused_not_a_500(env: Env, clickhouse: tuple[Any, str]) -> None:
+    """A key row whose ``attrs`` is not a JSON object (written by hand, or by a bug) reads as the
+    narrowest key (member scope, no member): document 003 refuses it; nothing answers 5xx."""
+    client, database = clickhouse
+    key_hash = hash_secret(env.w.secrets["ws_key"])
+    key_id = client.command(
+        f"SELECT entity_id FROM {database}.entities FINAL WHERE kind = 'api_key' AND secret_hash = {{h:String}}",
+        parameters={"h": key_hash},
+    )
+    assert ok(env.http.get("/v1/workspace/usage", headers=bearer(env.w.secrets["ws_key"])))  # before
+    Store(client, database, env.w.tenant).entity_attrs("api_key", str(key_id), "{not json")
+    r = env.http.get("/v1/workspace/usage", headers=bearer(env.w.secrets["ws_key"]))
+    assert r.status_code in (401, 403), r.text
+    r = env.http.get("/api/v1/usage/", headers={"Authorization": f"Token {env.w.secrets['ws_key']}"})
+    assert r.status_code < 500, r.text
