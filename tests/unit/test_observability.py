@@ -160,6 +160,7 @@ def test_every_alert_has_a_runbook_and_names_real_metrics() -> None:
     assert {
         "MeteringConsumerLagGrowing",
         "MeteringPartitionNoProgress",
+        "MeteringPartitionStalled",
         "MeteringFreshnessOver60s",
         "MeteringDeadLettersHigh",
         "MeteringClickHouseErrors",
