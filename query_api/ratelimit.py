@@ -13,7 +13,7 @@ Where the counts live is the storage URI (``METERING_RATE_LIMIT_STORAGE``): ``me
 default) keeps them in this process, so with several processes behind a balancer each allows the
 full limit; ``redis://host:6379/0`` (or ``rediss://``, ``redis+sentinel://``, ``redis+cluster://``)
 keeps them in Redis, so all the processes using it share one limit (deploy/README.md, "Rate
-limits"). Counts in Redis expire by themselves after two minutes.
+limits"). Counts in Redis expire by themselves a minute after the last request.
 
 When the shared storage cannot be reached, requests are *admitted*: refusing every request (or
 answering 500) because Redis is down would turn a limiter outage into an ingest outage, and
