@@ -191,18 +191,27 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
 
 
 async def _start_sql_endpoint(settings: Any, parts: set[Part], closers: list[Any]) -> tuple[Any, Any, str]:
-    """The SQL endpoint's server and task (None when off: query_api/sql_endpoint.py logs why),
-    and a banner line."""
+    """The SQL endpoint's server and task, and a banner line. It is an analysts' convenience: when
+    it is off (by setting, with a ClickHouse server, or its port is taken) the pipeline still
+    starts, and the log and the banner say why."""
     if Part.QUERY not in parts:
         return None, None, ""
-    from query_api.sql_endpoint import bind_socket, build_sql_app, open_endpoint, sql_server_config
+    from query_api import sql_endpoint as sql
 
-    sock = bind_socket(settings) if settings.sql_enabled and settings.embedded_clickhouse else None
-    endpoint = await asyncio.to_thread(open_endpoint, settings)
-    if endpoint is None or sock is None:
-        return None, None, ""
+    if not settings.sql_enabled:
+        return None, None, "\n  SQL endpoint  off (METERING_SQL_ENABLED=false)"
+    if not settings.embedded_clickhouse:
+        await asyncio.to_thread(sql.open_endpoint, settings)  # logs why it is off
+        return None, None, "\n  SQL endpoint  off: analysts query the ClickHouse server itself"
+    try:
+        sock = sql.bind_socket(settings)
+    except sql.SqlPortTaken as exc:
+        log.warning("SQL endpoint off: %s", exc)
+        return None, None, f"\n  SQL endpoint  off: {exc}"
+    endpoint = await asyncio.to_thread(sql.open_endpoint, settings)
+    assert endpoint is not None
     closers.append(endpoint.engine)
-    server = _Server(sql_server_config(build_sql_app(endpoint), settings))
+    server = _Server(sql.sql_server_config(sql.build_sql_app(endpoint), settings))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     where = f"http://{settings.sql_host}:{sock.getsockname()[1]}"
     how = "ClickHouse HTTP, read-only; user analyst, key from `metering admin analyst-key create`"
