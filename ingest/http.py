@@ -52,6 +52,7 @@ from typing import Any, Protocol
 
 import orjson
 from fastapi import APIRouter, Request, Response
+from prometheus_client import Counter
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -68,6 +69,14 @@ log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/api/v1/events"
 RETRY_AFTER_UNAVAILABLE_S = 5
+
+EVENTS_ANSWERED = Counter(
+    "metering_ingest_events_total",
+    "Events in 202 answers of the HTTP ingest, by their status (accepted: in Kafka)",
+    ["status"],
+)
+for _status in ("accepted", "duplicate", "rejected"):
+    EVENTS_ANSWERED.labels(_status)  # every series exists from the start, at 0
 
 
 class BatchSender(Protocol):
@@ -486,6 +495,8 @@ def build_ingest_router(
         counts = {
             s: sum(1 for r in results if r["status"] == s) for s in ("accepted", "duplicate", "rejected")
         }
+        for status, n in counts.items():
+            EVENTS_ANSWERED.labels(status).inc(n)
         body_out = {
             "results": results,
             "accepted": counts["accepted"],

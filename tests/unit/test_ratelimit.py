@@ -146,10 +146,12 @@ def test_two_ingest_processes_share_the_per_key_limit(redis_uri: str) -> None:
     def send(client: TestClient, n: int) -> httpx.Response:
         return client.post(EVENTS_PATH, json=event(f"e-{n}"), headers=AUTH)
 
+    accepted = REGISTRY.get_sample_value("metering_ingest_events_total", {"status": "accepted"}) or 0.0
     with TestClient(ingest_app()) as one, TestClient(ingest_app()) as two:
         codes = [send(one, 1).status_code, send(two, 2).status_code, send(one, 3).status_code]
         refused = send(two, 4)
     assert codes == [202, 202, 202]
+    assert REGISTRY.get_sample_value("metering_ingest_events_total", {"status": "accepted"}) == accepted + 3
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
     assert int(refused.headers["Retry-After"]) >= 1
 
