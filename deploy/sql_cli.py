@@ -132,7 +132,11 @@ def via_engine(settings: QuerySettings, sql: str, fmt: str) -> Iterator[Iterator
         try:
             engine.prepare(handle, settings.clickhouse_database, {})
             if fmt.lower() in STREAMABLE:
-                yield engine.stream(handle, sql, fmt, {})
+                blocks = engine.stream(handle, sql, fmt, {})
+                try:
+                    yield blocks
+                finally:
+                    blocks.close()
             else:
                 yield iter([engine.run(handle, sql, fmt, {}).body])
         except EngineError as exc:

@@ -34,12 +34,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import logging
 import secrets
 import socket
+import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,7 @@ from starlette.routing import Route
 
 from deploy.settings import CommonSettings, SqlSettings
 from query_api.analyst_keys import AnalystKeyStore
-from query_api.sql_engine import EngineError, Handle, ReadOnlyEngine, engine_path, limit_settings
+from query_api.sql_engine import BlockStream, EngineError, Handle, ReadOnlyEngine, engine_path, limit_settings
 from query_api.sql_guard import SYNTAX_ERROR, Refused, judge
 
 log = logging.getLogger(__name__)
@@ -306,18 +306,28 @@ class SqlEndpoint:
         return Response(result.body, headers=headers, media_type=_content_type(fmt))
 
     async def _streamed(self, call: Call, fmt: str) -> Response:
-        def start() -> tuple[Handle, Iterator[bytes], bytes | None]:
+        def start() -> tuple[Handle, BlockStream, bytes | None]:
             handle = self.engine.acquire(self.settings.sql_queue_timeout_s)
             try:
                 self.engine.prepare(handle, call.database, call.settings)
                 blocks = self.engine.stream(handle, call.sql, fmt, call.params)
-                first = next(blocks, None)  # an error before the first block is a plain error answer
             except BaseException:
                 self.engine.release(handle)
                 raise
+            try:
+                first = next(blocks, None)  # an error before the first block is a plain error answer
+            except BaseException:
+                self._finish(blocks, handle)
+                raise
             return handle, blocks, first
 
-        handle, blocks, first = await asyncio.to_thread(start)
+        started = asyncio.ensure_future(asyncio.to_thread(start))
+        try:
+            handle, blocks, first = await asyncio.shield(started)
+        except asyncio.CancelledError:
+            # The client left while the query was starting: give the handle back once it has.
+            started.add_done_callback(self._abandon)
+            raise
         tag = secrets.token_hex(8)
         headers = self._headers(call.query_id, fmt)
         headers["X-ClickHouse-Exception-Tag"] = tag
@@ -337,18 +347,23 @@ class SqlEndpoint:
                         return
                     yield chunk
             finally:
-                # The client may be gone mid-stream: stop the query, give the handle back.
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(_close, blocks)
-                self.engine.release(handle)
+                # Also when the client is gone mid-stream: stop the query, give the handle back
+                # (in a thread: the close waits for a block being fetched).
+                threading.Thread(target=self._finish, args=(blocks, handle), daemon=True).start()
 
         return StreamingResponse(body(), headers=headers, media_type=_content_type(fmt))
 
+    def _finish(self, blocks: BlockStream, handle: Handle) -> None:
+        try:
+            blocks.close()
+        finally:
+            self.engine.release(handle)
 
-def _close(blocks: Iterator[bytes]) -> None:
-    close = getattr(blocks, "close", None)
-    if close is not None:
-        close()
+    def _abandon(self, started: asyncio.Future[tuple[Handle, BlockStream, bytes | None]]) -> None:
+        if started.cancelled() or started.exception() is not None:
+            return  # start() released the handle itself
+        handle, blocks, _ = started.result()
+        threading.Thread(target=self._finish, args=(blocks, handle), daemon=True).start()
 
 
 def _stream_exception(tag: str, message: str) -> bytes:

@@ -177,31 +177,52 @@ class ReadOnlyEngine:
             float(res.elapsed()),
         )
 
-    def stream(self, handle: Handle, sql: str, fmt: str, params: Mapping[str, str]) -> Iterator[bytes]:
+    def stream(self, handle: Handle, sql: str, fmt: str, params: Mapping[str, str]) -> BlockStream:
         """The result block by block (formats without a header or footer only). Errors before
-        the first block raise at the call; later ones raise from the iterator."""
+        the query starts raise here; later ones from the stream."""
         try:
             sr = handle.conn.send_query(sql, fmt, params=dict(params))
         except Exception as exc:
             raise EngineError.from_chdb(exc) from None
-        return _blocks(sr)
+        return BlockStream(sr)
 
 
-def _blocks(sr: Any) -> Iterator[bytes]:
-    try:
+class BlockStream:
+    """A streaming result, safe to close from another thread than the one fetching: chdb's
+    streaming result must not be fetched and cancelled at once, so both hold one lock (a close
+    waits for the block being fetched, then stops the query)."""
+
+    def __init__(self, sr: Any) -> None:
+        self._sr = sr
+        self._lock = threading.Lock()
+        self._done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
         while True:
-            try:
-                chunk = sr.fetch()
-            except Exception as exc:
-                raise EngineError.from_chdb(exc) from None
-            if chunk is None:
-                return
-            data = chunk.bytes()
+            with self._lock:
+                if self._done:
+                    raise StopIteration
+                try:
+                    chunk = self._sr.fetch()
+                except Exception as exc:
+                    self._done = True
+                    raise EngineError.from_chdb(exc) from None
+                if chunk is None:
+                    self._done = True
+                    raise StopIteration
+                data: bytes = chunk.bytes()
             if data:
-                yield data
-    finally:
-        with contextlib.suppress(Exception):
-            sr.cancel()
+                return data
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._done:
+                self._done = True
+                with contextlib.suppress(Exception):
+                    self._sr.cancel()
 
 
 def engine_path(dsn: str) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
+import httpx
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError, ProgrammingError
 
@@ -298,3 +299,38 @@ def test_a_long_analyst_query_does_not_stop_the_pipeline(
     assert committed[-1] < outcome["ended"], "the batches waited for the analyst's query"
     _, headers, _ = outcome["answer"]
     assert headers.get("x-clickhouse-exception-code") == "159"  # and the query was stopped at its limit
+
+
+def test_a_client_gone_mid_stream_gives_its_handle_back(
+    clickhouse: tuple[Any, str], clickhouse_dsn: str, tmp_path: Path
+) -> None:
+    _, db = clickhouse
+    with serve_sql(
+        clickhouse_dsn,
+        db,
+        tmp_path / "k.json",
+        sql_max_concurrent_queries=1,
+        sql_queue_timeout_s=2,
+        sql_max_result_rows=10**10,
+        sql_max_result_bytes=10**12,
+    ) as s:
+        for _ in range(3):  # with one handle, a leaked one would make the next query wait, then fail
+            with (
+                httpx.Client(auth=("analyst", s.key)) as http,
+                http.stream("POST", s.url, content=b"SELECT number FROM numbers(1000000000)") as r,
+            ):
+                assert r.status_code == 200
+                next(r.iter_bytes())  # one block, then the client leaves
+        status, _, body = curl("-u", f"analyst:{s.key}", f"{s.url}/?query=SELECT%2042")
+        assert (status, body) == (200, "42\n")
+        # and a query waiting longer than the queue timeout for the one handle gets code 202
+        with (
+            httpx.Client(auth=("analyst", s.key)) as http,
+            http.stream("POST", s.url, content=b"SELECT number FROM numbers(1000000000)") as r,
+        ):
+            chunks = r.iter_bytes()  # held: a dropped iterator closes the response
+            next(chunks)
+            t = time.monotonic()
+            _, headers, _ = curl("-u", f"analyst:{s.key}", f"{s.url}/?query=SELECT%201")
+            assert headers.get("x-clickhouse-exception-code") == "202"
+            assert time.monotonic() - t >= 1.5
