@@ -88,6 +88,10 @@ TRANSPORT_PARAMS = frozenset(
         "cancel_http_readonly_queries_on_client_close",
         "http_wait_end_of_query",
         "http_response_buffer_size",
+        # Grafana's ClickHouse data source sends it with every query (its query timeout), which a
+        # server allows a read-only user through a profile constraint ("changeable_in_readonly",
+        # with a maximum). Accepted here, and the endpoint's own limit applies: never raised.
+        "max_execution_time",
     }
 )
 
@@ -259,6 +263,12 @@ class SqlEndpoint:
             )
         if request.headers.get("content-encoding", "identity") not in ("", "identity"):
             raise Refused(NOT_IMPLEMENTED, "Compressed requests are not supported here. (NOT_IMPLEMENTED)")
+        if "1" in (q.get("compress"), q.get("decompress")):
+            raise Refused(
+                NOT_IMPLEMENTED,
+                "ClickHouse's block compression (compress=1, decompress=1) is not supported here: turn "
+                "the client's compression off. (NOT_IMPLEMENTED)",
+            )
         body = b""
         if request.method == "POST":
             chunks: list[bytes] = []

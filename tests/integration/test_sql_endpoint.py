@@ -206,7 +206,7 @@ def test_refused_with_clickhouse_errors(served: tuple[Served, Any]) -> None:
 def test_client_settings_cannot_raise_limits(served: tuple[Served, Any]) -> None:
     s, _ = served
     auth = ["-u", f"analyst:{s.key}"]
-    for setting in ("max_threads=8", "readonly=0", "max_execution_time=3600", "max_result_rows=0"):
+    for setting in ("max_threads=8", "readonly=0", "max_result_rows=0", "max_memory_usage=0"):
         status, headers, body = curl(*auth, f"{s.url}/?{setting}&query=SELECT%201")
         assert headers.get("x-clickhouse-exception-code") == "164", (setting, body)
         assert "in readonly mode" in body
@@ -215,6 +215,13 @@ def test_client_settings_cannot_raise_limits(served: tuple[Served, Any]) -> None
     assert (status, body) == (200, "1\n")
     status, _, body = curl(*auth, f"{s.url}/?query=SELECT%20getSetting('readonly')")
     assert (status, body) == (200, "1\n")
+    status, headers, body = curl(*auth, f"{s.url}/?compress=1&query=SELECT%201")
+    assert headers.get("x-clickhouse-exception-code") == "48" and "compression" in body
+    # Grafana sends max_execution_time with every query: accepted, and the endpoint's limit stays
+    status, _, body = curl(
+        *auth, f"{s.url}/?max_execution_time=3600&query=SELECT%20getSetting('max_execution_time')"
+    )
+    assert (status, body) == (200, "60\n")
 
 
 def test_only_analyst_keys_open_it(served: tuple[Served, Any]) -> None:
