@@ -131,7 +131,7 @@ def via_engine(settings: QuerySettings, sql: str, fmt: str) -> Iterator[Iterator
         fmt = statement.format or fmt
         try:
             engine.prepare(handle, settings.clickhouse_database, {})
-            if fmt.lower() in STREAMABLE:
+            if fmt.lower() in STREAMABLE and statement.kind in ("SELECT", "WITH"):
                 blocks = engine.stream(handle, sql, fmt, {})
                 try:
                     yield blocks

@@ -52,7 +52,7 @@ from starlette.routing import Route
 from deploy.settings import CommonSettings, SqlSettings
 from query_api.analyst_keys import AnalystKeyStore
 from query_api.sql_engine import BlockStream, EngineError, Handle, ReadOnlyEngine, engine_path, limit_settings
-from query_api.sql_guard import SYNTAX_ERROR, Refused, judge
+from query_api.sql_guard import READONLY, SYNTAX_ERROR, Refused, judge
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,8 @@ class SqlEndpoint:
             return self.error(UNKNOWN_FORMAT, f"Unknown format {fmt}. (UNKNOWN_FORMAT)", call.query_id)
         log.debug("analyst query %s (%s, %s)", call.query_id, statement.kind, fmt)
         try:
-            if call.wait_end or fmt.lower() not in STREAMABLE:
+            # chdb streams SELECTs only ("Streaming query is not supported" for SHOW, DESCRIBE…)
+            if call.wait_end or fmt.lower() not in STREAMABLE or statement.kind not in ("SELECT", "WITH"):
                 return await asyncio.to_thread(self._whole, call, fmt)
             return await self._streamed(call, fmt)
         except EngineError as exc:
@@ -262,7 +263,15 @@ class SqlEndpoint:
                 "Multipart requests (external data) are not supported here. (NOT_IMPLEMENTED)",
             )
         if request.headers.get("content-encoding", "identity") not in ("", "identity"):
-            raise Refused(NOT_IMPLEMENTED, "Compressed requests are not supported here. (NOT_IMPLEMENTED)")
+            # Clients compress the bodies of inserts (clickhouse-connect's insert() puts the INSERT
+            # itself in the compressed body), never of queries: a read-only answer.
+            if q.get("query"):
+                judge(q["query"])
+            raise Refused(
+                READONLY,
+                "analyst: Cannot execute query in readonly mode: a compressed request body is an "
+                "insert's data. (READONLY)",
+            )
         if "1" in (q.get("compress"), q.get("decompress")):
             raise Refused(
                 NOT_IMPLEMENTED,

@@ -124,6 +124,12 @@ def test_clickhouse_connect_reads_like_a_server(served: tuple[Served, Any]) -> N
     with pytest.raises(DatabaseError) as refused:
         ch.command("INSERT INTO events_raw (tenant, event_id) VALUES ('acme', 'x')")
     assert refused.value.code == 164
+    with pytest.raises(DatabaseError) as refused:
+        ch.insert("events_raw", [["acme", "x"]], column_names=["tenant", "event_id"])
+    assert refused.value.code == 164
+    # statements chdb does not stream (SHOW, DESCRIBE…) are answered whole
+    assert "events_raw" in ch.command("SHOW TABLES")
+    assert ch.query("DESCRIBE TABLE events_raw").result_rows[0][:2] == ("tenant", "LowCardinality(String)")
 
 
 def test_curl_get_post_format_and_headers(served: tuple[Served, Any]) -> None:
