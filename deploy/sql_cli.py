@@ -95,16 +95,41 @@ def via_endpoint(url: str, key: str, sql: str, fmt: str, database: str) -> Itera
 
 
 def _checked_stream(chunks: Iterator[bytes], tag: str | None) -> Iterator[bytes]:
-    """The body, raising on an error the server wrote into the stream (after the first blocks)."""
-    marker = f"__exception__\r\n{tag}".encode() if tag else None
+    """The body, raising on an error the server framed into the stream after the first blocks
+    (``__exception__``, the tag, the message, its length and the tag, ``__exception__``). The
+    last few bytes of each chunk are held back until the next, so a frame split between two
+    chunks is still found."""
+    if not tag:
+        yield from chunks
+        return
+    opening = b"__exception__\r\n" + tag.encode()
+    closing = b" " + tag.encode() + b"\r\n__exception__"
+    pending = b""
     for chunk in chunks:
-        if marker is not None and marker in chunk:
-            before, _, rest = chunk.partition(b"\r\n" + marker)
+        pending += chunk
+        at = pending.find(opening)
+        if at >= 0:
+            frame = pending[at + len(opening) :]
+            for more in chunks:
+                if closing in frame:
+                    break
+                frame += more
+            before = pending[:at].removesuffix(b"\r\n")  # the frame's own line break
             if before:
                 yield before
-            message = rest.split(b"\r\n", 2)[-1].rsplit(b"\n", 1)[0]
-            raise SqlError(message.decode(errors="replace").strip())
-        yield chunk
+            raise SqlError(_frame_message(frame, closing))
+        keep = len(opening) + 2
+        if len(pending) > keep:
+            yield pending[:-keep]
+            pending = pending[-keep:]
+    if pending:
+        yield pending
+
+
+def _frame_message(frame: bytes, closing: bytes) -> str:
+    body = frame.split(closing, 1)[0].removeprefix(b"\r\n")
+    message = body.rsplit(b"\n", 1)[0]  # what follows the last newline is the message's length
+    return message.decode(errors="replace").strip()
 
 
 @contextlib.contextmanager

@@ -70,6 +70,7 @@ def test_sql_through_the_endpoint_writes_csv_parquet_jsonl_and_a_table(
     csv, parquet = tmp_path / "out.csv", tmp_path / "out.parquet"
     r = run(env, "sql", QUERY, "--format", "csv", "--output", str(csv))
     assert r.exit_code == 0, r.output
+    assert f"wrote {csv}" in r.output  # the closing summary (a progress line too, on a terminal)
     df = pd.read_csv(csv)
     assert list(df.columns) == ["event_id", "type", "subject"]
     assert len(df) == 13 and df["type"].value_counts()["render.completed"] == 12
@@ -101,6 +102,12 @@ def test_sql_errors_and_refusals(served: Served, loaded: tuple[str, str]) -> Non
     assert r.exit_code == 2 and "analyst key" in r.output
     r = run(env, "sql", "  ")
     assert r.exit_code == 2
+    # an error after the first blocks were written: exit 1 with the engine's error
+    r = run(
+        env, "sql", "SELECT number, throwIf(number = 150000) AS t FROM numbers(200000)", "--format", "jsonl"
+    )
+    assert r.exit_code == 1 and "FUNCTION_THROW_IF_VALUE_IS_NON_ZERO" in r.output
+    assert '{"number":0,"t":0}' in r.stdout
 
 
 def test_sql_directly_on_the_engine_when_no_endpoint_answers(loaded: tuple[str, str], tmp_path: Path) -> None:
