@@ -162,8 +162,6 @@ def http_status(code: int) -> int:
 class Call:
     """One request, read: what to run and how to answer."""
 
-    user: str
-    key: str
     sql: str
     database: str
     default_format: str
@@ -228,17 +226,18 @@ class SqlEndpoint:
             return PlainTextResponse("Ok.\n")
         if path != "/":
             return self.error(NOT_IMPLEMENTED, f"There is no handle {path}. (NOT_IMPLEMENTED)")
+        user, key = _credentials(request)  # before anything else is read
+        if not await asyncio.to_thread(self.keys.verify, user, key):
+            return self.error(
+                AUTHENTICATION_FAILED,
+                f"{user}: Authentication failed: password is incorrect, or there is no user "
+                "with such name. (AUTHENTICATION_FAILED)",
+                request.query_params.get("query_id", ""),
+            )
         try:
             call = await self._read(request)
         except Refused as exc:
             return self.error(exc.code, exc.message)
-        if not self.keys.verify(call.user, call.key):
-            return self.error(
-                AUTHENTICATION_FAILED,
-                f"{call.user}: Authentication failed: password is incorrect, or there is no user "
-                "with such name. (AUTHENTICATION_FAILED)",
-                call.query_id,
-            )
         try:
             statement = judge(call.sql)
         except Refused as exc:
@@ -296,10 +295,7 @@ class SqlEndpoint:
         except UnicodeDecodeError:
             raise Refused(SYNTAX_ERROR, "The query is not UTF-8. (SYNTAX_ERROR)") from None
         sql = "\n".join(part for part in (q.get("query", ""), text) if part)
-        user, key = _credentials(request)
         return Call(
-            user=user,
-            key=key,
             sql=sql,
             database=q.get("database") or request.headers.get("x-clickhouse-database") or self.database,
             default_format=q.get("default_format")
