@@ -1,7 +1,8 @@
 """The client SDK against the real pipeline in one process (HTTP ingest + faust aggregator on a
 real broker, the real ClickHouse engine): events sent through ``MeteringClient`` are counted
-exactly once although requests are answered 503 and 429 and connections drop, before the ingest
-and after it took the events (the answer lost: the retry is a duplicate)."""
+exactly once — in the raw table, the period tables and the query API's answer — although requests
+are answered 503 and 429 and connections drop, before the ingest and after it took the events
+(the answer lost: the retry is a duplicate)."""
 
 from __future__ import annotations
 
@@ -144,3 +145,9 @@ def test_events_sent_through_the_client_are_counted_once_across_503_429_and_drop
     ).result_rows
     assert rows == [(N, N)]
     assert rendered_seconds(client, db) == Decimal(60 * (N + 1))
+    # and the query API counts them so (the meter query covers the key's tenant)
+    r = api.get(
+        "/api/v1/meters/render_output_seconds/query", headers={"Authorization": f"Bearer {world.child_key}"}
+    )
+    assert r.status_code == 200, r.text
+    assert sum(Decimal(str(row["value"])) for row in r.json()["data"]) == Decimal(60 * (N + 1))
