@@ -13,9 +13,12 @@ from typing import Any
 
 import clickhouse_connect
 import pytest
+from fastapi.testclient import TestClient
 
 from aggregators.direct import apply_events
+from deploy.settings import QuerySettings
 from ingest.synth import World, usage_events, world_lifecycle_events
+from query_api.app import create_app
 from schemas.meters import default_catalog
 from schemas.migrate import migrate
 from tests.integration.sql_endpoint_helpers import serve_sql
@@ -32,8 +35,9 @@ def sql_examples() -> list[str]:
 @pytest.fixture
 def analyst(
     clickhouse: tuple[Any, str], clickhouse_dsn: str, tmp_path: Path
-) -> Iterator[tuple[Any, Any, str]]:
-    """(analyst's clickhouse-connect client on the endpoint, pipeline client, database): one
+) -> Iterator[tuple[Any, Any, str, str]]:
+    """(analyst's clickhouse-connect client on the endpoint, pipeline client, database, a
+    workspace API key of the tenant for the query API): one
     tenant, ``acme``, with two hours of every kind of usage up to now."""
     client, db = clickhouse
     now = datetime.now(UTC).replace(microsecond=0)
@@ -47,11 +51,12 @@ def analyst(
     apply_events(client, db, events)
     with serve_sql(clickhouse_dsn, db, tmp_path / "keys.json") as s:
         ch = clickhouse_connect.get_client(host="127.0.0.1", port=s.port, username="analyst", password=s.key)
-        yield ch, client, db
+        key = next(k.raw for k in world.tenants[0].api_keys if k.scope == "workspace")
+        yield ch, client, db, key
 
 
-def test_every_sql_example_in_the_tables_doc_runs(analyst: tuple[Any, Any, str]) -> None:
-    ch, _, db = analyst
+def test_every_sql_example_in_the_tables_doc_runs(analyst: tuple[Any, Any, str, str]) -> None:
+    ch, _, db, _ = analyst
     examples = sql_examples()
     assert len(examples) >= 6
     early_in_the_day = datetime.now(UTC) - datetime.now(UTC).replace(hour=0, minute=0, second=0) < timedelta(
@@ -63,8 +68,8 @@ def test_every_sql_example_in_the_tables_doc_runs(analyst: tuple[Any, Any, str])
             assert rows or early_in_the_day, sql  # the views' examples find today's usage
 
 
-def test_the_views_agree_with_the_raw_events(analyst: tuple[Any, Any, str]) -> None:
-    ch, client, db = analyst
+def test_the_views_agree_with_the_raw_events(analyst: tuple[Any, Any, str, str]) -> None:
+    ch, client, db, _ = analyst
     # SUM: render seconds per day, from the view and straight from the raw events
     view = dict(
         ch.query(
@@ -122,3 +127,44 @@ def test_meter_catalog_is_the_yaml_and_the_migration_reverses(clickhouse: tuple[
     }
     assert not views & tables
     assert migrate(client, db) == ["applied 0005_analyst_views"]
+
+
+def test_the_views_give_the_query_apis_numbers(analyst: tuple[Any, Any, str, str]) -> None:
+    """What an analyst reads through the endpoint equals what the generic meter query answers."""
+    ch, client, db, key = analyst
+    api = TestClient(
+        create_app(
+            QuerySettings(clickhouse_database=db, query_rate_limit_per_minute=100_000, query_cache_ttl_s=0),
+            client,
+        )
+    )
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    span = {"from": (today - timedelta(days=1)).isoformat(), "to": (today + timedelta(days=1)).isoformat()}
+    cases = [  # meter, API window and group_by, the view and how it combines rows of a period
+        ("render_output_seconds", "DAY", [], "usage_daily", "day", "sum(value)"),
+        ("workstation_memory_gb_max", "DAY", [], "usage_daily", "day", "max(value)"),
+        ("workstation_memory_gb_seconds", "HOUR", [], "usage_hourly", "hour", "sum(value)"),
+        ("ai_task_types", "DAY", ["workspace_id"], "usage_daily", "day", "sum(value)"),
+    ]
+    for meter, window, group_by, view, period, combine in cases:
+        r = api.get(
+            f"/api/v1/meters/{meter}/query",
+            params={**span, "window": window, "group_by": group_by},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert r.status_code == 200, r.text
+        from_api = {
+            (row["window_start"][:19].replace("T", " "), *row["group_by"].values()): Decimal(
+                str(row["value"])
+            )
+            for row in r.json()["data"]
+            if row["value"] not in (None, 0)
+        }
+        keys = ", ".join(["toString(toDateTime(" + period + "))", *group_by])
+        rows = ch.query(
+            f"SELECT {keys}, {combine} FROM {view} WHERE tenant = 'acme' AND meter = {{m:String}} "
+            f"GROUP BY {keys} HAVING {combine} != 0",
+            parameters={"m": meter},
+        ).result_rows
+        from_view = {tuple(row[:-1]): Decimal(row[-1]) for row in rows}
+        assert from_view and from_view == from_api, meter
