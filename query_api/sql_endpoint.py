@@ -35,6 +35,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import math
 import secrets
 import socket
 import threading
@@ -51,6 +52,7 @@ from starlette.routing import Route
 
 from deploy.settings import CommonSettings, SqlSettings
 from query_api.analyst_keys import AnalystKeyStore
+from query_api.ratelimit import RateLimiter
 from query_api.sql_engine import BlockStream, EngineError, Handle, ReadOnlyEngine, engine_path, limit_settings
 from query_api.sql_guard import READONLY, SYNTAX_ERROR, Refused, judge
 
@@ -60,6 +62,7 @@ AUTHENTICATION_FAILED = 516
 NOT_IMPLEMENTED = 48
 UNKNOWN_FORMAT = 73
 MAX_QUERY_BYTES = 1024 * 1024
+FAILED_LOGINS_PER_MINUTE = 30
 
 #: URL parameters that are the protocol's, not settings: accepted, and not passed to the engine.
 TRANSPORT_PARAMS = frozenset(
@@ -180,6 +183,8 @@ class SqlEndpoint:
         self.engine = engine
         self.keys = keys
         self.display_name = socket.gethostname()
+        # Failed logins per client address, like every other authentication of the system.
+        self.failures = RateLimiter(FAILED_LOGINS_PER_MINUTE, name="sql-auth-failures")
 
     # ---- responses ---------------------------------------------------------------------------
 
@@ -193,11 +198,11 @@ class SqlEndpoint:
             headers["X-ClickHouse-Format"] = fmt
         return headers
 
-    def error(self, code: int, message: str, query_id: str = "") -> Response:
+    def error(self, code: int, message: str, query_id: str = "", status: int | None = None) -> Response:
         headers = self._headers(query_id or str(uuid.uuid4()))
         headers["X-ClickHouse-Exception-Code"] = str(code)
         body = f"Code: {code}. DB::Exception: {message} (version {self.engine.version})\n"
-        return PlainTextResponse(body, status_code=http_status(code), headers=headers)
+        return PlainTextResponse(body, status_code=status or http_status(code), headers=headers)
 
     @staticmethod
     def _summary(
@@ -228,6 +233,15 @@ class SqlEndpoint:
             return self.error(NOT_IMPLEMENTED, f"There is no handle {path}. (NOT_IMPLEMENTED)")
         user, key = _credentials(request)  # before anything else is read
         if not await asyncio.to_thread(self.keys.verify, user, key):
+            address = request.client.host if request.client else "unknown"
+            wait = self.failures.acquire(f"fail:{address}")
+            if wait is not None:
+                return self.error(
+                    AUTHENTICATION_FAILED,
+                    f"{user}: Authentication failed: too many failed attempts from this address; "
+                    f"retry after {math.ceil(wait)} s. (AUTHENTICATION_FAILED)",
+                    status=429,
+                )
             return self.error(
                 AUTHENTICATION_FAILED,
                 f"{user}: Authentication failed: password is incorrect, or there is no user "

@@ -250,6 +250,12 @@ def test_only_analyst_keys_open_it(served: tuple[Served, Any]) -> None:
     with pytest.raises(DatabaseError) as failed:
         connect(s, password="wrong")
     assert failed.value.code == 516
+    # failed logins are limited per address: then 429, and the right key waits its turn too
+    with httpx.Client() as http:
+        answers = [http.get(s.url, params={"query": "SELECT 1"}, auth=("analyst", "nope")) for _ in range(30)]
+    assert answers[-1].status_code == 429 and "too many failed attempts" in answers[-1].text
+    assert answers[-1].headers["x-clickhouse-exception-code"] == "516"
+    s.endpoint.failures = type(s.endpoint.failures)(30, name="sql-auth-failures")  # a fresh minute
     # a revoked key is refused from the next request on
     from query_api.analyst_keys import load_keys
 
