@@ -1,9 +1,10 @@
 """The Kafka transport: the same client, writing the usage topic instead of calling the ingest.
 
 ``KafkaTransport`` puts a Kafka producer behind ``transport.Transport``, so ``MeteringClient``
-batches, retries and reports the same way over either. The producer is the server's
-``ingest.sdk.UsageProducer`` (idempotent, ``acks=all``, batched per tenant; see that module), or
-anything with its ``send_batch``. Services inside the cluster use it; everyone else uses HTTP.
+batches, retries and reports the same way over either. The producer is
+``metering_client.kafka_producer.KafkaProducer`` (the ``[kafka]`` extra; idempotent, ``acks=all``,
+batched per tenant), which the server uses too as ``ingest.sdk.UsageProducer``, or anything with
+its ``send_batch``. Services inside the cluster use it; everyone else uses HTTP.
 
 What the ingest decides for an HTTP request, this transport decides before producing, with the
 same function (``prepare.prepare_event``): each event is judged by one instant, which becomes the
@@ -12,8 +13,8 @@ Not judged here, as over Kafka anywhere: the API key's scope (docs/api.md, "Who 
 the tenant is named by the caller, not by a key.
 
 ``connect(url, …)`` chooses the transport from configuration: ``http(s)://…`` (with an API key)
-or ``kafka://host:9092[,host2:9092][?topic=…]`` (with a tenant; this needs the server
-distribution, ``usage-metering``, installed beside the client: it is imported only then).
+or ``kafka://host:9092[,host2:9092][?topic=…]`` (with a tenant; this needs the ``[kafka]``
+extra, confluent-kafka, imported only then).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ KAFKA_MAX_MESSAGE_BYTES = 900 * 1024
 
 
 class BatchSender(Protocol):
-    """The part of ``ingest.sdk.UsageProducer`` this transport uses."""
+    """The part of ``kafka_producer.KafkaProducer`` this transport uses."""
 
     def send_batch(
         self,
@@ -121,14 +122,13 @@ def connect(
             raise ValueError("the Kafka transport needs the tenant the events belong to")
         parts = urlsplit(url)
         topic = parse_qs(parts.query).get("topic", [None])[0]
-        try:  # the server's producer; imported by name, only for this transport
-            sdk = importlib.import_module("ingest.sdk")
+        try:  # confluent-kafka comes with the [kafka] extra only
+            kafka_producer = importlib.import_module("metering_client.kafka_producer")
         except ImportError as exc:
             raise ImportError(
-                "the Kafka transport uses the producer of the server distribution (usage-metering): "
-                "install it beside the client, or use an http(s):// URL"
+                "the Kafka transport needs the [kafka] extra: pip install 'usage-metering-client[kafka]'"
             ) from exc
-        producer = sdk.UsageProducer(parts.netloc, topic=topic)
+        producer = kafka_producer.KafkaProducer(parts.netloc, topic=topic)
         transport = KafkaTransport(producer, tenant)
     else:
         raise ValueError(f"unknown transport {scheme!r}: use http(s)://host[:port] or kafka://host:port")

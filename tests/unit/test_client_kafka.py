@@ -1,6 +1,7 @@
-"""One client, two transports: ``MeteringClient`` over the server's Kafka producer
-(``ingest.sdk.UsageProducer`` with a fake librdkafka), and ``connect`` choosing the transport
-from a URL."""
+"""One client, two transports: ``MeteringClient`` over the Kafka producer (the client's
+``KafkaProducer``, which the server uses as ``ingest.sdk.UsageProducer``; a fake librdkafka), and
+``connect`` choosing the transport from a URL. The producer's wire format and guarantees agree
+with the server's (schemas/wire.py, ingest/kafka_config.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from confluent_kafka import KafkaError
 
 from deploy.settings import CommonSettings
-from ingest import sdk
+from ingest import kafka_config, sdk
 from metering_client import (
     DeliveryFailed,
     HttpTransport,
@@ -19,6 +20,7 @@ from metering_client import (
     MeteringClient,
     RejectCode,
     connect,
+    kafka_producer,
 )
 from tests.unit.test_client import cpu_event
 from tests.unit.test_sdk_batching import FakeKafka
@@ -77,13 +79,13 @@ def test_connect_chooses_the_transport_from_the_url(monkeypatch: pytest.MonkeyPa
     client.close()
 
     made: dict[str, Any] = {}
+    real = kafka_producer.KafkaProducer
 
-    def fake_producer(bootstrap: str, *, topic: str | None = None) -> sdk.UsageProducer:
+    def fake_producer(bootstrap: str, *, topic: str | None = None) -> kafka_producer.KafkaProducer:
         made.update(bootstrap=bootstrap, topic=topic)
-        return real(bootstrap, settings=CommonSettings(), topic=topic, producer=FakeKafka())
+        return real(bootstrap, topic=topic, producer=FakeKafka())
 
-    real = sdk.UsageProducer
-    monkeypatch.setattr(sdk, "UsageProducer", fake_producer)
+    monkeypatch.setattr(kafka_producer, "KafkaProducer", fake_producer)
     client = connect("kafka://k1:9092,k2:9092?topic=metering.events", tenant="acme")
     assert isinstance(client.transport, KafkaTransport) and client.transport.tenant == "acme"
     assert made == {"bootstrap": "k1:9092,k2:9092", "topic": "metering.events"}
@@ -95,3 +97,28 @@ def test_connect_chooses_the_transport_from_the_url(monkeypatch: pytest.MonkeyPa
         connect("kafka://k1:9092")
     with pytest.raises(ValueError, match="unknown transport"):
         connect("ftp://x")
+
+
+def test_the_client_producer_speaks_the_servers_wire_format_with_its_guarantees() -> None:
+    from schemas import wire
+
+    assert kafka_producer.MAX_MESSAGE_BYTES == wire.MAX_MESSAGE_BYTES
+    assert kafka_producer.batch_headers(True) == wire.batch_headers(True)
+    assert kafka_producer.batch_headers(False) == wire.batch_headers(False)
+    settings = CommonSettings()
+    assert settings.topic_events == kafka_producer.DEFAULT_TOPIC_EVENTS
+    assert settings.topic_control == kafka_producer.DEFAULT_TOPIC_CONTROL
+    server = kafka_config.producer_config(settings, "h:1", delivery_timeout_s=7)
+    client = kafka_producer.producer_config("h:1", delivery_timeout_s=7)
+    guarantees = [
+        "enable.idempotence",
+        "acks",
+        "max.in.flight.requests.per.connection",
+        "compression.type",
+        "linger.ms",
+        "message.max.bytes",
+        "batch.size",
+        "delivery.timeout.ms",
+    ]
+    assert {k: client[k] for k in guarantees} == {k: server[k] for k in guarantees}
+    assert issubclass(sdk.UsageProducer, kafka_producer.KafkaProducer)
