@@ -62,7 +62,7 @@ def test_metering_run_serves_sql_while_it_ingests(kafka_bootstrap: str) -> None:
         "METERING_HTTP_PORT": str(http_port),
         "METERING_SQL_PORT": str(sql_port),
         "METERING_SQL_KEYS_FILE": str(tmp / "analyst-keys.json"),
-        "METERING_SQL_MAX_EXECUTION_TIME_S": "8",
+        "METERING_SQL_MAX_EXECUTION_TIME_S": "15",
         "METERING_CLICKHOUSE_DSN": f"chdb://{tmp / 'chdb'}",
         "METERING_FAUST_DATA_DIR": str(tmp / "faust"),
         "METERING_ADMIN_TOKEN_FILE": str(tmp / "admin-token"),
