@@ -20,10 +20,11 @@ Grafana's data source use, on its own port (``METERING_SQL_PORT``, default 8123,
 - Answers carry ``X-ClickHouse-Query-Id``, ``-Format``, ``-Timezone``, ``-Server-Display-Name``
   and ``-Summary`` (read rows and bytes, elapsed); errors are ClickHouse's text (``Code: N.
   DB::Exception: … (NAME)``) with ``X-ClickHouse-Exception-Code`` and ClickHouse's HTTP status
-  for the code. A result is streamed block by block in formats without header or footer (Native,
-  TSV, CSV, JSONEachRow…) unless ``wait_end_of_query=1``; an error after the first block is
-  written in the stream between ``__exception__`` markers tagged by ``X-ClickHouse-Exception-Tag``,
-  as ClickHouse does, so clients raise instead of returning a short result.
+  for the code. A result is streamed block by block in formats without a footer (Native, TSV,
+  CSV and their WithNames forms, JSONEachRow…) unless ``wait_end_of_query=1``; an error after
+  the first block is written in the stream between ``__exception__`` markers tagged by
+  ``X-ClickHouse-Exception-Tag``, as ClickHouse does, so clients raise instead of returning a
+  short result.
 
 Statements are judged first (query_api/sql_guard.py) and run on read-only, bounded engine handles
 of the endpoint's own (query_api/sql_engine.py), never on the pipeline's client.
@@ -53,7 +54,15 @@ from starlette.routing import Route
 from deploy.settings import CommonSettings, SqlSettings
 from query_api.analyst_keys import AnalystKeyStore
 from query_api.ratelimit import RateLimiter
-from query_api.sql_engine import BlockStream, EngineError, Handle, ReadOnlyEngine, engine_path, limit_settings
+from query_api.sql_engine import (
+    STREAM_HEADER_LINES,
+    BlockStream,
+    EngineError,
+    Handle,
+    ReadOnlyEngine,
+    engine_path,
+    limit_settings,
+)
 from query_api.sql_guard import READONLY, SYNTAX_ERROR, Refused, judge
 
 log = logging.getLogger(__name__)
@@ -98,26 +107,8 @@ TRANSPORT_PARAMS = frozenset(
     }
 )
 
-#: Formats whose blocks concatenate into one valid result: these stream.
-STREAMABLE = frozenset(
-    f.lower()
-    for f in (
-        "Native",
-        "TabSeparated",
-        "TSV",
-        "TabSeparatedRaw",
-        "TSVRaw",
-        "CSV",
-        "RowBinary",
-        "JSONEachRow",
-        "JSONCompactEachRow",
-        "JSONStringsEachRow",
-        "JSONLines",
-        "NDJSON",
-        "TSKV",
-        "LineAsString",
-    )
-)
+#: Formats that stream (the others are sent whole).
+STREAMABLE = frozenset(STREAM_HEADER_LINES)
 
 _CONTENT_TYPES = {
     "tabseparated": "text/tab-separated-values; charset=UTF-8",

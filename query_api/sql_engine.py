@@ -184,18 +184,43 @@ class ReadOnlyEngine:
             sr = handle.conn.send_query(sql, fmt, params=dict(params))
         except Exception as exc:
             raise EngineError.from_chdb(exc) from None
-        return BlockStream(sr)
+        return BlockStream(sr, STREAM_HEADER_LINES.get(fmt.lower(), 0))
+
+
+#: Formats whose blocks concatenate into one result when streamed (lower case), with the number
+#: of header lines chdb repeats at the top of every block: kept in the first block only.
+STREAM_HEADER_LINES: dict[str, int] = {
+    **dict.fromkeys(
+        (
+            "native", "tabseparated", "tsv", "tabseparatedraw", "tsvraw", "csv", "rowbinary",
+            "jsoneachrow", "jsoncompacteachrow", "jsonstringseachrow", "jsonlines", "ndjson", "tskv",
+            "lineasstring",
+        ),
+        0,
+    ),
+    **dict.fromkeys(("csvwithnames", "tsvwithnames", "tabseparatedwithnames", "jsoncompacteachrowwithnames"), 1),
+    **dict.fromkeys(
+        (
+            "csvwithnamesandtypes", "tsvwithnamesandtypes", "tabseparatedwithnamesandtypes",
+            "jsoncompacteachrowwithnamesandtypes",
+        ),
+        2,
+    ),
+}  # fmt: skip
 
 
 class BlockStream:
     """A streaming result, safe to close from another thread than the one fetching: chdb's
     streaming result must not be fetched and cancelled at once, so both hold one lock (a close
-    waits for the block being fetched, then stops the query)."""
+    waits for the block being fetched, then stops the query). With ``header_lines``, the header
+    chdb repeats at the top of every block is kept in the first one only."""
 
-    def __init__(self, sr: Any) -> None:
+    def __init__(self, sr: Any, header_lines: int = 0) -> None:
         self._sr = sr
         self._lock = threading.Lock()
         self._done = False
+        self._header_lines = header_lines
+        self._header: bytes | None = None
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -214,8 +239,21 @@ class BlockStream:
                     self._done = True
                     raise StopIteration
                 data: bytes = chunk.bytes()
+            if data and self._header_lines:
+                data = self._one_header(data)
             if data:
                 return data
+
+    def _one_header(self, data: bytes) -> bytes:
+        if self._header is None:
+            end = -1
+            for _ in range(self._header_lines):
+                end = data.find(b"\n", end + 1)
+                if end < 0:
+                    return data
+            self._header = data[: end + 1]
+            return data
+        return data[len(self._header) :] if data.startswith(self._header) else data
 
     def close(self) -> None:
         with self._lock:

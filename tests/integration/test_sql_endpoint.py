@@ -168,6 +168,14 @@ def test_curl_get_post_format_and_headers(served: tuple[Served, Any]) -> None:
     )
     assert (status, body) == (200, '"count()","t"\n1,"acme"\n')
     assert headers["x-clickhouse-format"] == "CSVWithNames"
+    # a streamed result with a header: chdb repeats it in every block, the answer has it once
+    for fmt, header in (("CSVWithNames", ['"n"']), ("TSVWithNamesAndTypes", ["n", "UInt64"])):
+        status, _, body = curl(
+            *auth, f"{s.url}/", "--data-binary", f"SELECT number AS n FROM numbers(200000) FORMAT {fmt}"
+        )
+        lines = body.splitlines()
+        assert (status, lines[: len(header)], len(lines)) == (200, header, 200000 + len(header)), fmt
+        assert lines[len(header) :] == [str(i) for i in range(200000)]
     # a whole result when the client waits for the end of the query: the summary is filled in
     status, headers, body = curl(
         *auth, f"{s.url}/?wait_end_of_query=1&query=SELECT%20sum(number)%20FROM%20numbers(1000)"
