@@ -36,7 +36,7 @@ from deploy.settings import QuerySettings, SqlSettings
 from query_api.analyst_keys import ANALYST_USER, UnknownKey, create_key, load_keys, revoke_key
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class OutFormat(StrEnum):
