@@ -10,13 +10,18 @@ administrators); each message is handed on with its lane (schemas/wire.py), so t
 refuse a lifecycle event from the usage topic and a usage event from the control topic. Two faust features are deliberately not used: ``processing_guarantee=
 'exactly_once'`` (experimental, open bugs) and agent ``concurrency > 1`` (can commit past a
 message still in flight). Exactly-once comes from ClickHouse-side watermarks instead.
+
+Liveness: a watchdog task (``_watch``, the logic in watchdog.py) checks every few seconds that
+each partition this process owns either has nothing to consume or makes progress; a stalled one
+is sought back to its committed offset and resumed, and if that does not help the aggregator
+part is restarted (``restart``, supervisor.py). docs/exactly-once.md, "Liveness".
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import faust
@@ -25,6 +30,7 @@ from aggregators import metrics
 from aggregators.decode import SourceMessage
 from aggregators.processor import BatchProcessor
 from aggregators.take import take_applied
+from aggregators.watchdog import Action, Observation, Watchdog
 from deploy.settings import AggregatorSettings
 from schemas.wire import control_lane
 
@@ -59,7 +65,16 @@ def _lane(topic: str, partition: int, control_topic: str) -> int:
     return control_lane(partition) if topic == control_topic else partition
 
 
-def build_app(settings: AggregatorSettings, bootstrap: str, processor: BatchProcessor) -> faust.App:
+def build_app(
+    settings: AggregatorSettings,
+    bootstrap: str,
+    processor: BatchProcessor,
+    watchdog: Watchdog | None = None,
+    restart: Callable[[], None] | None = None,
+) -> faust.App:
+    """The faust app. ``watchdog`` (default: a new one with ``settings.stall_timeout_s``) judges
+    the partitions' progress; ``restart`` is called when a stall needs the aggregator part
+    restarted (supervisor.py); without it, such a stall is only reported."""
     app = faust.App(
         settings.consumer_group,
         broker=f"kafka://{bootstrap}",
@@ -99,12 +114,28 @@ def build_app(settings: AggregatorSettings, bootstrap: str, processor: BatchProc
     in_flight = asyncio.Lock()
     rewind: dict[Any, int] = {}  # tp -> first offset not applied: nothing later until it is back
     sought: set[Any] = set()  # tps of `rewind` sought back while owned
+    # Liveness (the watchdog): the first offset not applied per tp, since this process owns it.
+    applied_next: dict[Any, int] = {}
+    dog = watchdog if watchdog is not None else Watchdog(settings.stall_timeout_s)
 
     def must_reread(tp: Any, offset: int) -> None:
         rewind[tp] = min(rewind.get(tp, offset), offset)
 
     def lane_of(ev: Any) -> int:
         return _lane(ev.message.topic, ev.message.partition, control)
+
+    async def seek_back(tp: Any, offset: int) -> bool:
+        """Seek ``tp`` to ``offset``, in the consumer's own thread (faust's ``seek`` moves
+        aiokafka's position from this one) and with faust's read offset of the partition set to
+        ``offset`` (faust drops a message below the last offset it delivered of its partition).
+        False if it could not (the partition was revoked meanwhile): sought again when owned."""
+        consumer: Any = app.consumer
+        try:
+            await consumer.seek_wait({tp: offset})
+        except Exception as exc:
+            log.warning("could not seek %s back to offset %d: %r", tp, offset, exc)
+            return False
+        return True
 
     @app.agent(topics, concurrency=1, name="aggregate")
     async def aggregate(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
@@ -113,25 +144,43 @@ def build_app(settings: AggregatorSettings, bootstrap: str, processor: BatchProc
             for tp, first in sorted(rewind.items()):
                 if tp not in sought and _lane(tp.topic, tp.partition, control) in owned:
                     log.info("rewinding %s to offset %d, the first not applied", tp, first)
-                    await app.consumer.seek(tp, first)
-                    sought.add(tp)
+                    if await seek_back(tp, first):
+                        sought.add(tp)
             events = []
+            handed: int = 0
+            early: dict[Any, int] = {}  # tp -> events after its first offset not applied
             for ev in taken.events:
                 tp, offset = ev.message.tp, ev.message.offset
                 if lane_of(ev) not in owned:
                     must_reread(tp, offset)  # its owner reads it; if this process, after a seek
+                    handed += 1
                     continue
                 if tp in rewind:
                     if offset > rewind[tp]:
+                        early[tp] = early.get(tp, 0) + 1
                         continue  # fetched before the rewind: it comes again after the seek
                     del rewind[tp]  # back at the first offset not applied: in order again
                     sought.discard(tp)
                 events.append(ev)
-            if len(events) < len(taken.events):
-                log.info(
-                    "%d message(s) of partitions handed to another process left to it",
-                    len(taken.events) - len(events),
-                )
+            if handed:
+                log.info("%d message(s) of partitions handed to another process left to it", handed)
+            # Events after the first offset not applied of a partition already sought back: the
+            # seek did not hold, and the offset waited for would never come (issue 8's hand-back
+            # stall, docs/exactly-once.md "Liveness"): faust drops a message below the last offset
+            # it delivered of its partition, and the messages it was still delivering when the
+            # partition was sought back moved that mark past the seek again; or faust's own seek
+            # to the committed offsets, when it resumes the streams after a rebalance, came after
+            # ours. So seek back again, as long as such events come.
+            for tp, n in sorted(early.items()):
+                if tp in rewind and tp in sought:
+                    log.info(
+                        "%d message(s) of %s after offset %d, not applied yet: seeking back again",
+                        n,
+                        tp,
+                        rewind[tp],
+                    )
+                    if not await seek_back(tp, rewind[tp]):
+                        sought.discard(tp)
             if not events:
                 yield None
                 continue
@@ -176,6 +225,10 @@ def build_app(settings: AggregatorSettings, bootstrap: str, processor: BatchProc
                 yield None
                 continue
             taken.applied = {ev.message.tp for ev in events}
+            for ev in events:
+                tp = ev.message.tp
+                applied_next[tp] = max(applied_next.get(tp, 0), ev.message.offset + 1)
+            dog.progressed(mine)
             log.debug("batch: %s", stats)
             _record_lag(app, events, control)
             yield None
@@ -187,6 +240,8 @@ def build_app(settings: AggregatorSettings, bootstrap: str, processor: BatchProc
         owned.difference_update(gone)
         processor.revoke(gone)
         sought.difference_update(revoked)  # seek again if this process owns them again
+        for tp in revoked:
+            applied_next.pop(tp, None)  # another process may apply them now
         # Another process may be given these partitions once this returns: let the batch that
         # is writing them finish (or give up) first.
         async with in_flight:
@@ -198,8 +253,115 @@ def build_app(settings: AggregatorSettings, bootstrap: str, processor: BatchProc
         await asyncio.to_thread(processor.acquire, parts)
         owned.clear()
         owned.update(parts)
+        dog.own(parts)
         settled.set()
+        if not watcher:
+            # Started here, not as an app.task: faust starts its tasks only once the first
+            # rebalance has resumed the streams, and that may be what stalls.
+            watcher.append(asyncio.ensure_future(_watch()))
+
+    # ---- liveness ------------------------------------------------------------------------------
+    every = min(5.0, max(0.2, settings.stall_timeout_s / 4))
+    wait_s = max(5.0, settings.stall_timeout_s)  # longest wait for the broker's answers
+
+    async def observe() -> list[tuple[Any, Observation, int]]:
+        """(tp, what is seen of its lane, its committed offset) for every owned partition."""
+        tps = sorted(
+            tp
+            for tp in app.consumer.assignment()
+            if tp.topic in lanes and _lane(tp.topic, tp.partition, control) in owned
+        )
+        if not tps:
+            return []
+        # The log end from the broker, not the fetcher's highwater: a partition that is never
+        # fetched has a highwater that never moves.
+        ends = await asyncio.wait_for(app.consumer.highwaters(*tps), wait_s)
+        committed = await asyncio.wait_for(_committed(app, tps), wait_s)
+        out = []
+        for tp in tps:
+            end = ends.get(tp)
+            if end is None:
+                continue
+            done = max(applied_next.get(tp, 0), committed[tp])
+            out.append((tp, Observation(_lane(tp.topic, tp.partition, control), end, done), committed[tp]))
+        return out
+
+    async def reseek(tp: Any, committed: int) -> None:
+        """Resume the partition's fetch and seek it back to its committed offset, through the
+        rewind rule (nothing later is applied before that offset comes back)."""
+        must_reread(tp, committed)
+        first = rewind[tp]
+        log.warning("watchdog: %s stalled; resuming it and seeking it back to offset %d", tp, first)
+        consumer: Any = app.consumer
+        consumer.resume_partitions({tp})
+        if await seek_back(tp, first):
+            sought.add(tp)
+        if not consumer.flow_active:  # a rebalance that never finished resuming the streams
+            log.warning("watchdog: the consumer's flow was stopped; resuming it")
+            app.flow_control.resume()
+            consumer.resume_flow()
+
+    watcher: list[asyncio.Future[None]] = []
+
+    async def _watch() -> None:
+        while True:
+            await asyncio.sleep(every)
+            if stopping.is_set() or app.should_stop:
+                return
+            try:
+                if await _check():
+                    return  # a restart was asked for: this app is being replaced
+            except Exception:  # the watchdog must never be what stops an aggregator
+                log.exception("watchdog: check failed")
+
+    async def _check() -> bool:
+        """One look at the owned partitions; True when the aggregator part must restart."""
+        if not settled.is_set():
+            return False  # a rebalance is under way: ownership is not known yet
+        try:
+            seen = await observe()
+        except Exception as exc:  # the broker is away (the consumer retries on its own)
+            log.info("watchdog: could not read the partitions' offsets: %r", exc)
+            return False
+        if not settled.is_set():
+            return False  # a rebalance started meanwhile: what was seen may be out of date
+        busy = in_flight.locked() or processor.stalled_since is not None
+        stalls = dog.observe([ob for _, ob, _ in seen], busy=busy)
+        by_lane = {ob.lane: (tp, committed) for tp, ob, committed in seen}
+        for stall in stalls:
+            tp, committed = by_lane[stall.lane]
+            if stall.action is Action.RESEEK:
+                await reseek(tp, committed)
+                continue
+            what = f"{tp} still stalled ({stall.lag} behind, {stall.stalled_s:.0f}s)"
+            if restart is not None:
+                log.error("watchdog: %s; restarting the aggregator", what)
+                restart()
+                return True
+            log.error("watchdog: %s and nothing here can restart the aggregator; seeking it back again", what)
+            await reseek(tp, committed)
+        return False
 
     lanes = {settings.topic_events, control}
     app.metering_stopping = stopping  # type: ignore[attr-defined]
+    app.metering_watchdog = dog  # type: ignore[attr-defined]
     return app
+
+
+async def _committed(app: faust.App, tps: list[Any]) -> dict[Any, int]:
+    """The committed offset of each partition, from the broker; the earliest offset of the log
+    for a partition with none (the consumer starts there: ``auto_offset_reset='earliest'``)."""
+    consumer: Any = app.consumer
+    thread = consumer._thread  # aiokafka runs in the consumer's thread: ask it there
+    aio = thread._ensure_consumer()
+    out: dict[Any, int] = {}
+    for tp in tps:
+        offset = await thread.call_thread(aio.committed, tp)
+        if offset is not None:
+            out[tp] = offset
+    missing = [tp for tp in tps if tp not in out]
+    if missing:
+        earliest = await consumer.earliest_offsets(*missing)
+        for tp in missing:
+            out[tp] = earliest.get(tp) or 0
+    return out

@@ -23,10 +23,11 @@ from typing import Any
 import uvicorn
 from fastapi import APIRouter, FastAPI
 
-from aggregators.app import build_app
 from aggregators.dead_letter import KafkaDeadLetterSink
 from aggregators.dedupe import BloomFilter
 from aggregators.processor import BatchProcessor
+from aggregators.supervisor import AggregatorPart
+from aggregators.watchdog import Watchdog, describe
 from aggregators.writer import ClickHouseWriter
 from deploy.http_server import server_config
 from deploy.settings import CommonSettings, RunSettings
@@ -93,8 +94,10 @@ def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) ->
 
 def aggregator_check(faust_app: Any, processor: BatchProcessor | None = None) -> Any:
     """Down when the faust app stopped (a crashed consumer must not look healthy); degraded while
-    the processor retries a batch ClickHouse does not take, with how long and the engine's error
-    (query_api/health.py: degraded shows in /readyz but does not make it 503)."""
+    the processor retries a batch ClickHouse does not take, with how long and the engine's error,
+    and while the watchdog finds partitions stalled (``faust_app.metering_watchdog``: the faust
+    app or the AggregatorPart running it), naming them (query_api/health.py: degraded shows in
+    /readyz but does not make it 503)."""
 
     def check() -> tuple[bool | Status, str]:
         if getattr(faust_app, "crashed", False) or faust_app.should_stop:
@@ -105,6 +108,10 @@ def aggregator_check(faust_app: Any, processor: BatchProcessor | None = None) ->
                 f"stalled for {processor.stalled_seconds():.0f}s (since {since.isoformat(timespec='seconds')}), "
                 f"retrying: {processor.last_error}"
             )
+        dog = getattr(faust_app, "metering_watchdog", None)
+        stalls = dog.stalls() if isinstance(dog, Watchdog) else []
+        if stalls:
+            return Status.DEGRADED, f"{describe(stalls)}; the watchdog is healing them"
         return True, "consuming"
 
     return check
@@ -150,13 +157,14 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
         from ingest.kafka_config import ensure_topics
 
         await asyncio.to_thread(ensure_topics, settings, bootstrap)
-        faust_app = None
+        faust_app: AggregatorPart | None = None
         processor: BatchProcessor | None = None
         closers: list[Any] = []
         if Part.AGGREGATOR in parts:
             processor = build_processor(settings, client, bootstrap)
             closers.extend([processor.dead_letters, processor.preflight])
-            faust_app = build_app(settings, bootstrap, processor)
+            # the faust app, restarted when its watchdog finds a stall a reseek did not heal
+            faust_app = AggregatorPart(settings, bootstrap, processor)
             await faust_app.start()
         admin_token = ""
         if Part.QUERY in parts:
@@ -182,7 +190,6 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
             server.should_exit = True
             await server_task
         if faust_app is not None:
-            faust_app.metering_stopping.set()  # type: ignore[attr-defined]
             await faust_app.stop()
         for closer in closers:
             with contextlib.suppress(Exception):

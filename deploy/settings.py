@@ -140,6 +140,12 @@ class AggregatorSettings(CommonSettings):
     dedupe_bloom_capacity: int = Field(default=20_000_000, ge=1000)
     dedupe_bloom_error_rate: float = Field(default=0.001, gt=0, lt=0.5)
     clickhouse_retry_max_s: float = Field(default=30.0, gt=0, description="Longest backoff between retries.")
+    stall_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A partition owned with messages to consume and no progress this long is stalled: "
+        "it is sought back and resumed, then the aggregator part restarted (aggregators/watchdog.py).",
+    )
     faust_data_dir: Path = DEFAULT_CACHE / "faust"
 
 

@@ -134,3 +134,36 @@ def test_the_metrics_are_exported() -> None:
 def test_a_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Watchdog(0)
+
+
+def test_readyz_names_the_stalled_partitions_degraded_and_stays_200() -> None:
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from deploy.runner import aggregator_check
+    from query_api.health import build_health_router
+
+    w, clock = dog(30)
+    w.own([0, 2])
+    app_state = SimpleNamespace(crashed=False, should_stop=False, metering_watchdog=w)
+    api = FastAPI()
+    api.include_router(build_health_router({"aggregator": aggregator_check(app_state)}, cache_s=0))
+    client = TestClient(api)
+    assert client.get("/readyz").json()["checks"]["aggregator"] == {"status": "ok", "detail": "consuming"}
+    clock.now += 31
+    w.observe([ob(0, 10, 10), ob(2, 500, 380)])
+    got = client.get("/readyz")
+    assert got.status_code == 200
+    assert got.json() == {
+        "status": "degraded",
+        "checks": {
+            "aggregator": {
+                "status": "degraded",
+                "detail": "stalled: partition 2 (120 behind, 31s); the watchdog is healing them",
+            }
+        },
+    }
+    w.progressed([2])
+    assert client.get("/readyz").json()["status"] == "ok"

@@ -1,0 +1,148 @@
+"""The hand-back stall of issue 8, made deterministic (docs/exactly-once.md, "Liveness").
+
+A skips events of partitions that went to B (its take buffer still held them when they were
+revoked) and must read them again from the first one skipped if it owns those partitions again.
+B applies them and commits past that offset, then leaves; A is given the partitions back. A seeks
+them back to the first offset it skipped; faust, resuming the streams after the rebalance, seeks
+every partition to its committed offset. If faust's seek came second, A read from B's committed
+offset, which is past the offset A waits for: every event was left for later, forever. Here
+faust's seek is delayed so that it always comes second; the watchdog is kept out of the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aggregators.direct import make_processor
+from deploy.settings import AggregatorSettings
+from tests.integration.helpers import consume_all, event, produce_batches, running_faust
+
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
+
+
+def _events(prefix: str, n: int, tenants: int = 12) -> list[dict]:
+    at = datetime.now(UTC) - timedelta(minutes=20)
+    return [
+        event(
+            f"{prefix}{i}",
+            "egress.download",
+            {"workspace_id": "w", "artifact_id": f"{prefix}{i}", "bytes": 1 + i % 97},
+            at + timedelta(milliseconds=i),
+            f"t{i % tenants}",
+        )
+        for i in range(n)
+    ]
+
+
+def _settings(topic: str) -> AggregatorSettings:
+    return AggregatorSettings(
+        topic_events=topic,
+        topic_dead_letter=f"{topic}.dlq",
+        consumer_group=f"handback-{topic}",
+        batch_max_messages=5,
+        batch_within_s=0.1,
+        faust_data_dir=Path(tempfile.mkdtemp()),
+        consumer_session_timeout_s=6,
+        clickhouse_retry_max_s=1,
+        stall_timeout_s=3600,  # the watchdog would heal the stall: out of the way
+    )
+
+
+async def _until(pred: Any, timeout: float = 60.0) -> bool:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        if await asyncio.to_thread(pred):
+            return True
+        await asyncio.sleep(0.25)
+    return bool(await asyncio.to_thread(pred))
+
+
+def _per_lane(client: Any, db: str) -> dict[int, int]:
+    rows = client.query(
+        f"SELECT src_partition, count() FROM {db}.events_raw GROUP BY src_partition"
+    ).result_rows
+    return {int(p): int(n) for p, n in rows}
+
+
+def _totals(client: Any, db: str) -> tuple:
+    return client.query(
+        f"SELECT sum(value_sum), sum(value_count) FROM {db}.usage_1d WHERE meter = 'egress_bytes'"
+    ).result_rows[0]
+
+
+def test_partitions_handed_back_are_resumed_when_faust_seeks_to_committed_offsets_last(
+    kafka_bootstrap: str, topic: str, clickhouse: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="aggregators.app")
+    client, db = clickhouse
+    evs, later = _events("h", 1200), _events("k", 600)
+    produce_batches(kafka_bootstrap, topic, evs, per_message=10)
+    produced: dict[int, int] = {}
+    for m in consume_all(kafka_bootstrap, topic):
+        produced[m.partition] = produced.get(m.partition, 0) + len(m.value.split(b'"specversion"')) - 1
+    assert sum(produced.values()) == 1200 and len(produced) >= 3
+
+    slow = {"on": True}
+    proc_a = make_processor(client, db)
+    apply = proc_a.process_with_retry
+
+    def slow_apply(messages: Any, give_up: Any, max_backoff_s: float) -> Any:
+        # A is slow (as if ClickHouse were): B joins while A's batch is in flight, which A
+        # gives up (its partitions were revoked) and will read again from its first offset
+        until = time.monotonic() + 1.5
+        while slow["on"] and time.monotonic() < until:
+            if give_up():
+                return None
+            time.sleep(0.05)
+        return apply(messages, give_up, max_backoff_s)
+
+    proc_a.process_with_retry = slow_apply  # type: ignore[method-assign]
+    proc_b = make_processor(client, db)
+
+    async def scenario() -> None:
+        async with running_faust(_settings(topic), kafka_bootstrap, proc_a) as a:
+            assert await _until(lambda: sum(_per_lane(client, db).values()) > 0)
+            b = running_faust(_settings(topic), kafka_bootstrap, proc_b)
+            await b.__aenter__()
+            try:
+                assert await _until(lambda: bool(proc_b._bloom_partitions), timeout=60)
+                gone = set(proc_b._bloom_partitions)
+                # B applies its partitions to the end and commits
+                done_b = lambda: all(_per_lane(client, db).get(p, 0) == produced.get(p, 0) for p in gone)  # noqa: E731
+                assert await _until(done_b, timeout=90)
+                await asyncio.sleep(2.5)  # B's commit interval is 1 s
+                slow["on"] = False
+                # faust's own seek to the committed offsets comes after A's rewind
+                consumer: Any = a.consumer
+                seek_to_committed = consumer.perform_seek
+
+                async def late_perform_seek() -> None:
+                    await asyncio.sleep(2.0)
+                    await seek_to_committed()
+
+                consumer.perform_seek = late_perform_seek
+            finally:
+                await b.__aexit__(None, None, None)  # B leaves: its partitions go back to A
+            # new events on every partition, B's included: offsets past B's committed ones
+            await asyncio.to_thread(produce_batches, kafka_bootstrap, topic, later, 10)
+            assert await _until(lambda: _totals(client, db)[1] == 1800, timeout=60), (
+                f"partitions handed back not resumed: {_per_lane(client, db)}"
+            )
+            await asyncio.sleep(1)
+
+    asyncio.run(scenario())
+    said = caplog.text
+    # the scenario happened: A gave a batch up and sought partitions back to where it began
+    assert "given up: its partitions were reassigned" in said and "rewinding" in said
+    assert int(client.command(f"SELECT count() FROM {db}.events_raw")) == 1800
+    assert _totals(client, db) == (Decimal(sum(e["data"]["bytes"] for e in evs + later)), 1800)
