@@ -217,7 +217,7 @@ async def _start_sql_endpoint(settings: Any, parts: set[Part], closers: list[Any
         return None, None, f"\n  SQL endpoint  off: {exc}"
     endpoint = await asyncio.to_thread(sql.open_endpoint, settings)
     assert endpoint is not None
-    closers.append(endpoint.engine)
+    closers.append(endpoint)
     server = _Server(sql.sql_server_config(sql.build_sql_app(endpoint), settings))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     where = f"http://{settings.sql_host}:{sock.getsockname()[1]}"

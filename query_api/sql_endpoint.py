@@ -35,15 +35,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import logging
 import math
 import secrets
 import socket
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from starlette.applications import Starlette
@@ -56,6 +58,7 @@ from query_api.analyst_keys import AnalystKeyStore
 from query_api.ratelimit import RateLimiter
 from query_api.sql_engine import (
     STREAM_HEADER_LINES,
+    TOO_MANY_SIMULTANEOUS_QUERIES,
     BlockStream,
     EngineError,
     Handle,
@@ -66,6 +69,7 @@ from query_api.sql_engine import (
 from query_api.sql_guard import READONLY, SYNTAX_ERROR, Refused, judge
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 AUTHENTICATION_FAILED = 516
 NOT_IMPLEMENTED = 48
@@ -176,6 +180,34 @@ class SqlEndpoint:
         self.display_name = socket.gethostname()
         # Failed logins per client address, like every other authentication of the system.
         self.failures = RateLimiter(FAILED_LOGINS_PER_MINUTE, name="sql-auth-failures")
+        # Threads of its own: the aggregator runs its batches in the event loop's default
+        # executor, which analysts' queries must never fill. A request holds a thread only while
+        # its query runs on a handle (waiting for a handle holds none), so this never runs short.
+        self._pool = ThreadPoolExecutor(engine.size + 2, thread_name_prefix="sql-endpoint")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()
+
+    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the endpoint's threads; run to its end even if the request is
+        cancelled meanwhile (it releases what it holds itself)."""
+        future = asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        return await asyncio.shield(future)
+
+    async def _acquire(self) -> Handle:
+        """A handle, waiting (without a thread) up to the queue timeout for one to be free."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.sql_queue_timeout_s
+        while (handle := self.engine.try_acquire()) is None:
+            if loop.time() >= deadline:
+                raise EngineError(
+                    TOO_MANY_SIMULTANEOUS_QUERIES,
+                    f"Too many simultaneous queries: all {self.engine.size} are running and none ended "
+                    f"within {self.settings.sql_queue_timeout_s:g} s. (TOO_MANY_SIMULTANEOUS_QUERIES)",
+                )
+            await asyncio.sleep(0.02)
+        return handle
 
     # ---- responses ---------------------------------------------------------------------------
 
@@ -223,7 +255,7 @@ class SqlEndpoint:
         if path != "/":
             return self.error(NOT_IMPLEMENTED, f"There is no handle {path}. (NOT_IMPLEMENTED)")
         user, key = _credentials(request)  # before anything else is read
-        if not await asyncio.to_thread(self.keys.verify, user, key):
+        if not await self._in_pool(self.keys.verify, user, key):
             address = request.client.host if request.client else "unknown"
             wait = self.failures.acquire(f"fail:{address}")
             if wait is not None:
@@ -253,9 +285,11 @@ class SqlEndpoint:
         log.debug("analyst query %s (%s, %s)", call.query_id, statement.kind, fmt)
         try:
             # chdb streams SELECTs only ("Streaming query is not supported" for SHOW, DESCRIBE…)
-            if call.wait_end or fmt.lower() not in STREAMABLE or statement.kind not in ("SELECT", "WITH"):
-                return await asyncio.to_thread(self._whole, call, fmt)
-            return await self._streamed(call, fmt)
+            whole = call.wait_end or fmt.lower() not in STREAMABLE or statement.kind not in ("SELECT", "WITH")
+            handle = await self._acquire()
+            if whole:
+                return await self._in_pool(self._whole, call, fmt, handle)
+            return await self._streamed(call, fmt, handle)
         except EngineError as exc:
             return self.error(exc.code, exc.message, call.query_id)
 
@@ -312,8 +346,7 @@ class SqlEndpoint:
             wait_end=q.get("wait_end_of_query", "0") not in ("", "0", "false"),
         )
 
-    def _whole(self, call: Call, fmt: str) -> Response:
-        handle = self.engine.acquire(self.settings.sql_queue_timeout_s)
+    def _whole(self, call: Call, fmt: str, handle: Handle) -> Response:
         try:
             self.engine.prepare(handle, call.database, call.settings)
             result = self.engine.run(handle, call.sql, fmt, call.params)
@@ -325,9 +358,8 @@ class SqlEndpoint:
         )
         return Response(result.body, headers=headers, media_type=_content_type(fmt))
 
-    async def _streamed(self, call: Call, fmt: str) -> Response:
+    async def _streamed(self, call: Call, fmt: str, handle: Handle) -> Response:
         def start() -> tuple[Handle, BlockStream, bytes | None]:
-            handle = self.engine.acquire(self.settings.sql_queue_timeout_s)
             try:
                 self.engine.prepare(handle, call.database, call.settings)
                 blocks = self.engine.stream(handle, call.sql, fmt, call.params)
@@ -341,7 +373,7 @@ class SqlEndpoint:
                 raise
             return handle, blocks, first
 
-        started = asyncio.ensure_future(asyncio.to_thread(start))
+        started = asyncio.get_running_loop().run_in_executor(self._pool, start)
         try:
             handle, blocks, first = await asyncio.shield(started)
         except asyncio.CancelledError:
@@ -359,7 +391,7 @@ class SqlEndpoint:
                     yield first
                 while True:
                     try:
-                        chunk = await asyncio.to_thread(next, blocks, None)
+                        chunk = await self._in_pool(next, blocks, None)
                     except EngineError as exc:
                         yield _stream_exception(tag, f"Code: {exc.code}. DB::Exception: {exc.message}")
                         return

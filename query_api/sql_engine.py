@@ -132,6 +132,17 @@ class ReadOnlyEngine:
                 f"within {timeout_s:g} s. (TOO_MANY_SIMULTANEOUS_QUERIES)",
             ) from None
 
+    def try_acquire(self) -> Handle | None:
+        """A free handle now, or None."""
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            return None
+
+    @property
+    def size(self) -> int:
+        return len(self._all)
+
     def release(self, handle: Handle) -> None:
         self._free.put(handle)
 

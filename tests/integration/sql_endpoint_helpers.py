@@ -57,4 +57,4 @@ def serve_sql(dsn: str, database: str, keys_file: Path, **overrides: Any) -> Ite
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        endpoint.engine.close()
+        endpoint.close()
