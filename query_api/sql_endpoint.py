@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
+from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -70,6 +71,12 @@ from query_api.sql_guard import READONLY, SYNTAX_ERROR, Refused, judge
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+REQUESTS = Counter(
+    "metering_sql_requests_total",
+    "Requests to the SQL endpoint by the ClickHouse error code answered (0: a result)",
+    ["code"],
+)
 
 AUTHENTICATION_FAILED = 516
 NOT_IMPLEMENTED = 48
@@ -247,6 +254,18 @@ class SqlEndpoint:
     # ---- the request -------------------------------------------------------------------------
 
     async def handle(self, request: Request) -> Response:
+        response = await self._answer(request)
+        code = response.headers.get("X-ClickHouse-Exception-Code", "0")
+        REQUESTS.labels(code).inc()
+        if code == str(READONLY):
+            # Someone tried to write, or to reach outside: worth a line (the statement is not logged).
+            log.info(
+                "SQL endpoint: refused a statement in read-only mode (query id %s)",
+                response.headers.get("X-ClickHouse-Query-Id"),
+            )
+        return response
+
+    async def _answer(self, request: Request) -> Response:
         path = request.url.path
         if path in ("/ping", "/replicas_status") or (
             path == "/" and request.method in ("GET", "HEAD") and "query" not in request.query_params

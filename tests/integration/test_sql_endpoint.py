@@ -15,6 +15,7 @@ import clickhouse_connect
 import httpx
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError, ProgrammingError
+from prometheus_client import REGISTRY
 
 from aggregators.direct import apply_events
 from query_api.admin_token import new_admin_token
@@ -209,12 +210,17 @@ REFUSED = [
 
 def test_refused_with_clickhouse_errors(served: tuple[Served, Any]) -> None:
     s, _ = served
+    refused_before = REGISTRY.get_sample_value("metering_sql_requests_total", {"code": "164"}) or 0
     for sql, code in REFUSED:
         status, headers, body = curl("-u", f"analyst:{s.key}", f"{s.url}/", "--data-binary", sql)
         assert headers.get("x-clickhouse-exception-code") == str(code), (sql, body)
         assert body.startswith(f"Code: {code}. DB::Exception: "), body
         assert status >= 400
     assert not Path("/tmp/metering-outfile.tsv").exists()
+    refused = sum(1 for _, code in REFUSED if code == 164)
+    assert (
+        REGISTRY.get_sample_value("metering_sql_requests_total", {"code": "164"}) == refused_before + refused
+    )
 
 
 def test_client_settings_cannot_raise_limits(served: tuple[Served, Any]) -> None:
