@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import threading
@@ -34,6 +35,8 @@ from pathlib import Path
 import orjson
 
 from query_api.admin_token import write_token_file
+
+log = logging.getLogger(__name__)
 
 ANALYST_KEY_PREFIX = "mt_sql_"
 ANALYST_USER = "analyst"
@@ -132,7 +135,12 @@ class AnalystKeyStore:
             stamp = None
         with self._lock:
             if stamp != self._stamp:
-                self._hashes = [k.key_hash for k in load_keys(self._path) if k.active] if stamp else []
+                try:
+                    self._hashes = [k.key_hash for k in load_keys(self._path) if k.active] if stamp else []
+                except (OSError, ValueError, TypeError, KeyError) as exc:
+                    # A file edited by hand into something unreadable opens nothing (and says so).
+                    log.error("analyst keys file %s unreadable, every key refused: %s", self._path, exc)
+                    self._hashes = []
                 self._stamp = stamp
             return self._hashes
 

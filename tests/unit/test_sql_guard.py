@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
 from deploy.settings import RunSettings
+from query_api.analyst_keys import AnalystKeyStore, create_key
 from query_api.sql_endpoint import open_endpoint
 from query_api.sql_guard import READONLY, SYNTAX_ERROR, Refused, judge
 
@@ -75,3 +77,15 @@ def test_off_by_setting_and_with_a_clickhouse_server(caplog: pytest.LogCaptureFi
     assert (
         "METERING_CLICKHOUSE_DSN is a ClickHouse server; analysts query that server directly" in caplog.text
     )
+
+
+def test_analyst_key_store(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    store = AnalystKeyStore(path)
+    assert not store.verify("analyst", "")  # no file: nothing opens
+    _, raw = create_key(path, "bi")
+    assert store.verify("analyst", raw) and not store.verify("default", raw)
+    assert not store.verify("analyst", raw[:-1]) and not store.verify("analyst", "")
+    assert raw not in path.read_text() and path.stat().st_mode & 0o777 == 0o600
+    path.write_text("{not json")  # edited by hand into garbage: every key refused, no exception
+    assert not store.verify("analyst", raw)
