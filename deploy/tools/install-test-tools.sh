@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Tools the tests need beyond Python (run by `make tools`, a prerequisite of `make test`):
 #  - promtool, which checks the alert rules (tests/unit/test_observability.py): from Debian's
-#    `prometheus` package at a pinned version, unpacked into .cache/bin (seconds, no daemon is
-#    installed, no root needed). Without apt, `go install` builds it at a pinned version instead
-#    (several minutes once: the Prometheus module is large).
+#    `prometheus` package at a pinned version, unpacked into .cache/bin (about a second, no
+#    daemon is installed, no root needed). Without apt, `go install` builds it at a pinned
+#    version instead: measured here (2 cores, 2026-11-29) at 12 min and 1.8 GB of modules, too
+#    slow for every CI run; that build (Prometheus 3) passes the same checks and rule tests.
 #  - redis-server, the shared rate-limit storage the tests start on a port of their own
 #    (tests/unit/test_ratelimit.py): Debian's `redis-server`, installed when missing (root).
 # A tool that cannot be had is reported here; its tests then skip with the reason, except in CI
