@@ -95,15 +95,17 @@ def test_partitions_handed_back_are_resumed_when_faust_seeks_to_committed_offset
     slow = {"on": True}
     proc_a = make_processor(client, db)
     apply = proc_a.process_with_retry
+    batches = {"a": 0}
 
     def slow_apply(messages: Any, give_up: Any, max_backoff_s: float) -> Any:
-        # A is slow (as if ClickHouse were): B joins while A's batch is in flight, which A
-        # gives up (its partitions were revoked) and will read again from its first offset
-        until = time.monotonic() + 1.5
-        while slow["on"] and time.monotonic() < until:
+        # After its first batch, A's batches wait (as if ClickHouse were down) until their
+        # partitions are revoked when B joins (the batch is given up: A will read it again from
+        # its first offset) or until the test lets them through.
+        while batches["a"] and slow["on"]:
             if give_up():
                 return None
             time.sleep(0.05)
+        batches["a"] += 1
         return apply(messages, give_up, max_backoff_s)
 
     proc_a.process_with_retry = slow_apply  # type: ignore[method-assign]
