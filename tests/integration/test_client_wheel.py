@@ -1,84 +1,115 @@
-"""The client distribution on its own: build its wheel, install it into a fresh virtualenv (its
-dependencies come from the package index), check that nothing of the server stack came with it,
-measure what it takes on disk, and send events with it over a real socket to a stand-in ingest
-(a stdlib HTTP server here: the real pipeline is exercised in test_client_pipeline.py)."""
+"""The client distribution on its own against the real pipeline: build its wheel, install it into a
+fresh virtualenv (its dependencies come from the package index), check that nothing of the server
+stack came with it, measure what it takes on disk, and send events with it over a real socket to
+the real ingest (uvicorn configured by ``deploy.http_server.server_config``, in a thread), which
+puts them on a real broker for the faust aggregator to write into the embedded ClickHouse engine;
+the query API then counts each event sent exactly once."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
+import httpx
+import orjson
 import pytest
+import uvicorn
 
-# ~12 s here, most of it pip fetching pydantic and httpx from the package index
-pytestmark = pytest.mark.slow
+from aggregators.direct import make_processor
+from deploy.http_server import server_config
+from deploy.runner import Part, build_http_app
+from deploy.settings import RunSettings
+from tests.integration.helpers import running_faust, wait_until
+from tests.integration.test_hardening_control_plane import (
+    CHILD,
+    TENANT,
+    administrator_world,
+    raw_ids,
+    render,
+    settings_for,
+)
+
+# ~12 s of it pip fetching pydantic and httpx from the package index (while the aggregator starts)
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_SIDE = ["chdb", "faust", "fastapi", "pandas", "pyarrow", "confluent_kafka", "clickhouse_connect"]
 OURS = ["ingest", "aggregators", "query_api", "schemas", "deploy"]
 LIMIT_MB = 30.0
+N = 150  # two requests: 100 + 50
+METER = "ai_tasks"  # a COUNT meter: its value is the number of events counted
 
+# argv: base URL, API key, workspace, N, the server's packages, ours
 SCRIPT = r"""
 import importlib.util, json, sys
 from metering_client import MeteringClient, Backoff
-absent = [m for m in sys.argv[2].split(",") if importlib.util.find_spec(m) is None]
-with MeteringClient(sys.argv[1], api_key="fl_test_wheel", source="wheel-test",
-                    backoff=Backoff(base_s=0.01, cap_s=0.05)) as client:
-    for i in range(5):
-        client.workstation_cpu(workstation_id="ws-1", cpu_seconds=1.5, id=f"w-{i}")
-m = client.metrics
-server_modules = sorted(n for n in sys.modules if n.split(".")[0] in sys.argv[3].split(","))
-print(json.dumps({"absent": absent, "sent": m.sent, "retried": m.retried, "server_modules": server_modules}))
+url, key, workspace, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+absent = [m for m in sys.argv[5].split(",") if importlib.util.find_spec(m) is None]
+with MeteringClient(url, api_key=key, source="wheel-test", backoff=Backoff(base_s=0.05, cap_s=0.5)) as client:
+    for i in range(n):
+        client.ai_task_submitted(workspace_id=workspace, task_id=f"t-{i}", task_type="upscale", id=f"wheel-{i}")
+m = client.metrics  # leaving the block raised DeliveryFailed if any event was not delivered
+server_modules = sorted(n for n in sys.modules if n.split(".")[0] in sys.argv[6].split(","))
+print(json.dumps({"absent": absent, "sent": m.sent, "duplicates": m.duplicates, "rejected": m.rejected,
+                  "retried": m.retried, "requests": m.requests, "server_modules": server_modules}))
 """
 
 
-class StandIn(BaseHTTPRequestHandler):
-    """Answers the first request 503 (Retry-After 0), then 202 with a result per event."""
+@dataclass
+class Live:
+    url: str
+    settings: RunSettings
+    processor: Any
+    client: Any
+    db: str
 
-    seen: ClassVar[list[dict[str, Any]]] = []
-    calls: ClassVar[int] = 0
 
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        cls = type(self)
-        cls.calls += 1
-        if cls.calls == 1:
-            self.send_response(503)
-            self.send_header("Retry-After", "0")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        assert self.headers["Content-Type"] == "application/json"
-        assert self.headers["Authorization"] == "Bearer fl_test_wheel"
-        events = json.loads(body.decode("utf-8"))
-        cls.seen.extend(events)
-        out = json.dumps(
-            {"results": [{"index": i, "id": e["id"], "status": "accepted"} for i, e in enumerate(events)]}
-        ).encode()
-        self.send_response(202)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *_args: Any) -> None:
-        pass
+@contextmanager
+def serving(app: Any, settings: RunSettings) -> Iterator[str]:
+    """``app`` under a real uvicorn (``server_config``) on a free 127.0.0.1 port, in a thread with
+    its own event loop; the base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(server_config(app, settings))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 @pytest.fixture
-def stand_in() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+def live(kafka_bootstrap: str, topic: str, clickhouse: tuple[Any, str]) -> Iterator[Live]:
+    """The ingest and the query API of one process (``build_http_app``) served on a socket."""
+    client, db = clickhouse
+    settings = settings_for(topic, db)
+    app, closers = build_http_app(settings, client, kafka_bootstrap, {Part.INGEST, Part.QUERY})
+    try:
+        with serving(app, settings) as url:
+            yield Live(url, settings, make_processor(client, db), client, db)
+    finally:
+        for closer in closers:
+            closer.close()
 
 
 def run(*args: str | Path, cwd: Path) -> str:
@@ -94,8 +125,9 @@ def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def test_the_client_wheel_installs_alone_and_sends_events(tmp_path: Path, stand_in: str) -> None:
-    # cwd is the temporary directory throughout: the checkout's packages must not be importable
+def install_client(tmp_path: Path) -> Path:
+    """The client's wheel installed into a fresh virtualenv; its python. cwd is the temporary
+    directory throughout: the checkout's packages must not be importable."""
     run(
         sys.executable,
         "-m",
@@ -120,10 +152,63 @@ def test_the_client_wheel_installs_alone_and_sends_events(tmp_path: Path, stand_
         f"client installed: {added_mb:.1f} MB in site-packages (fresh venv in all: {tree_bytes(venv) / 1e6:.1f} MB)"
     )
     assert added_mb < LIMIT_MB
+    return python
 
-    out = run(python, "-c", SCRIPT, stand_in, ",".join(SERVER_SIDE), ",".join(OURS), cwd=tmp_path)
-    report = json.loads(out.strip().splitlines()[-1])
+
+def meter_total(url: str, key: str) -> Decimal:
+    """What the query API's generic meter query counts for the key's tenant (this month)."""
+    r = httpx.get(
+        f"{url}/api/v1/meters/{METER}/query", headers={"Authorization": f"Bearer {key}"}, timeout=10
+    )
+    assert r.status_code == 200, r.text
+    return sum((Decimal(str(row["value"])) for row in r.json()["data"]), Decimal(0))
+
+
+def test_the_client_wheel_installs_alone_and_its_events_are_counted_once(
+    tmp_path: Path, kafka_bootstrap: str, topic: str, live: Live
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    # the tenant, its workspaces and a workspace-scoped key of CHILD, on the control topic
+    world = administrator_world(kafka_bootstrap, topic, now - timedelta(hours=1))
+    ids = {f"wheel-{i}" for i in range(N)}
+
+    def ready() -> bool:
+        """The key is known and its workspace applied: a warm-up event (another meter) is taken."""
+        r = httpx.post(
+            f"{live.url}/api/v1/events",
+            content=orjson.dumps([render("warm-up", now)]),
+            headers={"Authorization": f"Bearer {world.child_key}", "Content-Type": "application/json"},
+            timeout=10,
+        )
+        return r.status_code == 202 and r.json()["accepted"] + r.json()["duplicates"] == 1
+
+    async def scenario() -> dict[str, Any]:
+        async with running_faust(live.settings, kafka_bootstrap, live.processor):
+            python, up = await asyncio.gather(
+                asyncio.to_thread(install_client, tmp_path), asyncio.to_thread(wait_until, ready, 60.0)
+            )
+            assert up, "the pipeline did not take the warm-up event"
+            argv = [live.url, world.child_key, CHILD, str(N), ",".join(SERVER_SIDE), ",".join(OURS)]
+            out = await asyncio.to_thread(run, python, "-c", SCRIPT, *argv, cwd=tmp_path)
+            counted = await asyncio.to_thread(
+                wait_until, lambda: meter_total(live.url, world.child_key) >= N, 60.0
+            )
+            assert counted, f"the query API counts {meter_total(live.url, world.child_key)} of {N}"
+            await asyncio.sleep(1.0)  # a double count would have arrived by now
+            report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+            return report
+
+    report = asyncio.run(scenario())
+    print(f"client metrics: {report}")
     assert report["absent"] == SERVER_SIDE  # none of the server stack was installed
     assert report["server_modules"] == []  # and nothing of ours but the client was imported
-    assert report["sent"] == 5 and report["retried"] == 1
-    assert [e["id"] for e in StandIn.seen] == [f"w-{i}" for i in range(5)]  # each once, after the 503
+    assert report["sent"] == N and report["rejected"] == {}, report
+    # every event once: in the raw table, and in the query API's answer
+    assert raw_ids(live.client, live.db, "ai.task.submitted") == ids
+    rows = live.client.query(
+        f"SELECT count(), uniqExact(event_id) FROM {live.db}.events_raw WHERE tenant = {{t:String}} "
+        "AND type = 'ai.task.submitted'",
+        parameters={"t": TENANT},
+    ).result_rows
+    assert rows == [(N, N)]
+    assert meter_total(live.url, world.child_key) == Decimal(N)
