@@ -16,7 +16,16 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.cimpl import NewTopic
 
 from deploy.settings import CommonSettings
-from schemas import wire
+from metering_client.kafka_producer import (
+    DEFAULT_DELIVERY_TIMEOUT_S as DEFAULT_DELIVERY_TIMEOUT_S,
+)
+from metering_client.kafka_producer import (
+    DEFAULT_LINGER_MS,
+)
+from metering_client.kafka_producer import (
+    PRODUCER_MESSAGE_MAX_BYTES as PRODUCER_MESSAGE_MAX_BYTES,  # re-exported: one definition
+)
+from metering_client.kafka_producer import producer_config as client_producer_config
 
 log = logging.getLogger(__name__)
 #: librdkafka's own log lines (connection attempts, retries). Quiet unless the application
@@ -24,14 +33,7 @@ log = logging.getLogger(__name__)
 librdkafka_log = logging.getLogger("ingest.librdkafka")
 librdkafka_log.addHandler(logging.NullHandler())
 
-#: librdkafka's ``message.max.bytes`` for producers: one batch message (at most
-#: ``wire.MAX_MESSAGE_BYTES`` of JSON) plus its key, headers and record overhead. It stays below
-#: the broker's default ``message.max.bytes`` (1048588), so nothing we produce can be refused
-#: by a broker with default settings.
-PRODUCER_MESSAGE_MAX_BYTES = wire.MAX_MESSAGE_BYTES + 64 * 1024
 BROKER_DEFAULT_MESSAGE_MAX_BYTES = 1_048_588
-DEFAULT_DELIVERY_TIMEOUT_S = 120.0
-DEFAULT_LINGER_MS = 5
 
 
 class KafkaUnavailable(RuntimeError):
@@ -50,29 +52,16 @@ def producer_config(
     delivery_timeout_s: float = DEFAULT_DELIVERY_TIMEOUT_S,
     linger_ms: int = DEFAULT_LINGER_MS,
 ) -> dict[str, Any]:
-    """Configuration of every event producer (SDK, HTTP ingest, CLI)."""
-    conf = settings.kafka_client_config(bootstrap)
-    conf.update(
-        {
-            # Idempotence makes librdkafka's internal retries exactly-once and in-order per
-            # partition; with the tenant as key, one tenant's batches stay in emission order.
-            "enable.idempotence": True,
-            "acks": "all",
-            # Required by idempotence (librdkafka enforces <= 5); stated so nobody raises it.
-            "max.in.flight.requests.per.connection": 5,
-            "compression.type": "lz4",
-            # Our own batcher already fills messages; librdkafka only needs to pack a few
-            # concurrent messages into one produce request.
-            "linger.ms": linger_ms,
-            "message.max.bytes": PRODUCER_MESSAGE_MAX_BYTES,
-            "batch.size": PRODUCER_MESSAGE_MAX_BYTES,
-            # After this, a message is reported failed (``_MSG_TIMED_OUT``) to the delivery
-            # callback, which surfaces it to the caller: never a silent loss.
-            "delivery.timeout.ms": max(1, int(delivery_timeout_s * 1000)),
-            "client.id": "metering-ingest",
-            "logger": librdkafka_log,
-        }
+    """Configuration of every event producer of the server (HTTP ingest, CLI): the client
+    distribution's one definition of the delivery guarantees (metering_client.kafka_producer),
+    over this deployment's connection settings, with the server's client id and logger."""
+    conf = client_producer_config(
+        bootstrap,
+        client_config=settings.kafka_client_config(bootstrap),
+        delivery_timeout_s=delivery_timeout_s,
+        linger_ms=linger_ms,
     )
+    conf.update({"client.id": "metering-ingest", "logger": librdkafka_log})
     return conf
 
 
