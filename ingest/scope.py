@@ -43,6 +43,7 @@ from ingest.sdk import InvalidEvent
 from query_api.credentials import Principal
 from schemas.clickhouse import Table
 from schemas.events import EntityKind
+from schemas.tenancy import subtree
 
 #: The per-event code of an event naming a resource outside the key's scope (or unknown).
 OUT_OF_SCOPE = "out_of_scope"
@@ -87,19 +88,8 @@ class TenantScope:
     )
 
     def subtree(self, root: str) -> frozenset[str]:
-        """``root`` and every workspace beneath it; a cycle in bad data cannot loop forever."""
-        children: dict[str, list[str]] = {}
-        for child, parent in self.parents.items():
-            if parent and parent != child:
-                children.setdefault(parent, []).append(child)
-        seen: set[str] = set()
-        stack = [root] if root in self.parents else []
-        while stack:
-            current = stack.pop()
-            if current not in seen:
-                seen.add(current)
-                stack.extend(children.get(current, ()))
-        return frozenset(seen)
+        """``root`` and every workspace beneath it (schemas/tenancy.py)."""
+        return subtree(self.parents, root)
 
     def for_key(self, scope: str, workspace_id: str, member_id: str) -> KeyScope:
         """The scope of a key (memoized in this snapshot: a tenant has few keys)."""

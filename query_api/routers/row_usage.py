@@ -20,6 +20,7 @@ from query_api.errors import ErrorStyle, bad_request, error_responses
 from query_api.models import RowUsageItem, RowUsagePage
 from query_api.periods import Granularity, PeriodError, parse_iso_date, row_usage_dates
 from query_api.reader import Workspace
+from schemas.tenancy import subtree as workspace_subtree
 
 router = APIRouter(tags=["usage"])
 
@@ -27,20 +28,8 @@ MAX_PAGE_SIZE = 100
 
 
 def subtree(workspaces: dict[str, Workspace], root: str) -> set[str]:
-    """``root`` and every workspace beneath it; cycles in bad data cannot loop forever."""
-    children: dict[str, list[str]] = {}
-    for w in workspaces.values():
-        if w.parent_id and w.parent_id != w.id:
-            children.setdefault(w.parent_id, []).append(w.id)
-    seen: set[str] = set()
-    stack = [root] if root in workspaces else []
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        stack.extend(children.get(current, ()))
-    return seen
+    """``root`` and every workspace beneath it (schemas/tenancy.py)."""
+    return set(workspace_subtree({w.id: w.parent_id or "" for w in workspaces.values()}, root))
 
 
 def _date(value: str | None, name: str) -> date | None:
