@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from schemas.events import LIFECYCLE_TYPES
@@ -126,3 +126,19 @@ def consume_all(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[Any
             )
     c.close()
     return got[control] + got[topic]
+
+
+def egress_events(prefix: str, n: int, tenants: int = 6) -> list[dict[str, Any]]:
+    """``n`` egress downloads 20 minutes ago, 1 ms apart, spread over ``tenants`` tenants (so over
+    the partitions): ids ``<prefix><i>``, ``bytes`` 1..97 (the rebalance and liveness tests)."""
+    at = datetime.now(UTC) - timedelta(minutes=20)
+    return [
+        event(
+            f"{prefix}{i}",
+            "egress.download",
+            {"workspace_id": "w", "artifact_id": f"{prefix}{i}", "bytes": 1 + i % 97},
+            at + timedelta(milliseconds=i),
+            f"t{i % tenants}",
+        )
+        for i in range(n)
+    ]

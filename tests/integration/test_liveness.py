@@ -15,7 +15,6 @@ import asyncio
 import logging
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -24,23 +23,13 @@ import pytest
 
 from aggregators.direct import make_processor
 from deploy.settings import AggregatorSettings
-from tests.integration.helpers import consume_all, event, produce_batches, running_faust
+from tests.integration.helpers import consume_all, egress_events, produce_batches, running_faust
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
 
 def _events(prefix: str, n: int, tenants: int = 12) -> list[dict]:
-    at = datetime.now(UTC) - timedelta(minutes=20)
-    return [
-        event(
-            f"{prefix}{i}",
-            "egress.download",
-            {"workspace_id": "w", "artifact_id": f"{prefix}{i}", "bytes": 1 + i % 97},
-            at + timedelta(milliseconds=i),
-            f"t{i % tenants}",
-        )
-        for i in range(n)
-    ]
+    return egress_events(prefix, n, tenants)
 
 
 def _settings(topic: str) -> AggregatorSettings:

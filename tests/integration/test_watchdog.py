@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from aggregators.direct import make_processor
 from aggregators.supervisor import AggregatorPart
 from aggregators.watchdog import STALLS, Action
 from deploy.settings import AggregatorSettings
-from tests.integration.helpers import event, produce_batches, running_faust
+from tests.integration.helpers import egress_events, produce_batches, running_faust
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
@@ -26,17 +25,7 @@ TIMEOUT_S = 2.0
 
 
 def _events(prefix: str, n: int, tenants: int = 8) -> list[dict]:
-    at = datetime.now(UTC) - timedelta(minutes=20)
-    return [
-        event(
-            f"{prefix}{i}",
-            "egress.download",
-            {"workspace_id": "w", "artifact_id": f"{prefix}{i}", "bytes": 1 + i % 97},
-            at + timedelta(milliseconds=i),
-            f"t{i % tenants}",
-        )
-        for i in range(n)
-    ]
+    return egress_events(prefix, n, tenants)
 
 
 def _settings(topic: str) -> AggregatorSettings:
