@@ -68,7 +68,9 @@ def kafka_bootstrap(settings: CommonSettings, start_local: bool) -> Iterator[str
     if not start_local:
         yield local_broker.bootstrap_for(settings.kafka_port)
         return
-    with local_broker.running_broker(port=settings.kafka_port, data_dir=settings.kafka_data_dir) as bootstrap:
+    with local_broker.running_broker(
+        port=settings.kafka_port, data_dir=settings.kafka_data_dir, version=settings.kafka_version
+    ) as bootstrap:
         yield bootstrap
 
 

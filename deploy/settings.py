@@ -29,6 +29,10 @@ class CommonSettings(BaseSettings):
     )
     kafka_port: int = Field(default=9092, ge=1, le=65535, description="Port of the local broker.")
     kafka_data_dir: Path = DEFAULT_CACHE / "kafka" / "data"
+    kafka_version: str = Field(
+        default="4.4",
+        description="Kafka of the local broker: 4.4.x (default) or 3.9.x (deploy/kafka/README.md).",
+    )
     kafka_security_protocol: str = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
@@ -61,6 +65,13 @@ class CommonSettings(BaseSettings):
         if not raw.startswith(("chdb://", "http://", "https://")):
             raise ValueError("clickhouse_dsn must start with chdb://, http:// or https://")
         return v
+
+    @field_validator("kafka_version")
+    @classmethod
+    def _supported_kafka(cls, v: str) -> str:
+        from deploy.kafka.local_broker import resolve_kafka_version
+
+        return resolve_kafka_version(v or "4.4")  # "4.4", "4.4.x" or "4.4.0" -> the pinned release
 
     @model_validator(mode="after")
     def _default_control_topic(self) -> CommonSettings:
