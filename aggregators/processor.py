@@ -3,9 +3,10 @@
 The steps, in this order (why each is safe after a crash: docs/exactly-once.md):
 1. skip messages already in ``events_raw`` (offset <= its watermark for the partition);
 2. decode and validate; rejects go to the dead-letter topic, flushed *before* anything is
-   written, so a rejected event is never lost (it may be dead-lettered twice after a crash);
+   written, so a rejected event is never lost, then to the ``rejections`` table (once per
+   source position: aggregators/rejections.py);
 3. drop duplicates: within the batch, then against earlier batches (Bloom filter, checked
-   exactly in ``events_raw``);
+   exactly in ``events_raw``); the dropped copies are recorded in ``event_duplicates``;
 3b. try the new rows on probe tables that keep nothing (preflight.py): events ClickHouse would
    refuse (a data error, not an outage) are dead-lettered, flushed before anything is written;
    a trial writes nothing, so a crash during it is a crash before the raw insert;
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from aggregators import metrics
+from aggregators import metrics, rejections
 from aggregators.decode import (
     Decoded,
     RawRow,
@@ -146,11 +147,11 @@ class BatchProcessor:
         decoded = decode_messages(fresh)
         stats.events = len(decoded.rows) + len(decoded.rejects)
         stats.rejected = len(decoded.rejects)
-        if decoded.rejects:
-            self.dead_letters.send(decoded.rejects)
-            self.dead_letters.flush()
+        if decoded.rejects:  # each once, also in the rejections table (aggregators/rejections.py)
+            rejections.dead_letter(self.dead_letters, self.writer, decoded.rejects, fresh, self.clock())
 
         rows, hashes = self._new_rows(decoded)
+        rejections.record_duplicates(self.writer, decoded.rows, rows, fresh, self.clock())
         stats.duplicates = len(decoded.rows) - len(rows)
         now = self.clock()
         refused = self.preflight.refusals(rows, now)
@@ -160,8 +161,7 @@ class BatchProcessor:
             kept = [(r, h) for r, h in zip(rows, hashes, strict=True) if (r.tenant, r.event_id) not in out]
             rows, hashes = [r for r, _ in kept], [h for _, h in kept]
             storage_rejects = _storage_rejects(refused, fresh, now)
-            self.dead_letters.send(storage_rejects)
-            self.dead_letters.flush()
+            rejections.dead_letter(self.dead_letters, self.writer, storage_rejects, fresh, now)
             stats.refused = len(storage_rejects)
         checkpoint(CrashPoint.BEFORE_RAW_INSERT)
         self.writer.insert_raw(rows, now)

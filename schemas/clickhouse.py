@@ -24,6 +24,8 @@ class Table(StrEnum):
     GAUGE_15M = "gauge_15m"
     ENTITIES = "entities"
     TENANT_FRESHNESS = "tenant_freshness"
+    REJECTIONS = "rejections"
+    EVENT_DUPLICATES = "event_duplicates"
     SCHEMA_MIGRATIONS = "schema_migrations"
 
 
