@@ -7,6 +7,7 @@ conventional name users and CI already export.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,22 @@ class AggregatorSettings(CommonSettings):
         "it is sought back and resumed, then the aggregator part restarted (aggregators/watchdog.py).",
     )
     faust_data_dir: Path = DEFAULT_CACHE / "faust"
+    # The aggregator's share of the ClickHouse engine: its client sends these with every
+    # statement, so that in `metering run` (one embedded engine for every part) the query API's
+    # reads keep threads and memory of their own while the aggregator applies a batch.
+    aggregator_max_threads: int = Field(
+        default=0,
+        ge=0,
+        description="Threads of one aggregator statement. 0: the cores less one (at least 1).",
+    )
+    aggregator_max_memory_usage: int = Field(
+        default=2 << 30, ge=0, description="max_memory_usage of one aggregator statement (bytes; 0: none)."
+    )
+
+    def aggregator_engine_settings(self) -> dict[str, int]:
+        """The ClickHouse settings of the aggregator's client (deploy/runner.py, PartClients)."""
+        threads = self.aggregator_max_threads or max(1, (os.cpu_count() or 2) - 1)
+        return {"max_threads": threads, "max_memory_usage": self.aggregator_max_memory_usage}
 
 
 class AdminTokenSettings(BaseSettings):
