@@ -27,7 +27,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
@@ -175,8 +175,11 @@ def recorded(
         return set()
     found = client.query(
         f"SELECT tenant, origin, request_id, src_partition, src_offset, src_index FROM {database}.{Table.REJECTIONS} "
-        "WHERE origin = {o:String} AND src_partition IN {ps:Array(Int32)} AND src_offset IN {os:Array(Int64)}",
+        # tenant and origin first: the sort key's prefix, so a lookup reads few granules
+        "WHERE tenant IN {ts:Array(String)} AND origin = {o:String} "
+        "AND src_partition IN {ps:Array(Int32)} AND src_offset IN {os:Array(Int64)}",
         parameters={
+            "ts": sorted({r.tenant for r in rows}),
             "o": rows[0].origin,
             "ps": sorted({r.src_partition for r in rows}),
             "os": sorted({r.src_offset for r in rows}),
@@ -265,7 +268,3 @@ def _token(kind: str, keys: Iterable[tuple[Any, ...]]) -> str:
     for k in sorted(keys):
         h.update(repr(k).encode())
     return f"{kind}-{h.hexdigest()}"
-
-
-def utc(t: datetime) -> datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
