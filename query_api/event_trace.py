@@ -155,7 +155,10 @@ class Tracer:
                 "rejections": rejected,
             }
         if self.in_flight is not None:
-            found = self.in_flight.find(tenant, event_id, self.applied())
+            try:
+                found = self.in_flight.find(tenant, event_id, self.applied())
+            except Exception as exc:  # Kafka unreachable: say what was not checked
+                return {**unknown(event_id), "note": f"Kafka could not be read ({type(exc).__name__})"}
             if found is not None and visible(found.pop("_data", {}), ""):
                 return {"id": event_id, "status": Status.RECEIVED.value, **found}
         return unknown(event_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 
 from aggregators.dead_letter import KafkaDeadLetterSink
@@ -111,3 +112,57 @@ def test_dead_letter_consumer_dedupes_by_source_header(
     assert len(got) == 6  # dead-lettered twice
     keep = dedupe_dead_letters(m.headers() or [] for m in got)
     assert sorted(got[i].headers()[2][1].decode().rsplit("/", 1)[1] for i in keep) == ["3", "4", "5"]
+
+
+@pytest.mark.kafka
+def test_the_cli_traces_lists_reconciles_and_dry_runs(
+    clickhouse: tuple[Any, str],
+    clickhouse_dsn: str,
+    kafka_bootstrap: str,
+    topic: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from aggregators.direct import apply_events
+    from deploy.cli import app
+
+    client, db = clickhouse
+    start = datetime.now(UTC)
+    apply_events(client, db, _batch("cli"))
+    for name, value in {
+        "METERING_CLICKHOUSE_DSN": clickhouse_dsn,
+        "METERING_CLICKHOUSE_DATABASE": db,
+        "METERING_TOPIC_EVENTS": topic,
+        "METERING_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+    }.items():
+        monkeypatch.setenv(name, value)
+    runner = CliRunner()
+
+    def run(*args: str) -> str:
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    traced = orjson.loads(run("events", "trace", "g0", "--tenant", "cli", "--json"))
+    assert traced["status"] == "duplicate" and traced["counted_instead"]["meters"][0]["contribution"] == "10"
+    assert "dropped copy" in run("events", "trace", "g0", "--tenant", "cli")
+    assert orjson.loads(run("events", "trace", "g0", "--tenant", "other", "--json"))["status"] == "unknown"
+    listed = run("events", "rejected", "--tenant", "cli")
+    for code in ("invalid_event", "unknown_type", "event_too_old"):
+        assert code in listed
+    until = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+    summary = orjson.loads(
+        run("events", "summary", "--tenant", "cli", "--from", start.isoformat(), "--to", until, "--json")
+    )
+    assert summary == {
+        "received": 7,
+        "counted": 3,
+        "duplicates": 1,
+        "rejected": 3,
+        "rejected_by_ingest": 0,
+        "rejected_by_aggregator": 3,
+        "in_flight": 0,
+    }
+    dry = run("dlq", "redrive", "--tenant", "cli", "--dry-run")
+    assert "rejected again: unknown_type" in dry and "backfill" in dry
