@@ -119,7 +119,8 @@ def event_fields(original: bytes) -> tuple[str, str, str]:
         value = parsed.get(name)
         return value[:256] if isinstance(value, str) else ""
 
-    return text("tenant"), text("id"), text("type")
+    # a CloudEvent; or, for a refused row whose item was not found, its events_raw row
+    return text("tenant"), text("id") or text("event_id"), text("type")
 
 
 def aggregator_rejections(
