@@ -555,5 +555,10 @@ def ingest_router(settings: IngestSettings, client: Any, bootstrap: str) -> tupl
         default_catalog(),
         KafkaScanner(settings.kafka_client_config(bootstrap), settings.topic_events),
     )
-    router.include_router(build_events_router(tracer, lambda: store, lambda: scopes))
+    trace_limit = RateLimiter(
+        settings.ingest_rate_limit_per_minute,
+        storage=settings.rate_limit_storage.get_secret_value(),
+        name="events-trace",
+    )
+    router.include_router(build_events_router(tracer, lambda: store, lambda: scopes, trace_limit))
     return router, producer

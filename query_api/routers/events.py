@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -25,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from ingest.scope import ScopeLookup, judge
 from query_api.credentials import Principal
 from query_api.event_trace import Status, Tracer
+from query_api.ratelimit import RateLimiter
 from schemas.events import EntityKind
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,20 @@ def _time(value: str | None, name: str) -> datetime | None:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
+class _Limited(Exception):
+    def __init__(self, wait_s: float) -> None:
+        super().__init__("rate limited")
+        self.seconds = max(1, math.ceil(wait_s))
+
+    def response(self) -> Response:
+        return _error(
+            429,
+            "rate_limited",
+            "too many trace requests for this API key",
+            {"Retry-After": str(self.seconds)},
+        )
+
+
 def encode_cursor(rejected_at: str, cursor: str) -> str:
     return base64.urlsafe_b64encode(orjson.dumps([rejected_at, cursor])).decode()
 
@@ -66,7 +82,10 @@ def build_events_router(
     tracer: Tracer,
     get_credentials: Callable[[], Any],
     get_scopes: Callable[[], ScopeLookup],
+    limiter: RateLimiter | None = None,
 ) -> APIRouter:
+    """``limiter``: requests per API key (a trace may read Kafka); over it, ``429 rate_limited``
+    with ``Retry-After``."""
     router = APIRouter(tags=["events"])
 
     def principal_of(request: Request) -> Principal | None:
@@ -74,7 +93,12 @@ def build_events_router(
         if scheme.lower() != "bearer" or not raw.strip():
             return None
         principal: Principal | None = get_credentials().lookup(raw.strip(), EntityKind.API_KEY)
-        return principal if principal is not None and principal.active else None
+        if principal is None or not principal.active:
+            return None
+        wait = limiter.acquire(f"events:{principal.credential_id}") if limiter is not None else None
+        if wait is not None:
+            raise _Limited(wait)
+        return principal
 
     def visibility(principal: Principal) -> Callable[[Mapping[str, Any], str], bool]:
         scope = get_scopes().key_scope(principal)
@@ -97,6 +121,7 @@ def build_events_router(
         summary="Trace one event: received, counted, duplicate, rejected or unknown",
         responses={
             401: {"description": "Missing or invalid API key"},
+            429: {"description": "Rate limited (per API key)"},
             503: {"description": "Storage unavailable"},
         },
     )
@@ -111,6 +136,8 @@ def build_events_router(
 
         try:
             answer = await run_in_threadpool(work)
+        except _Limited as limited:
+            return limited.response()
         except Exception as exc:
             log.warning("event trace failed: %s", type(exc).__name__)
             return _error(503, "unavailable", "the event's evidence cannot be read right now; retry later")
@@ -123,6 +150,7 @@ def build_events_router(
         summary="List the tenant's rejected events, latest first (paginated)",
         responses={
             401: {"description": "Missing or invalid API key"},
+            429: {"description": "Rate limited (per API key)"},
             503: {"description": "Storage unavailable"},
         },
     )
@@ -166,6 +194,8 @@ def build_events_router(
 
         try:
             answer = await run_in_threadpool(work)
+        except _Limited as limited:
+            return limited.response()
         except Exception as exc:
             log.warning("rejections listing failed: %s", type(exc).__name__)
             return _error(503, "unavailable", "rejections cannot be read right now; retry later")

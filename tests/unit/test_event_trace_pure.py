@@ -59,3 +59,25 @@ def test_openapi_describes_both_endpoints() -> None:
     assert {"200", "401", "503"} <= set(one["responses"])
     listing = spec["paths"]["/api/v1/events"]["get"]
     assert {p["name"] for p in listing["parameters"]} == {"status", "from", "to", "code", "limit", "cursor"}
+
+
+def test_trace_requests_are_rate_limited_per_key() -> None:
+    from query_api.credentials import Principal
+    from query_api.ratelimit import RateLimiter
+    from schemas.events import EntityKind
+
+    class Keys:
+        def lookup(self, raw: str, kind: EntityKind) -> Principal | None:
+            return (
+                Principal("t", kind, raw, "workspace", "w1", "", "", "active", None) if raw == "k" else None
+            )
+
+    app = FastAPI()
+    tracer: Any = Tracer(None, "db", default_catalog())  # type: ignore[arg-type]
+    app.include_router(build_events_router(tracer, Keys, lambda: None, RateLimiter(1, name="t")))  # type: ignore[arg-type,return-value]
+    with TestClient(app) as client:
+        auth = {"Authorization": "Bearer k"}
+        assert client.get("/api/v1/events/x", headers=auth).status_code == 503  # admitted; no storage here
+        limited = client.get("/api/v1/events/x", headers=auth)
+        assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+        assert client.get("/api/v1/events/x", headers={"Authorization": "Bearer nope"}).status_code == 401
