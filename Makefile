@@ -36,8 +36,16 @@ tools:
 	@bash deploy/tools/install-test-tools.sh
 .PHONY: tools
 
+# Two passes. The parallel one: TEST_WORKERS processes (pytest-xdist, whole files to a worker,
+# each worker with its own session broker and chdb directory). Then the timing-sensitive tests
+# (marker serial, tests/conftest.py) alone. Both run even if the first fails; the exit status is
+# the first failure's. A pass that selects nothing (exit 5) is fine if the other one ran tests.
+TEST_WORKERS ?= 2
 test: $(STAMP) tools
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --serial-tests=skip $(PYTEST_ARGS); a=$$?; \
+	$(BIN)/python -m pytest --serial-tests=only $(PYTEST_ARGS); b=$$?; \
+	if [ $$a -eq 5 ] && [ $$b -ne 5 ]; then a=0; fi; if [ $$b -eq 5 ] && [ $$a -ne 5 ]; then b=0; fi; \
+	if [ $$a -ne 0 ]; then exit $$a; fi; exit $$b
 
 # The Kafka-marked suite against the other supported Kafka version (make test runs the default,
 # 4.4.x; .ci/run runs this after it). KAFKA_ALT_VERSION=4.4 checks the default the same way.

@@ -24,6 +24,52 @@ import pytest
 
 from schemas import clickhouse as ch
 
+# `make test` runs the suite in two passes: the parallel one (pytest-xdist, `-n 2`: each worker
+# has its own session broker and chdb directory) with `--serial-tests=skip`, then the tests
+# marked ``serial`` alone with `--serial-tests=only`. Serial: the tests whose assertions depend
+# on timing (a stall healed within a bound, a session timeout, rebalances, a broker killed and
+# restarted); a second worker's load on a 2-core machine must not decide them. Every test in
+# these files is serial; a test elsewhere can say ``@pytest.mark.serial``.
+SERIAL_FILES = frozenset(
+    {
+        "tests/integration/test_broker_faults.py",
+        "tests/integration/test_chaos.py",
+        "tests/integration/test_liveness.py",
+        "tests/integration/test_watchdog.py",
+    }
+)
+
+
+# pytest-xdist gives its workers COLUMNS (the controller's terminal width, 80 without one). The
+# CLIs' rich consoles are created at import and keep a width they find in COLUMNS then, so under
+# xdist they would wrap at 80 where a plain run follows the COLUMNS a test sets (test_admin_cli).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--serial-tests",
+        choices=("all", "skip", "only"),
+        default="all",
+        help="the tests marked serial: run them with the others (all, the default), skip them, "
+        "or run only them (make test: a parallel pass with skip, then a pass with only)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.split("::", 1)[0] in SERIAL_FILES:
+            item.add_marker(pytest.mark.serial)
+    choice = config.getoption("--serial-tests")
+    if choice == "all":
+        return
+    keep = [i for i in items if (i.get_closest_marker("serial") is not None) == (choice == "only")]
+    dropped = [i for i in items if i not in keep]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
 
 def _docker_engine_answers() -> bool:
     try:
