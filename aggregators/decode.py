@@ -123,7 +123,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 def _slow(item: bytes) -> Event | tuple[str, str]:
-    """pydantic decides (and words the error) whatever the fast path did not accept."""
+    """pydantic decides (and words the error) whatever the SQL path (stage.py) did not accept."""
     try:
         obj = orjson.loads(item)
     except orjson.JSONDecodeError as exc:

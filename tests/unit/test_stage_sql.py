@@ -669,7 +669,7 @@ def _accepted_by_pydantic(item: bytes) -> Event:
     try:
         return pydantic_event(item)
     except (orjson.JSONDecodeError, ValidationError) as exc:
-        raise AssertionError(f"the fast path accepted what pydantic rejects: {item!r}\n{exc}") from exc
+        raise AssertionError(f"the SQL path accepted what pydantic rejects: {item!r}\n{exc}") from exc
 
 
 def pydantic_code(exc: ValidationError) -> str:
