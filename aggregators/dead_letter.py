@@ -53,6 +53,9 @@ class KafkaDeadLetterSink:
 
     def close(self) -> None:
         self._producer.flush(10)
+        # Closed, not only flushed: a producer left open keeps reconnecting (and logging
+        # "Connect ... failed" every second) once its broker is gone.
+        self._producer.close()
 
     def flush(self) -> None:
         remaining = self._producer.flush(30)

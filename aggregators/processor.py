@@ -9,13 +9,15 @@ Python handles Kafka messages; ClickHouse handles events (stage.py). The steps, 
    the engine cannot read is found by bisecting and left to pydantic), then judged by SQL
    generated from the pydantic models; pydantic decides (and words the reject of) every event
    the SQL does not accept. Rejects go to the dead-letter topic, flushed *before* anything is
-   written, so a rejected event is never lost (it may be dead-lettered twice after a crash).
+   written, so a rejected event is never lost, then to the ``rejections`` table (once per
+   source position: aggregators/rejections.py).
    The stage tables are Memory tables of this process: nothing anyone reads;
 3b. the judged rows tried on probe tables that keep nothing (preflight.py, copied inside the
    engine): events ClickHouse would refuse in a derived statement (a data error, not an outage)
    are dead-lettered, flushed before anything is written;
-4. insert the new raw rows: one statement that drops duplicates (within the batch, then an
-   anti-join against ``events_raw``) and writes one part;
+4. record the copies deduplication drops in ``event_duplicates`` (one INSERT ... SELECT),
+   then insert the new raw rows: one statement that drops duplicates (within the batch, then
+   an anti-join against ``events_raw``) and writes one part;
 5. bring every derived table up to the raw table (one statement per table);
 6. record freshness. Only after ``process`` returns may the offsets be committed.
 
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from aggregators import metrics
+from aggregators import metrics, rejections
 from aggregators.decode import (
     MAX_EVENT_BYTES,
     Decoded,
@@ -193,9 +195,8 @@ class BatchProcessor:
             decoded.rejects.extend(d.rejects)
             accepted.extend((mi, r) for r in d.rows)
         stats.rejected = len(decoded.rejects)
-        if decoded.rejects:
-            self.dead_letters.send(decoded.rejects)
-            self.dead_letters.flush()
+        if decoded.rejects:  # each once, also in the rejections table (aggregators/rejections.py)
+            rejections.dead_letter(self.dead_letters, self.writer, decoded.rejects, fresh, self.clock())
         storage_rejects = self._add_rows(accepted, fresh)
         t3 = time.perf_counter()
         timings["fallback"] += t3 - t2
@@ -216,15 +217,16 @@ class BatchProcessor:
                     Reject(m.partition, m.offset, pos, RejectCode.STORAGE_REJECTED, why, items[mi][pos])
                 )
                 excluded.append((mi, pos))
-            self.dead_letters.send(refused_rejects)
-            self.dead_letters.flush()
+            rejections.dead_letter(self.dead_letters, self.writer, refused_rejects, fresh, now)
             storage_rejects.extend(refused_rejects)
         stats.refused = len(storage_rejects)
         t3b = time.perf_counter()
         timings["trial"] += t3b - t3
         t3 = t3b
 
-        # 4. the new events into events_raw: one statement (dedupe inside it, stage.py)
+        # 4. the copies dedupe drops, recorded; then the new events into events_raw: one
+        # statement (dedupe inside it, stage.py)
+        self.writer.record_duplicates(now, excluded, [m.timestamp_ms for m in fresh])
         checkpoint(CrashPoint.BEFORE_RAW_INSERT)
         self.writer.insert_new(now, excluded)
         checkpoint(CrashPoint.AFTER_RAW_INSERT)
@@ -339,8 +341,7 @@ class BatchProcessor:
                     )
                 )
             accepted = [x for x in accepted if id(x) not in refused]
-            self.dead_letters.send(out)
-            self.dead_letters.flush()
+            rejections.dead_letter(self.dead_letters, self.writer, out, fresh, self.clock())
         self.writer.add_rows(accepted)
         return out
 

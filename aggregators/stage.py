@@ -330,6 +330,31 @@ WHERE (tenant, event_id) NOT IN (
 """
 
 
+def duplicates_insert(database: str, rows: str) -> str:
+    """The copies the raw insert will drop, into ``event_duplicates`` (run *before* it): every
+    judged row but the batch's first occurrence of a key ``events_raw`` does not hold; ``nth``
+    ranks the copies of one id inside one message. ReplacingMergeTree keyed on the position
+    collapses what a re-processed batch writes again (aggregators/rejections.py)."""
+    raw = f"{database}.{Table.EVENTS_RAW}"
+    return f"""
+INSERT INTO {database}.{Table.EVENT_DUPLICATES}
+    (tenant, event_id, src_partition, src_offset, nth, received_at, dropped_at)
+SELECT tenant, event_id, src_partition, src_offset, toUInt32(nth),
+    fromUnixTimestamp64Milli({{ts:Array(Int64)}}[msg + 1], 'UTC'), {{now:DateTime64(3, 'UTC')}}
+FROM (
+    SELECT *,
+        row_number() OVER (PARTITION BY tenant, event_id, src_partition, src_offset ORDER BY pos) - 1 AS nth,
+        row_number() OVER (PARTITION BY tenant, event_id ORDER BY msg, pos) AS occurrence
+    FROM {rows} WHERE ok AND (msg, pos) NOT IN {{excluded:Array(Tuple(UInt32, UInt32))}}
+)
+WHERE occurrence > 1 OR (tenant, event_id) IN (
+    SELECT tenant, event_id FROM {raw}
+    WHERE tenant IN (SELECT DISTINCT tenant FROM {rows} WHERE ok)
+      AND event_id IN (SELECT event_id FROM {rows} WHERE ok)
+)
+"""
+
+
 def written_select(database: str, where: str) -> str:
     """What the batch wrote, per tenant and partition (``where``: the batch's offset ranges)."""
     return (

@@ -129,6 +129,16 @@ class ClickHouseWriter:
             settings=stage.ONE_BLOCK,
         )
 
+    def record_duplicates(
+        self, now: datetime, excluded: Sequence[tuple[int, int]], timestamps_ms: Sequence[int]
+    ) -> None:
+        """The judged rows the raw insert will drop as duplicates, into ``event_duplicates``."""
+        self.client.command(
+            stage.duplicates_insert(self.db, self._rows),
+            parameters={"now": fmt_time(now), "excluded": list(excluded), "ts": list(timestamps_ms)},
+            settings={"max_threads": 1},
+        )
+
     def written(self, ranges: Ranges) -> list[tuple[str, int, datetime, int, int, int]]:
         """(tenant, partition, last event time, min offset, max offset, rows) of what
         ``events_raw`` holds in ``ranges``; updates the cached raw watermarks."""

@@ -109,6 +109,10 @@ def _register_optional() -> None:
 
     app.command()(sql)
     admin_app.add_typer(analyst_key_app, name="analyst-key")
+    from ingest.events_cli import dlq_app, events_app
+
+    app.add_typer(events_app, name="events")  # trace, rejected, summary: ingest/events_cli.py
+    app.add_typer(dlq_app, name="dlq")
 
 
 _register_optional()

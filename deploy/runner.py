@@ -1,9 +1,13 @@
 """Starting the processes: the all-in-one ``metering run`` and the separate parts.
 
-``metering run`` = HTTP ingest + the faust aggregator + the query API in ONE process sharing ONE
-ClickHouse client, which the embedded engine requires (chdb locks its data directory). With a
-ClickHouse server the same parts start separately (``ingest-api``, ``aggregator``,
-``query-api``) and scale out.
+``metering run`` = HTTP ingest + the faust aggregator + the query API in ONE process, which the
+embedded engine requires (chdb locks its data directory to one process). Each part has a
+ClickHouse client of its own on that engine (``PartClients``): one client runs one statement at a
+time, so with a shared one the query API and ``/readyz`` waited behind the aggregator's
+statements; handles of their own run concurrently, and the aggregator's is bounded
+(``max_threads``, ``max_memory_usage``) so reads keep a share of the engine. With a ClickHouse
+server the same parts start separately (``ingest-api``, ``aggregator``, ``query-api``) and scale
+out.
 
 Shutdown order on Ctrl-C / SIGTERM: stop accepting HTTP, stop the aggregator (its current batch
 finishes and is committed, or is retried by whoever consumes next), flush producers, then stop
@@ -17,6 +21,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -32,7 +37,7 @@ from deploy.http_server import server_config
 from deploy.settings import CommonSettings, RunSettings
 from query_api.admin_token import ensure_admin_token
 from query_api.health import Status, build_health_router, clickhouse_check, kafka_check
-from schemas.clickhouse import connect
+from schemas.clickhouse import connect, connect_part
 from schemas.meters import default_catalog
 from schemas.migrate import migrate
 
@@ -67,7 +72,9 @@ def kafka_bootstrap(settings: CommonSettings, start_local: bool) -> Iterator[str
     if not start_local:
         yield local_broker.bootstrap_for(settings.kafka_port)
         return
-    with local_broker.running_broker(port=settings.kafka_port, data_dir=settings.kafka_data_dir) as bootstrap:
+    with local_broker.running_broker(
+        port=settings.kafka_port, data_dir=settings.kafka_data_dir, version=settings.kafka_version
+    ) as bootstrap:
         yield bootstrap
 
 
@@ -77,6 +84,42 @@ def open_clickhouse(settings: CommonSettings, apply_migrations: bool = True) -> 
         for line in migrate(client, settings.clickhouse_database, settings.clickhouse_cluster):
             log.info("migration: %s", line)
     return client
+
+
+@dataclass(frozen=True)
+class PartClients:
+    """A ClickHouse client per part of the process, all on the same engine (or server).
+
+    ``api``: HTTP ingest and the query API (credentials, the documented endpoints); ``aggregator``:
+    the batch writer, with the aggregator's bounded share of the engine; ``health``: the
+    ``/readyz`` check, so readiness answers while the others are busy.
+    """
+
+    api: Any
+    aggregator: Any
+    health: Any
+
+    def close(self) -> None:
+        for client in (self.api, self.aggregator, self.health):
+            with contextlib.suppress(Exception):
+                client.close()
+
+
+def open_part_clients(settings: RunSettings | Any, apply_migrations: bool = True) -> PartClients:
+    """The migrations, then one client per part (``connect_part``): see ``PartClients``."""
+    dsn, database = settings.clickhouse_dsn.get_secret_value(), settings.clickhouse_database
+    api = connect_part(dsn, database)
+    if apply_migrations:
+        for line in migrate(api, database, settings.clickhouse_cluster):
+            log.info("migration: %s", line)
+    aggregator_settings = (
+        settings.aggregator_engine_settings() if hasattr(settings, "aggregator_engine_settings") else {}
+    )
+    return PartClients(
+        api=api,
+        aggregator=connect_part(dsn, database, aggregator_settings),
+        health=connect_part(dsn, database),
+    )
 
 
 def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) -> BatchProcessor:
@@ -122,11 +165,13 @@ def build_http_app(
     parts: set[Part],
     faust_app: Any = None,
     processor: BatchProcessor | None = None,
+    health_client: Any = None,
 ) -> tuple[FastAPI, list[Any]]:
-    """The FastAPI app of this process and the things to close when it stops."""
+    """The FastAPI app of this process and the things to close when it stops. ``client`` serves
+    ingest and the query API; ``health_client`` (default: ``client``) the ClickHouse check."""
     checks = {
         "kafka": kafka_check(settings.kafka_client_config(bootstrap)),
-        "clickhouse": clickhouse_check(client),
+        "clickhouse": clickhouse_check(health_client if health_client is not None else client),
     }
     if faust_app is not None:
         checks["aggregator"] = aggregator_check(faust_app, processor)
@@ -151,7 +196,7 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
         loop.add_signal_handler(sig, stop.set)
 
     with kafka_bootstrap(settings, start_local_kafka) as bootstrap:
-        client = await asyncio.to_thread(open_clickhouse, settings)
+        clients = await asyncio.to_thread(open_part_clients, settings)
         from ingest.kafka_config import ensure_topics
 
         await asyncio.to_thread(ensure_topics, settings, bootstrap)
@@ -159,7 +204,7 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
         processor: BatchProcessor | None = None
         closers: list[Any] = []
         if Part.AGGREGATOR in parts:
-            processor = build_processor(settings, client, bootstrap)
+            processor = build_processor(settings, clients.aggregator, bootstrap)
             closers.extend([processor.dead_letters, processor])
             # the faust app, restarted when its watchdog finds a stall a reseek did not heal
             faust_app = AggregatorPart(settings, bootstrap, processor)
@@ -171,7 +216,9 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
         server = None
         # Every process serves HTTP: an aggregator alone serves /healthz, /readyz and /metrics only.
         if parts & {Part.INGEST, Part.QUERY, Part.AGGREGATOR}:
-            app, http_closers = build_http_app(settings, client, bootstrap, parts, faust_app, processor)
+            app, http_closers = build_http_app(
+                settings, clients.api, bootstrap, parts, faust_app, processor, health_client=clients.health
+            )
             closers.extend(http_closers)
             # Timeouts and a concurrency limit from the settings: slow clients cannot hold it.
             server = _Server(server_config(app, settings))
@@ -192,6 +239,7 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
         for closer in closers:
             with contextlib.suppress(Exception):
                 closer.close()
+        clients.close()  # last: the aggregator and the HTTP parts have stopped using them
     print("stopped.", flush=True)
 
 

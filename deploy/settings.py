@@ -7,6 +7,7 @@ conventional name users and CI already export.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ class CommonSettings(BaseSettings):
     )
     kafka_port: int = Field(default=9092, ge=1, le=65535, description="Port of the local broker.")
     kafka_data_dir: Path = DEFAULT_CACHE / "kafka" / "data"
+    kafka_version: str = Field(
+        default="4.4",
+        description="Kafka of the local broker: 4.4.x (default) or 3.9.x (deploy/kafka/README.md).",
+    )
     kafka_security_protocol: str = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
@@ -61,6 +66,13 @@ class CommonSettings(BaseSettings):
         if not raw.startswith(("chdb://", "http://", "https://")):
             raise ValueError("clickhouse_dsn must start with chdb://, http:// or https://")
         return v
+
+    @field_validator("kafka_version")
+    @classmethod
+    def _supported_kafka(cls, v: str) -> str:
+        from deploy.kafka.local_broker import resolve_kafka_version
+
+        return resolve_kafka_version(v or "4.4")  # "4.4", "4.4.x" or "4.4.0" -> the pinned release
 
     @model_validator(mode="after")
     def _default_control_topic(self) -> CommonSettings:
@@ -147,6 +159,22 @@ class AggregatorSettings(CommonSettings):
         "it is sought back and resumed, then the aggregator part restarted (aggregators/watchdog.py).",
     )
     faust_data_dir: Path = DEFAULT_CACHE / "faust"
+    # The aggregator's share of the ClickHouse engine: its client sends these with every
+    # statement, so that in `metering run` (one embedded engine for every part) the query API's
+    # reads keep threads and memory of their own while the aggregator applies a batch.
+    aggregator_max_threads: int = Field(
+        default=0,
+        ge=0,
+        description="Threads of one aggregator statement. 0: the cores less one (at least 1).",
+    )
+    aggregator_max_memory_usage: int = Field(
+        default=2 << 30, ge=0, description="max_memory_usage of one aggregator statement (bytes; 0: none)."
+    )
+
+    def aggregator_engine_settings(self) -> dict[str, int]:
+        """The ClickHouse settings of the aggregator's client (deploy/runner.py, PartClients)."""
+        threads = self.aggregator_max_threads or max(1, (os.cpu_count() or 2) - 1)
+        return {"max_threads": threads, "max_memory_usage": self.aggregator_max_memory_usage}
 
 
 class AdminTokenSettings(BaseSettings):

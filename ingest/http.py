@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
@@ -53,16 +54,21 @@ from typing import Any, Protocol
 import orjson
 from fastapi import APIRouter, Request, Response
 from prometheus_client import Counter
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from aggregators.rejections import Rejection
 from deploy.settings import IngestSettings
 from ingest.openapi import ingest_openapi
+from ingest.rejections import IngestRejectionRecorder, ingest_rejections
 from ingest.scope import KeyScope, ScopeCheck, ScopeLookup, ScopeStore
 from ingest.sdk import InvalidEvent, UsageProducer, prepare_event
 from query_api.credentials import CredentialStore, Principal, display_prefix
+from query_api.event_trace import KafkaScanner, Tracer
 from query_api.ratelimit import RateLimiter
 from schemas.events import EntityKind
+from schemas.meters import default_catalog
 from schemas.validation import RejectCode, kafka_time, now_ms
 
 log = logging.getLogger(__name__)
@@ -330,13 +336,16 @@ def build_ingest_router(
     get_scopes: Callable[[], ScopeLookup],
     recent_ids_capacity: int = 100_000,
     failed_auth_per_minute: int = 60,
+    on_rejected: Callable[[list[Rejection]], None] | None = None,
 ) -> APIRouter:
     """The router serving ``POST /api/v1/events`` (see the module doc).
 
     ``get_scopes()``: what each key may report for (``ingest.scope.ScopeStore``); an event
     naming a resource outside it is rejected (``out_of_scope``).
     ``failed_auth_per_minute``: failed authentications allowed per client address (then 429),
-    so guessing keys is slow."""
+    so guessing keys is slow.
+    ``on_rejected(rows)``: records the request's rejected events (ingest/rejections.py), called
+    after the answer is sent."""
     router = APIRouter(tags=["ingest"])
     # the query API's limiter (query_api/ratelimit.py), the same rules and storage for both
     limits_at = settings.rate_limit_storage.get_secret_value()
@@ -503,7 +512,15 @@ def build_ingest_router(
             "duplicates": counts["duplicate"],
             "rejected": counts["rejected"],
         }
-        return Response(json_bytes(body_out), status_code=202, media_type="application/json")
+        record = None
+        if on_rejected is not None and counts["rejected"]:
+            rows = ingest_rejections(
+                results, items, tenant, principal.credential_id, uuid.uuid4().hex, judged_at_ms
+            )
+            record = BackgroundTask(on_rejected, rows)  # after the answer: it never delays or changes it
+        return Response(
+            json_bytes(body_out), status_code=202, media_type="application/json", background=record
+        )
 
     return router
 
@@ -520,5 +537,28 @@ def ingest_router(settings: IngestSettings, client: Any, bootstrap: str) -> tupl
     scopes = ScopeStore(
         client, settings.clickhouse_database, ttl_s=getattr(settings, "query_cache_ttl_s", 2.0)
     )
-    router = build_ingest_router(lambda: producer, lambda: store, settings, get_scopes=lambda: scopes)
+    recorder = IngestRejectionRecorder(
+        client,
+        settings.clickhouse_database,
+        settings.kafka_client_config(bootstrap),
+        settings.topic_dead_letter,
+    )
+    router = build_ingest_router(
+        lambda: producer, lambda: store, settings, get_scopes=lambda: scopes, on_rejected=recorder.record
+    )
+    # The event trace (query_api/routers/events.py): the same keys and scopes as the ingest.
+    from query_api.routers.events import build_events_router
+
+    tracer = Tracer(
+        client,
+        settings.clickhouse_database,
+        default_catalog(),
+        KafkaScanner(settings.kafka_client_config(bootstrap), settings.topic_events),
+    )
+    trace_limit = RateLimiter(
+        settings.ingest_rate_limit_per_minute,
+        storage=settings.rate_limit_storage.get_secret_value(),
+        name="events-trace",
+    )
+    router.include_router(build_events_router(tracer, lambda: store, lambda: scopes, trace_limit))
     return router, producer

@@ -13,7 +13,14 @@ Python API::
 
 CLI::
 
-    python -m deploy.kafka.local_broker up|down|status [--port N] [--data-dir D]
+    python -m deploy.kafka.local_broker up|down|status [--port N] [--data-dir D] [--kafka-version V]
+
+Kafka version: 4.4.x (the default) or 3.9.x, chosen with ``METERING_KAFKA_VERSION``
+(``version=`` in Python, ``--kafka-version`` on the CLI). Each version's jars
+are cached apart (``<cache>/<version>/lib``); a data dir records the version
+that last ran it, and a data dir formatted by a newer Kafka is refused by an
+older one with a clear error (4.x rewrites the metadata log in a form 3.9
+cannot read).
 
 The module is split in two: pure helpers (property rendering, pid-file
 parsing, command building, port checks) that unit tests exercise without a
@@ -42,15 +49,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "DEFAULT_KAFKA_VERSION",
     "DEFAULT_PORT",
     "KAFKA_VERSION",
+    "KAFKA_VERSIONS",
     "BrokerError",
     "BrokerStartError",
     "BrokerStatus",
     "DataDirInUseError",
+    "DataDirVersionError",
     "PidRecord",
     "PortInUseError",
     "build_broker_command",
+    "check_data_dir_version",
     "choose_controller_port",
     "default_cache_dir",
     "default_data_dir",
@@ -62,16 +73,23 @@ __all__ = [
     "is_port_free",
     "parse_pid_file",
     "render_server_properties",
+    "resolve_kafka_version",
     "running_broker",
     "start",
     "status",
     "stop",
 ]
 
-# Must match <kafka.version> in pom.xml: ensure_jars() looks for this exact
-# jar to decide whether the cache is complete, so bumping both together makes
-# the next run re-fetch instead of silently mixing versions.
-KAFKA_VERSION = "3.9.2"
+# The supported Kafka lines and the release of each that is fetched (pom.xml is
+# driven with -Dkafka.version). ensure_jars() looks for that exact jar in the
+# version's own lib dir, so bumping a release here makes the next run fetch it
+# beside the old one instead of mixing versions on a classpath.
+KAFKA_VERSIONS: dict[str, str] = {"4.4": "4.4.0", "3.9": "3.9.2"}
+# 4.4: what new clusters run (3.9 is the last 3.x line, the bridge to 4.x), and
+# the protocol the pinned aiokafka (>= 0.13) negotiates; 3.9 stays supported
+# for existing clusters and runs in CI as the second version (make test-kafka-alt).
+DEFAULT_KAFKA_VERSION = KAFKA_VERSIONS["4.4"]
+KAFKA_VERSION = DEFAULT_KAFKA_VERSION  # the name older callers import
 SCALA_VERSION = "2.13"
 
 HOST = "127.0.0.1"
@@ -86,11 +104,13 @@ NODE_ID = 1
 
 PORT_ENV_VAR = "METERING_KAFKA_PORT"
 CACHE_ENV_VAR = "METERING_KAFKA_CACHE_DIR"
+VERSION_ENV_VAR = "METERING_KAFKA_VERSION"
 
 _HERE = Path(__file__).resolve().parent
 _REPO_ROOT = _HERE.parent.parent
 POM_PATH = _HERE / "pom.xml"
-LOG4J_PATH = _HERE / "log4j.properties"
+LOG4J_PATH = _HERE / "log4j.properties"  # 3.9.x: log4j 1.x API through reload4j
+LOG4J2_PATH = _HERE / "log4j2.properties"  # 4.x: log4j2 (log4j-slf4j-impl + log4j-core)
 
 # Files inside the data dir.
 PID_FILE = "broker.pid"
@@ -100,6 +120,9 @@ LOCK_FILE = ".broker.lock"
 LOG_DIR = "logs"  # log4j output (server.log) and the JVM's stdout/stderr
 STDOUT_FILE = "kafka.out"
 KRAFT_LOG_DIR = "kraft-logs"  # Kafka's log.dirs: topic data + metadata log
+VERSION_FILE = "kafka.version"  # the Kafka version that last ran this data dir
+# Data dirs formatted before VERSION_FILE existed were all formatted by this one.
+LEGACY_DATA_DIR_VERSION = "3.9.2"
 
 
 class BrokerError(RuntimeError):
@@ -116,6 +139,10 @@ class DataDirInUseError(BrokerError):
 
 class BrokerStartError(BrokerError):
     """The broker process died or did not answer within the timeout."""
+
+
+class DataDirVersionError(BrokerError):
+    """The data dir was run by a newer Kafka than the one asked for (no way back)."""
 
 
 @dataclass(frozen=True)
@@ -169,8 +196,61 @@ def bootstrap_for(port: int) -> str:
     return f"{HOST}:{port}"
 
 
-def kafka_jar_name(version: str = KAFKA_VERSION) -> str:
+def resolve_kafka_version(requested: str | None = None) -> str:
+    """The release to run: ``requested``, else ``$METERING_KAFKA_VERSION``, else the default.
+
+    A supported line is accepted as ``4.4``, ``4.4.x`` or its pinned release ``4.4.0``
+    (same for 3.9); anything else is a ``ValueError`` naming the supported versions.
+    """
+    raw = requested if requested is not None else os.environ.get(VERSION_ENV_VAR, "")
+    text = raw.strip().lower()
+    if not text:
+        return DEFAULT_KAFKA_VERSION
+    line = text.removesuffix(".x")
+    if line in KAFKA_VERSIONS:
+        return KAFKA_VERSIONS[line]
+    if text in KAFKA_VERSIONS.values():
+        return text
+    supported = ", ".join(f"{line}.x ({release})" for line, release in KAFKA_VERSIONS.items())
+    raise ValueError(f"Kafka version {raw!r} is not supported; supported: {supported}")
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def uses_log4j2(version: str) -> bool:
+    """Kafka 4.x logs through log4j2; 3.9.x through the log4j 1.x API (reload4j)."""
+    return _version_key(version)[0] >= 4
+
+
+def kafka_jar_name(version: str = DEFAULT_KAFKA_VERSION) -> str:
     return f"kafka_{SCALA_VERSION}-{version}.jar"
+
+
+def check_data_dir_version(data_dir: Path, version: str) -> str | None:
+    """Refuse a data dir last run by a newer Kafka; return the version that ran it.
+
+    ``None``: the data dir was never formatted (any version may take it). A formatted data dir
+    without a version file was formatted by 3.9.2, the only version before the file existed.
+    Going up (3.9 -> 4.4) is Kafka's supported upgrade; going down is not: 4.x rewrites the
+    metadata log and its records, which 3.9 cannot read, so this raises
+    ``DataDirVersionError`` before any JVM starts.
+    """
+    if not (data_dir / KRAFT_LOG_DIR / "meta.properties").is_file():
+        return None
+    try:
+        recorded = (data_dir / VERSION_FILE).read_text().strip() or LEGACY_DATA_DIR_VERSION
+    except FileNotFoundError:
+        recorded = LEGACY_DATA_DIR_VERSION
+    if _version_key(recorded)[:2] > _version_key(version)[:2]:
+        raise DataDirVersionError(
+            f"{data_dir} was last run by Kafka {recorded}, and Kafka {version} cannot open a data "
+            f"dir that a newer Kafka has run (no downgrade); set {VERSION_ENV_VAR}={recorded}, "
+            f"or use another data dir (--data-dir / METERING_KAFKA_DATA_DIR), or delete this one "
+            f"(its topics are lost)"
+        )
+    return recorded
 
 
 def generate_cluster_id() -> str:
@@ -304,7 +384,12 @@ def is_kafka_cmdline(argv: list[str], server_properties: Path) -> bool:
 
 
 def build_broker_command(
-    *, java: str, lib_dir: Path, data_dir: Path, heap_mb: int = DEFAULT_HEAP_MB
+    *,
+    java: str,
+    lib_dir: Path,
+    data_dir: Path,
+    heap_mb: int = DEFAULT_HEAP_MB,
+    version: str = DEFAULT_KAFKA_VERSION,
 ) -> list[str]:
     if not MIN_HEAP_MB <= heap_mb <= MAX_HEAP_MB:
         raise ValueError(f"heap_mb must be in [{MIN_HEAP_MB}, {MAX_HEAP_MB}], got {heap_mb}")
@@ -318,7 +403,7 @@ def build_broker_command(
         "-XX:InitiatingHeapOccupancyPercent=35",
         "-XX:+ExplicitGCInvokesConcurrent",
         "-Djava.awt.headless=true",
-        *_log_jvm_args(data_dir),
+        *_log_jvm_args(data_dir, version),
         "-cp",
         str(lib_dir / "*"),
         "kafka.Kafka",
@@ -326,14 +411,16 @@ def build_broker_command(
     ]
 
 
-def build_format_command(*, java: str, lib_dir: Path, data_dir: Path, cluster_id: str) -> list[str]:
-    # In 3.9 the storage tool is still the Scala object kafka.tools.StorageTool
+def build_format_command(
+    *, java: str, lib_dir: Path, data_dir: Path, cluster_id: str, version: str = DEFAULT_KAFKA_VERSION
+) -> list[str]:
+    # In 3.9 and 4.x the storage tool is still the Scala object kafka.tools.StorageTool
     # in kafka_2.13 (kafka-storage.sh calls it); --ignore-formatted makes a
     # re-run after a crash between format and first start harmless.
     return [
         java,
         f"-Xmx{MIN_HEAP_MB}m",
-        *_log_jvm_args(data_dir),
+        *_log_jvm_args(data_dir, version),
         "-cp",
         str(lib_dir / "*"),
         "kafka.tools.StorageTool",
@@ -346,11 +433,13 @@ def build_format_command(*, java: str, lib_dir: Path, data_dir: Path, cluster_id
     ]
 
 
-def _log_jvm_args(data_dir: Path) -> list[str]:
-    return [
-        f"-Dlog4j.configuration={LOG4J_PATH.as_uri()}",
-        f"-Dkafka.logs.dir={data_dir / LOG_DIR}",
-    ]
+def _log_jvm_args(data_dir: Path, version: str) -> list[str]:
+    config = (
+        f"-Dlog4j2.configurationFile={LOG4J2_PATH.as_uri()}"
+        if uses_log4j2(version)
+        else f"-Dlog4j.configuration={LOG4J_PATH.as_uri()}"
+    )
+    return [config, f"-Dkafka.logs.dir={data_dir / LOG_DIR}"]
 
 
 def is_port_free(port: int, host: str = HOST) -> bool:
@@ -542,46 +631,61 @@ def _require_tool(name: str) -> str:
     return found
 
 
-def ensure_jars(cache_dir: Path | None = None) -> Path:
-    """Resolve the broker classpath into ``<cache_dir>/lib``; return that dir.
+def lib_dir_for(cache_dir: Path, version: str) -> Path:
+    """Where one version's classpath is cached: ``<cache_dir>/<version>/lib``."""
+    return cache_dir / version / "lib"
+
+
+def build_fetch_command(*, mvn: str, out_dir: Path, repo_dir: Path, version: str) -> list[str]:
+    binding = "log4j2" if uses_log4j2(version) else "reload4j"
+    return [
+        mvn,
+        "-q",
+        "-B",
+        "-Dstyle.color=never",
+        "-f",
+        str(POM_PATH),
+        "dependency:copy-dependencies",
+        f"-Dkafka.version={version}",
+        f"-Dlog.binding={binding}",
+        f"-DoutputDirectory={out_dir}",
+        f"-Dmaven.repo.local={repo_dir}",
+    ]
+
+
+def ensure_jars(cache_dir: Path | None = None, version: str | None = None) -> Path:
+    """Resolve the version's broker classpath into ``<cache_dir>/<version>/lib``; return that dir.
 
     Runs Maven only when the pinned kafka jar is missing. Jars are fetched into
     a scratch dir and renamed into place, so an interrupted download never
     leaves a lib dir that looks complete. Maven's own repository goes to
-    ``<cache_dir>/m2`` so nothing is written to ``~/.m2``.
+    ``<cache_dir>/m2`` (shared by the versions) so nothing is written to ``~/.m2``.
     """
+    version = resolve_kafka_version(version)
     cache_dir = (cache_dir or default_cache_dir()).resolve()
-    lib_dir = cache_dir / "lib"
-    if (lib_dir / kafka_jar_name()).is_file():
+    lib_dir = lib_dir_for(cache_dir, version)
+    jar = kafka_jar_name(version)
+    if (lib_dir / jar).is_file():
         return lib_dir
     with _file_lock(cache_dir / ".fetch.lock"):
-        if (lib_dir / kafka_jar_name()).is_file():
+        if (lib_dir / jar).is_file():
             return lib_dir  # another process fetched while we waited
         mvn = _require_tool("mvn")
-        scratch = cache_dir / f"lib.partial.{os.getpid()}"
+        lib_dir.parent.mkdir(parents=True, exist_ok=True)
+        scratch = lib_dir.parent / f"lib.partial.{os.getpid()}"
         shutil.rmtree(scratch, ignore_errors=True)
         print(
-            f"Fetching Kafka {KAFKA_VERSION} jars from Maven Central (first run only)…",
+            f"Fetching Kafka {version} jars from Maven Central (first run only)…",
             file=sys.stderr,
             flush=True,
         )
-        cmd = [
-            mvn,
-            "-q",
-            "-B",
-            "-Dstyle.color=never",
-            "-f",
-            str(POM_PATH),
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={scratch}",
-            f"-Dmaven.repo.local={cache_dir / 'm2'}",
-        ]
+        cmd = build_fetch_command(mvn=mvn, out_dir=scratch, repo_dir=cache_dir / "m2", version=version)
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if result.returncode != 0 or not (scratch / kafka_jar_name()).is_file():
+        if result.returncode != 0 or not (scratch / jar).is_file():
             shutil.rmtree(scratch, ignore_errors=True)
             output = (result.stdout + result.stderr).strip().splitlines()[-30:]
             raise BrokerError(
-                f"Maven failed to fetch Kafka {KAFKA_VERSION} jars (exit {result.returncode}):\n"
+                f"Maven failed to fetch Kafka {version} jars (exit {result.returncode}):\n"
                 + "\n".join(output)
             )
         # A lib dir without the pinned jar is an older version or a broken
@@ -604,10 +708,12 @@ def _ensure_cluster_id(data_dir: Path) -> str:
     return cluster_id
 
 
-def _format_storage(java: str, lib_dir: Path, data_dir: Path, cluster_id: str) -> None:
+def _format_storage(java: str, lib_dir: Path, data_dir: Path, cluster_id: str, version: str) -> None:
     if (data_dir / KRAFT_LOG_DIR / "meta.properties").is_file():
         return  # already formatted; skip the extra JVM start (~1-2 s)
-    cmd = build_format_command(java=java, lib_dir=lib_dir, data_dir=data_dir, cluster_id=cluster_id)
+    cmd = build_format_command(
+        java=java, lib_dir=lib_dir, data_dir=data_dir, cluster_id=cluster_id, version=version
+    )
     result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120, cwd=data_dir)
     if result.returncode != 0:
         raise BrokerStartError(
@@ -708,6 +814,7 @@ def _start(
     cache_dir: Path | None,
     timeout_s: float,
     own: bool = False,
+    version: str | None = None,
 ) -> tuple[str, bool]:
     """Start (or reuse) the broker; return its bootstrap and whether the caller must stop it.
 
@@ -716,6 +823,7 @@ def _start(
     over: reused when it answers on ``port``, otherwise stopped and replaced. With ``own`` the
     caller is then its owner (and must stop it); without, it stays up like one from ``up``.
     """
+    version = resolve_kafka_version(version)
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     owner, owner_started = _owner_of_this_process() if own else (None, None)
@@ -776,19 +884,25 @@ def _start(
                 raise PortInUseError(_port_in_use_message(port))
             time.sleep(0.2)
         cport = choose_controller_port(port, controller_port)
+        # Before any download or JVM: a data dir a newer Kafka ran cannot be opened by this one.
+        check_data_dir_version(data_dir, version)
 
         java = _require_tool("java")
-        lib_dir = ensure_jars(cache_dir)
+        lib_dir = ensure_jars(cache_dir, version)
         cluster_id = _ensure_cluster_id(data_dir)
         _write_atomically(
             data_dir / SERVER_PROPERTIES_FILE,
             render_server_properties(port=port, controller_port=cport, data_dir=data_dir),
         )
-        _format_storage(java, lib_dir, data_dir, cluster_id)
+        _format_storage(java, lib_dir, data_dir, cluster_id, version)
+        # Recorded before the broker runs: once it has, an older Kafka must not open the dir.
+        _write_atomically(data_dir / VERSION_FILE, version + "\n")
 
         log_dir = data_dir / LOG_DIR
         log_dir.mkdir(exist_ok=True)
-        cmd = build_broker_command(java=java, lib_dir=lib_dir, data_dir=data_dir, heap_mb=heap_mb)
+        cmd = build_broker_command(
+            java=java, lib_dir=lib_dir, data_dir=data_dir, heap_mb=heap_mb, version=version
+        )
         # The clock starts here so a slow first-run Maven download does not
         # eat into the time the broker itself gets to boot.
         deadline = time.monotonic() + timeout_s
@@ -837,6 +951,7 @@ def start(
     *,
     cache_dir: Path | None = None,
     timeout_s: float = DEFAULT_START_TIMEOUT_S,
+    version: str | None = None,
 ) -> str:
     """Start a single-node KRaft broker (or reuse ours); return ``"127.0.0.1:PORT"``.
 
@@ -848,7 +963,8 @@ def start(
     at once if ``port`` is held by anything else, ``DataDirInUseError`` if
     this data dir's broker runs on another port, and ``BrokerStartError``
     (with the broker log tail) if it dies or is not ready within ``timeout_s``;
-    in that case the process it launched is killed.
+    in that case the process it launched is killed. ``version``: see
+    ``resolve_kafka_version`` (``DataDirVersionError`` for a downgrade).
     """
     bootstrap, _ = _start(
         port=port,
@@ -857,6 +973,7 @@ def start(
         heap_mb=heap_mb,
         cache_dir=cache_dir,
         timeout_s=timeout_s,
+        version=version,
     )
     return bootstrap
 
@@ -898,6 +1015,7 @@ def running_broker(
     *,
     cache_dir: Path | None = None,
     timeout_s: float = DEFAULT_START_TIMEOUT_S,
+    version: str | None = None,
 ) -> Iterator[str]:
     """Yield a bootstrap string; stop the broker on exit only if we started it
     (or took it over from an owner that died without stopping it).
@@ -914,6 +1032,7 @@ def running_broker(
         cache_dir=cache_dir,
         timeout_s=timeout_s,
         own=True,
+        version=version,
     )
     try:
         yield bootstrap
@@ -940,7 +1059,7 @@ def _default_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deploy.kafka.local_broker",
-        description=f"Run a local single-node Kafka {KAFKA_VERSION} broker (KRaft, no Docker).",
+        description="Run a local single-node Kafka broker (KRaft, no Docker).",
     )
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument(
@@ -955,6 +1074,12 @@ def main(argv: list[str] | None = None) -> int:
         "--cache-dir", type=Path, default=None, help="jar cache (default: <repo>/.cache/kafka)"
     )
     parser.add_argument("--heap-mb", type=int, default=DEFAULT_HEAP_MB)
+    parser.add_argument(
+        "--kafka-version",
+        default=None,
+        help=f"{' or '.join(f'{line}.x' for line in KAFKA_VERSIONS)} "
+        f"(default: ${VERSION_ENV_VAR} or {DEFAULT_KAFKA_VERSION})",
+    )
     parser.add_argument("--timeout", type=float, default=DEFAULT_START_TIMEOUT_S)
     args = parser.parse_args(argv)
     data_dir: Path = args.data_dir or default_data_dir()
@@ -968,6 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
                 heap_mb=args.heap_mb,
                 cache_dir=args.cache_dir,
                 timeout_s=args.timeout,
+                version=args.kafka_version,
             )
             st = status(data_dir)
             print(
@@ -986,7 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print("stopped")
         return 3  # LSB "program is not running", handy in shell conditionals
-    except BrokerError as exc:
+    except (BrokerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -134,9 +134,85 @@ def test_build_broker_command_caps_heap(tmp_path: Path) -> None:
     assert "-Xmx512m" in cmd and "-Xms128m" in cmd
     assert cmd[-2:] == ["kafka.Kafka", str(tmp_path / "server.properties")]
     assert f"-Dkafka.logs.dir={tmp_path / 'logs'}" in cmd
-    assert any(arg.startswith("-Dlog4j.configuration=file:") for arg in cmd)
     with pytest.raises(ValueError, match="heap_mb"):
         lb.build_broker_command(java="java", lib_dir=tmp_path, data_dir=tmp_path, heap_mb=1024)
+
+
+def test_each_kafka_version_gets_its_logging_config(tmp_path: Path) -> None:
+    # 4.x logs through log4j2 (log4j-slf4j-impl + log4j-core), 3.9 through reload4j.
+    new = lb.build_broker_command(java="java", lib_dir=tmp_path, data_dir=tmp_path, version="4.4.0")
+    old = lb.build_broker_command(java="java", lib_dir=tmp_path, data_dir=tmp_path, version="3.9.2")
+    assert f"-Dlog4j2.configurationFile={lb.LOG4J2_PATH.as_uri()}" in new
+    assert not any(arg.startswith("-Dlog4j.configuration=") for arg in new)
+    assert f"-Dlog4j.configuration={lb.LOG4J_PATH.as_uri()}" in old
+    assert not any(arg.startswith("-Dlog4j2.") for arg in old)
+    fmt = lb.build_format_command(
+        java="j", lib_dir=tmp_path, data_dir=tmp_path, cluster_id="c", version="4.4.0"
+    )
+    assert f"-Dlog4j2.configurationFile={lb.LOG4J2_PATH.as_uri()}" in fmt
+    # The cleaner's logger moved in 4.x; the old name would leave it chatty at INFO.
+    props = lb.parse_properties(lb.LOG4J2_PATH.read_text())
+    cleaner = [k for k, v in props.items() if v == "org.apache.kafka.storage.internals.log.LogCleaner"]
+    assert cleaner and props[cleaner[0].replace(".name", ".level")] == "WARN"
+    # Each version is fetched with its own binding into its own lib dir.
+    fetch = {
+        v: lb.build_fetch_command(mvn="mvn", out_dir=tmp_path, repo_dir=tmp_path, version=v)
+        for v in ("4.4.0", "3.9.2")
+    }
+    assert {"-Dkafka.version=4.4.0", "-Dlog.binding=log4j2"} <= set(fetch["4.4.0"])
+    assert {"-Dkafka.version=3.9.2", "-Dlog.binding=reload4j"} <= set(fetch["3.9.2"])
+    assert lb.lib_dir_for(tmp_path, "4.4.0") != lb.lib_dir_for(tmp_path, "3.9.2")
+
+
+def test_resolve_kafka_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METERING_KAFKA_VERSION", raising=False)
+    assert lb.resolve_kafka_version() == lb.DEFAULT_KAFKA_VERSION == "4.4.0"
+    for text, release in (
+        ("4.4", "4.4.0"),
+        ("4.4.x", "4.4.0"),
+        ("4.4.0", "4.4.0"),
+        ("3.9", "3.9.2"),
+        (" 3.9.X ", "3.9.2"),
+    ):
+        assert lb.resolve_kafka_version(text) == release, text
+    monkeypatch.setenv("METERING_KAFKA_VERSION", "3.9")
+    assert lb.resolve_kafka_version() == "3.9.2"
+    assert lb.resolve_kafka_version("4.4") == "4.4.0"  # an explicit choice wins over the env
+    for bad in ("3.8", "4.0.1", "4", "latest"):
+        with pytest.raises(ValueError, match=r"supported: 4\.4\.x \(4\.4\.0\), 3\.9\.x \(3\.9\.2\)"):
+            lb.resolve_kafka_version(bad)
+
+
+def _formatted(data_dir: Path, version: str | None) -> Path:
+    (data_dir / "kraft-logs").mkdir(parents=True)
+    (data_dir / "kraft-logs" / "meta.properties").write_text("version=1\n")
+    if version is not None:
+        (data_dir / "kafka.version").write_text(version + "\n")
+    return data_dir
+
+
+def test_data_dir_version_check(tmp_path: Path) -> None:
+    assert lb.check_data_dir_version(tmp_path / "fresh", "3.9.2") is None  # never formatted: any version
+    legacy = _formatted(tmp_path / "legacy", None)  # formatted before the version file existed: 3.9.2
+    assert lb.check_data_dir_version(legacy, "3.9.2") == "3.9.2"
+    assert lb.check_data_dir_version(legacy, "4.4.0") == "3.9.2"  # the supported upgrade
+    newer = _formatted(tmp_path / "newer", "4.4.0")
+    assert lb.check_data_dir_version(newer, "4.4.0") == "4.4.0"
+    with pytest.raises(lb.DataDirVersionError) as excinfo:
+        lb.check_data_dir_version(newer, "3.9.2")
+    message = str(excinfo.value)
+    assert str(newer) in message and "4.4.0" in message and "METERING_KAFKA_VERSION=4.4.0" in message
+
+
+def test_start_refuses_a_downgrade_before_any_download(tmp_path: Path) -> None:
+    data_dir = _formatted(tmp_path / "data", "4.4.0")
+    began = time.monotonic()
+    with pytest.raises(lb.DataDirVersionError, match="no downgrade"):
+        lb.start(port=lb.find_free_port(), data_dir=data_dir, cache_dir=tmp_path / "cache", version="3.9")
+    assert time.monotonic() - began < 5
+    assert not (tmp_path / "cache" / "3.9.2").exists()  # nothing fetched
+    assert (data_dir / "kafka.version").read_text().strip() == "4.4.0"  # the record is untouched
+    assert not (data_dir / "broker.pid").exists()
 
 
 def test_build_format_command_uses_storage_tool(tmp_path: Path) -> None:
@@ -287,6 +363,11 @@ def test_start_produce_consume_reuse_stop(data_dir: Path) -> None:
     assert bootstrap == f"127.0.0.1:{port}"
     first = lb.status(data_dir)
     assert first.running and first.bootstrap == bootstrap and first.pid is not None
+    # The version asked for (METERING_KAFKA_VERSION) runs, and its logging binding writes
+    # server.log through the project's config (log4j2 on 4.x, reload4j on 3.9).
+    version = lb.resolve_kafka_version()
+    assert (data_dir / "kafka.version").read_text().strip() == version
+    assert f"Kafka version: {version}" in (data_dir / "logs" / "server.log").read_text()
 
     _produce_and_consume(bootstrap)
 

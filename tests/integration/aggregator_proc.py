@@ -88,6 +88,15 @@ def dump(dsn: str) -> dict[str, Any]:
             "SELECT tenant, meter, window_start, group_key, series, integral, samples "
             "FROM metering.gauge_15m FINAL ORDER BY tenant, meter, window_start, group_key, series"
         ),
+        # without FINAL: written once per source position, whatever crashed (aggregators/rejections.py)
+        "rejections": q(
+            "SELECT tenant, event_id, code, origin, src_partition, src_offset, src_index, received_at "
+            "FROM metering.rejections ORDER BY src_partition, src_offset, src_index"
+        ),
+        "event_duplicates": q(
+            "SELECT tenant, event_id, src_partition, src_offset, nth, received_at "
+            "FROM metering.event_duplicates ORDER BY src_partition, src_offset, tenant, event_id, nth"
+        ),
     }
     for t in ("usage_15m", "usage_1h", "usage_1d", "usage_1mo"):
         out[t] = q(

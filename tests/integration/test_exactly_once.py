@@ -104,6 +104,11 @@ def _events(seed: int = 11) -> list[dict[str, Any]]:
                         tenant,
                     )
                 )
+        # events the aggregator rejects: recorded in `rejections` once, whatever crashed
+        out.append(event(f"{tenant}-bad-type", "no.such.type", {}, base, tenant))
+        out.append(
+            event(f"{tenant}-bad-value", "egress.download", {"workspace_id": "w1", "bytes": -1}, base, tenant)
+        )
     dups = rng.sample(out, 150)  # producer retries: the same events again, later in the log
     return out + dups
 
@@ -152,6 +157,8 @@ def test_crash_at_every_point_then_restart_equals_clean_pass(kafka_bootstrap: st
     topic = produced
     clean = _clean(kafka_bootstrap, topic)
     assert len(clean["raw"]) == 3 * 401  # duplicates dropped
+    bad = {e["id"] for e in _events() if "-bad-" in e["id"]}
+    assert {r[1] for r in clean["rejections"]} == bad and len(clean["event_duplicates"]) > 0
     dsn = f"chdb://{tempfile.mkdtemp(prefix='eo-crash-')}"
     group = f"crash-{topic}"
     for point, nth in [

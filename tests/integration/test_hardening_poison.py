@@ -192,6 +192,9 @@ def test_the_issue_7_event_is_refused_before_the_raw_insert(
     assert dead.message.startswith("ARGUMENT_OUT_OF_BOUND (69): Decimal value is too big")
     assert rejected("storage_rejected") == before + 1
     assert client.command(f"SELECT count() FROM {db}.events_raw WHERE event_id = 'a-poison'") == 0
+    # recorded for the trace (GET /api/v1/events/{id}: rejected by the aggregator after a 202)
+    recorded = client.query(f"SELECT tenant, event_id, code, origin FROM {db}.rejections").result_rows
+    assert recorded == [("A", "a-poison", "storage_rejected", "aggregator")]
     for table in ("usage_15m", "usage_1h", "usage_1d", "usage_1mo"):
         assert counted(client, db, "A", table) == (Decimal("30"), 20), table
 
