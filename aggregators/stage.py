@@ -330,17 +330,12 @@ WHERE (tenant, event_id) NOT IN (
 """
 
 
-def duplicates_insert(database: str, rows: str) -> str:
-    """The copies the raw insert will drop, into ``event_duplicates`` (run *before* it): every
-    judged row but the batch's first occurrence of a key ``events_raw`` does not hold; ``nth``
-    ranks the copies of one id inside one message. ReplacingMergeTree keyed on the position
-    collapses what a re-processed batch writes again (aggregators/rejections.py)."""
+def _duplicates_select(database: str, rows: str) -> str:
     raw = f"{database}.{Table.EVENTS_RAW}"
     return f"""
-INSERT INTO {database}.{Table.EVENT_DUPLICATES}
-    (tenant, event_id, src_partition, src_offset, nth, received_at, dropped_at)
-SELECT tenant, event_id, src_partition, src_offset, toUInt32(nth),
-    fromUnixTimestamp64Milli({{ts:Array(Int64)}}[msg + 1], 'UTC'), {{now:DateTime64(3, 'UTC')}}
+SELECT tenant, event_id, src_partition, src_offset, toUInt32(nth) AS nth,
+    fromUnixTimestamp64Milli({{ts:Array(Int64)}}[msg + 1], 'UTC') AS received_at,
+    {{now:DateTime64(3, 'UTC')}} AS dropped_at
 FROM (
     SELECT *,
         row_number() OVER (PARTITION BY tenant, event_id, src_partition, src_offset ORDER BY pos) - 1 AS nth,
@@ -353,6 +348,27 @@ WHERE occurrence > 1 OR (tenant, event_id) IN (
       AND event_id IN (SELECT event_id FROM {rows} WHERE ok)
 )
 """
+
+
+def duplicates_token_select(database: str, rows: str) -> str:
+    """(copies, a hash of their positions): the insert deduplication token of
+    ``duplicates_insert``, so that a batch re-processed after a crash writes them once."""
+    return (
+        "SELECT count(), hex(sipHash128(arraySort(groupArray((tenant, event_id, src_partition, "
+        f"src_offset, nth))))) FROM ({_duplicates_select(database, rows)})"
+    )
+
+
+def duplicates_insert(database: str, rows: str) -> str:
+    """The copies the raw insert will drop, into ``event_duplicates`` (run *before* it): every
+    judged row but the batch's first occurrence of a key ``events_raw`` does not hold; ``nth``
+    ranks the copies of one id inside one message. Keyed on the position, with a token made of
+    the positions (aggregators/rejections.py)."""
+    return (
+        f"INSERT INTO {database}.{Table.EVENT_DUPLICATES} "
+        "(tenant, event_id, src_partition, src_offset, nth, received_at, dropped_at) "
+        + _duplicates_select(database, rows)
+    )
 
 
 def written_select(database: str, where: str) -> str:

@@ -133,10 +133,16 @@ class ClickHouseWriter:
         self, now: datetime, excluded: Sequence[tuple[int, int]], timestamps_ms: Sequence[int]
     ) -> None:
         """The judged rows the raw insert will drop as duplicates, into ``event_duplicates``."""
+        params = {"now": fmt_time(now), "excluded": list(excluded), "ts": list(timestamps_ms)}
+        [(count, digest)] = self.client.query(
+            stage.duplicates_token_select(self.db, self._rows), parameters=params, settings={"max_threads": 1}
+        ).result_rows
+        if not int(count):
+            return
         self.client.command(
             stage.duplicates_insert(self.db, self._rows),
-            parameters={"now": fmt_time(now), "excluded": list(excluded), "ts": list(timestamps_ms)},
-            settings={"max_threads": 1},
+            parameters=params,
+            settings={**stage.ONE_BLOCK, "insert_deduplication_token": f"dup-{digest}"},
         )
 
     def written(self, ranges: Ranges) -> list[tuple[str, int, datetime, int, int, int]]:
