@@ -13,7 +13,7 @@ help:
 	@echo "make run        start the whole pipeline (local Kafka + embedded ClickHouse) on http://127.0.0.1:8080"
 	@echo "make test       run the whole test suite (starts its own broker, Kafka 4.4)"
 	@echo "make test-kafka-alt  the Kafka-marked tests against Kafka 3.9 (KAFKA_ALT_VERSION)"
-	@echo "make chaos      the chaos suite's long form (rebalances, kills, restarts; ~10 min)"
+	@echo "make chaos      the chaos suite's long form (rebalances, kills, restarts)"
 	@echo "make bench      pipeline and query benchmarks (prints figures, last line JSON)"
 	@echo "make lint | typecheck | kafka-up | kafka-down | migrate | schemas"
 

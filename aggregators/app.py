@@ -30,7 +30,7 @@ from aggregators import metrics
 from aggregators.decode import SourceMessage
 from aggregators.processor import BatchProcessor
 from aggregators.take import take_applied
-from aggregators.watchdog import Action, Observation, Watchdog
+from aggregators.watchdog import Action, Observation, Watchdog, describe_troubles
 from deploy.settings import AggregatorSettings
 from schemas.wire import control_lane
 
@@ -63,6 +63,12 @@ def _record_lag(app: faust.App, events: Any, control_topic: str) -> None:
 
 def _lane(topic: str, partition: int, control_topic: str) -> int:
     return control_lane(partition) if topic == control_topic else partition
+
+
+def new_watchdog(settings: AggregatorSettings) -> Watchdog:
+    """The watchdog for these settings: a rebalance or an unanswered consumer is given three
+    session timeouts at least (the time the group takes to drop a dead member and rebalance)."""
+    return Watchdog(settings.stall_timeout_s, patience_s=3 * settings.consumer_session_timeout_s)
 
 
 def build_app(
@@ -116,7 +122,7 @@ def build_app(
     sought: set[Any] = set()  # tps of `rewind` sought back while owned
     # Liveness (the watchdog): the first offset not applied per tp, since this process owns it.
     applied_next: dict[Any, int] = {}
-    dog = watchdog if watchdog is not None else Watchdog(settings.stall_timeout_s)
+    dog = watchdog if watchdog is not None else new_watchdog(settings)
 
     def must_reread(tp: Any, offset: int) -> None:
         rewind[tp] = min(rewind.get(tp, offset), offset)
@@ -205,9 +211,13 @@ def build_app(
                 return stopping.is_set() or not mine <= owned
 
             async with in_flight:
-                stats = await asyncio.to_thread(
-                    processor.process_with_retry, batch, give_up, settings.clickhouse_retry_max_s
-                )
+                in_flight_since[0] = asyncio.get_running_loop().time()
+                try:
+                    stats = await asyncio.to_thread(
+                        processor.process_with_retry, batch, give_up, settings.clickhouse_retry_max_s
+                    )
+                finally:
+                    in_flight_since[0] = None
             if stats is None:
                 if stopping.is_set():
                     # Stopping before the batch could be applied: leave without asking for the
@@ -236,6 +246,8 @@ def build_app(
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _revoked(_app: faust.App, revoked: set[Any], **_: Any) -> None:
         settled.clear()
+        dog.rebalancing()
+        start_watching()  # from the first rebalance on: it may be the one that never completes
         gone = [_lane(tp.topic, tp.partition, control) for tp in revoked if tp.topic in lanes]
         owned.difference_update(gone)
         processor.revoke(gone)
@@ -255,10 +267,7 @@ def build_app(
         owned.update(parts)
         dog.own(parts)
         settled.set()
-        if not watcher:
-            # Started here, not as an app.task: faust starts its tasks only once the first
-            # rebalance has resumed the streams, and that may be what stalls.
-            watcher.append(asyncio.ensure_future(_watch()))
+        start_watching()
 
     # ---- liveness ------------------------------------------------------------------------------
     every = min(5.0, max(0.2, settings.stall_timeout_s / 4))
@@ -302,11 +311,25 @@ def build_app(
             consumer.resume_flow()
 
     watcher: list[asyncio.Future[None]] = []
+    in_flight_since: list[float | None] = [None]  # (loop time) the batch in flight began
+
+    def start_watching() -> None:
+        # Started from the rebalance handlers, not as an app.task: faust starts its tasks only
+        # once the first rebalance has resumed the streams, and that may be what stalls.
+        if not watcher:
+            watcher.append(asyncio.ensure_future(_watch()))
+
+    def agent_running() -> bool:
+        if app.should_stop:  # crashed (a stop asked for sets `stopping` first)
+            return False
+        actors = list(getattr(aggregate, "_actors", ()))
+        tasks = [a.actor_task for a in actors if a.actor_task is not None]
+        return not tasks or any(not t.done() for t in tasks)
 
     async def _watch() -> None:
         while True:
             await asyncio.sleep(every)
-            if stopping.is_set() or app.should_stop:
+            if stopping.is_set():
                 return
             try:
                 if await _check():
@@ -314,16 +337,36 @@ def build_app(
             except Exception:  # the watchdog must never be what stops an aggregator
                 log.exception("watchdog: check failed")
 
+    def must_restart(what: str) -> bool:
+        if restart is not None:
+            log.error("watchdog: %s; restarting the aggregator", what)
+            restart()
+            return True
+        log.error("watchdog: %s, and nothing here can restart the aggregator", what)
+        return False
+
     async def _check() -> bool:
-        """One look at the owned partitions; True when the aggregator part must restart."""
-        if not settled.is_set():
-            return False  # a rebalance is under way: ownership is not known yet
-        try:
-            seen = await observe()
-        except Exception as exc:  # the broker is away (the consumer retries on its own)
-            log.info("watchdog: could not read the partitions' offsets: %r", exc)
-            return False
-        if not settled.is_set():
+        """One look at the aggregator and its partitions; True when its part must restart."""
+        dog.agent_running(agent_running())
+        # a batch in a ClickHouse call that neither returns nor fails (a failing one is an
+        # outage: processor.stalled_since, reported on its own)
+        since = in_flight_since[0]
+        dog.batch(since is not None and processor.stalled_since is None)
+        if settled.is_set() and not app.should_stop:
+            try:
+                seen = await observe()
+            except Exception as exc:  # the broker is away, or the consumer's thread hung
+                log.info("watchdog: could not read the partitions' offsets: %r", exc)
+                dog.answered(False)
+                seen = None
+            else:
+                dog.answered(True)
+        else:
+            seen = None  # a rebalance is under way: ownership is not known yet
+        due = dog.restart_due()
+        if due and must_restart(describe_troubles({t: dog.troubles().get(t, 0.0) for t in due})):
+            return True
+        if seen is None or not settled.is_set():
             return False  # a rebalance started meanwhile: what was seen may be out of date
         busy = in_flight.locked() or processor.stalled_since is not None
         stalls = dog.observe([ob for _, ob, _ in seen], busy=busy)
@@ -333,13 +376,9 @@ def build_app(
             if stall.action is Action.RESEEK:
                 await reseek(tp, committed)
                 continue
-            what = f"{tp} still stalled ({stall.lag} behind, {stall.stalled_s:.0f}s)"
-            if restart is not None:
-                log.error("watchdog: %s; restarting the aggregator", what)
-                restart()
+            if must_restart(f"{tp} still stalled ({stall.lag} behind, {stall.stalled_s:.0f}s)"):
                 return True
-            log.error("watchdog: %s and nothing here can restart the aggregator; seeking it back again", what)
-            await reseek(tp, committed)
+            await reseek(tp, committed)  # nothing else to do here: seek it back again
         return False
 
     lanes = {settings.topic_events, control}

@@ -19,9 +19,8 @@ from typing import Any
 
 import faust
 
-from aggregators.app import build_app
+from aggregators.app import build_app, new_watchdog
 from aggregators.processor import BatchProcessor
-from aggregators.watchdog import Watchdog
 from deploy.settings import AggregatorSettings
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ class AggregatorPart:
         self.settings = settings
         self.bootstrap = bootstrap
         self.processor = processor
-        self.metering_watchdog = Watchdog(settings.stall_timeout_s)
+        self.metering_watchdog = new_watchdog(settings)
         self.restarts = 0
         self.app: faust.App | None = None
         self._wanted = asyncio.Event()
@@ -68,6 +67,7 @@ class AggregatorPart:
             try:
                 if self.app is not None:
                     await _stop(self.app)
+                self.metering_watchdog.restarted()
                 self.app = self._new_app()
                 self.restarts += 1
                 await self.app.start()

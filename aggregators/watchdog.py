@@ -18,6 +18,13 @@ them to their committed offsets then: a reseek of its own) and is held while a b
 applied or retried (``busy``): a batch waiting out a ClickHouse outage or a long batch is not a
 consumer stall and is reported elsewhere (processor.py); no action would help it. Times are in
 seconds of a monotonic clock, passed in.
+
+Beyond the lanes, the watchdog judges the aggregator as a whole (``Trouble``): a rebalance that
+has not completed after ``patience_s``, a consumer that has not answered the watchdog's questions
+for ``patience_s`` (its thread hung, or the broker away), an agent that is no longer running
+(it crashed) call for ``RESTART`` (``restart_due``, at most once per ``timeout_s``); a batch held
+in one ClickHouse call for longer than ``timeout_s`` without failing is only reported: a thread
+blocked in a call cannot be interrupted, and a restart would wait for that batch first.
 """
 
 from __future__ import annotations
@@ -45,6 +52,23 @@ STALLS = Counter(
 )
 for _action in Action:
     STALLS.labels(_action.value)  # both series exist from the start, at 0
+
+
+class Trouble(StrEnum):
+    REBALANCE = "rebalance"  # a rebalance under way for longer than the timeout
+    UNANSWERED = "unanswered"  # the consumer (or the broker) has not answered for the timeout
+    AGENT = "agent"  # the agent is not running: it crashed
+    BATCH = "batch"  # one batch in a ClickHouse call for longer than the timeout, not failing
+
+
+TROUBLES = Counter(
+    "metering_aggregator_troubles_total",
+    "Troubles of a whole aggregator found by the watchdog (a restart is asked for every kind "
+    "but batch, which is only reported)",
+    ["trouble"],
+)
+for _trouble in Trouble:
+    TROUBLES.labels(_trouble.value)
 
 
 @dataclass(frozen=True)
@@ -78,13 +102,22 @@ class _Lane:
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, timeout_s: float, clock: Callable[[], float] = time.monotonic, patience_s: float | None = None
+    ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         self.timeout_s = timeout_s
+        # how long a rebalance or an unanswered consumer may last: never less than the timeout
+        # (a rebalance waits for every member, a slow one included; a broker may be restarting)
+        self.patience_s = max(timeout_s, patience_s or 0.0)
         self.clock = clock
         self._lanes: dict[int, _Lane] = {}
         self._stalls: dict[int, Stall] = {}
+        # since when each trouble has lasted (None: not now); the last restart asked for
+        self._since: dict[Trouble, float | None] = dict.fromkeys(Trouble)
+        self._counted: set[Trouble] = set()
+        self._restarted_at: float | None = None
         _watchdogs.add(self)
 
     # ---- what the aggregator reports ----------------------------------------------------------
@@ -93,6 +126,8 @@ class Watchdog:
         """The lanes this process owns from now on (after a rebalance). Every stall clock
         restarts; lanes no longer owned are forgotten."""
         now = self.clock()
+        self._since[Trouble.REBALANCE] = None
+        self._counted.discard(Trouble.REBALANCE)
         owned = set(lanes)
         for lane in set(self._lanes) - owned:
             del self._lanes[lane]
@@ -144,6 +179,60 @@ class Watchdog:
                 acts.append(stall)
         return acts
 
+    def restarted(self) -> None:
+        """A new app replaces the old one (supervisor.py): the troubles' clocks start again (the
+        old app's revocation at its stop is no rebalance of the new one)."""
+        for trouble in (Trouble.REBALANCE, Trouble.UNANSWERED, Trouble.AGENT):
+            self._mark(trouble, False)
+
+    def rebalancing(self) -> None:
+        """A rebalance started (partitions revoked); ``own`` ends it."""
+        if self._since[Trouble.REBALANCE] is None:
+            self._since[Trouble.REBALANCE] = self.clock()
+
+    def answered(self, ok: bool) -> None:
+        """Whether the consumer answered the watchdog's questions (offsets) this time."""
+        self._mark(Trouble.UNANSWERED, not ok)
+
+    def agent_running(self, ok: bool) -> None:
+        self._mark(Trouble.AGENT, not ok)
+
+    def batch(self, in_call: bool) -> None:
+        """A batch entered (True) or left (False) its ClickHouse calls."""
+        self._mark(Trouble.BATCH, in_call)
+
+    def _mark(self, trouble: Trouble, on: bool) -> None:
+        if not on:
+            self._since[trouble] = None
+            self._counted.discard(trouble)
+        elif self._since[trouble] is None:
+            self._since[trouble] = self.clock()
+
+    def troubles(self) -> dict[Trouble, float]:
+        """The troubles that have lasted the timeout, with how long."""
+        now = self.clock()
+        out: dict[Trouble, float] = {}
+        for trouble, since in list(self._since.items()):
+            if since is None:
+                continue
+            lasted = now - since
+            limit = self.patience_s if trouble in (Trouble.REBALANCE, Trouble.UNANSWERED) else self.timeout_s
+            if lasted >= limit:
+                out[trouble] = lasted
+                if trouble not in self._counted:
+                    self._counted.add(trouble)
+                    TROUBLES.labels(trouble.value).inc()
+        return out
+
+    def restart_due(self) -> list[Trouble]:
+        """The troubles that call for a restart now (none within ``timeout_s`` of the last one)."""
+        due: list[Trouble] = [t for t in self.troubles() if t is not Trouble.BATCH]
+        now = self.clock()
+        if not due or (self._restarted_at is not None and now - self._restarted_at < self.timeout_s):
+            return []
+        self._restarted_at = now
+        return due
+
     # ---- what the health check and the metrics read -------------------------------------------
 
     def stalls(self) -> list[Stall]:
@@ -165,6 +254,19 @@ def describe(stalls: Iterable[Stall]) -> str:
     """``/readyz``'s words for the stalled lanes."""
     parts = [f"partition {s.lane} ({s.lag} behind, {s.stalled_s:.0f}s)" for s in stalls]
     return "stalled: " + ", ".join(parts) if parts else ""
+
+
+_TROUBLE_WORDS = {
+    Trouble.REBALANCE: "a rebalance not completed for {:.0f}s",
+    Trouble.UNANSWERED: "the consumer has not answered for {:.0f}s",
+    Trouble.AGENT: "the agent is not running (crashed {:.0f}s ago)",
+    Trouble.BATCH: "a batch held in a ClickHouse call for {:.0f}s",
+}
+
+
+def describe_troubles(troubles: dict[Trouble, float]) -> str:
+    """``/readyz``'s words for the aggregator's troubles."""
+    return "; ".join(_TROUBLE_WORDS[t].format(s) for t, s in sorted(troubles.items()))
 
 
 _watchdogs: weakref.WeakSet[Watchdog] = weakref.WeakSet()

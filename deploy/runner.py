@@ -31,7 +31,7 @@ from fastapi import APIRouter, FastAPI
 from aggregators.dead_letter import KafkaDeadLetterSink
 from aggregators.processor import BatchProcessor
 from aggregators.supervisor import AggregatorPart
-from aggregators.watchdog import Watchdog, describe
+from aggregators.watchdog import Watchdog, describe, describe_troubles
 from aggregators.writer import ClickHouseWriter
 from deploy.http_server import server_config
 from deploy.settings import CommonSettings, RunSettings
@@ -153,6 +153,9 @@ def aggregator_check(faust_app: Any, processor: BatchProcessor | None = None) ->
         stalls = dog.stalls() if isinstance(dog, Watchdog) else []
         if stalls:
             return Status.DEGRADED, f"{describe(stalls)}; the watchdog is healing them"
+        troubles = dog.troubles() if isinstance(dog, Watchdog) else {}
+        if troubles:
+            return Status.DEGRADED, f"{describe_troubles(troubles)} (aggregators/watchdog.py)"
         return True, "consuming"
 
     return check

@@ -82,7 +82,8 @@ class IngestRejectionRecorder:
     def __init__(self, client: Client, database: str, kafka_config: Mapping[str, Any], topic: str) -> None:
         self._client = client
         self._db = database
-        self._producer = confluent_kafka.Producer({**kafka_config, "enable.idempotence": True, "acks": "all"})
+        self._config = {**kafka_config, "enable.idempotence": True, "acks": "all"}
+        self._producer: confluent_kafka.Producer | None = None  # at the first rejection
         self._topic = topic
 
     def record(self, rows: Sequence[Rejection]) -> None:
@@ -90,6 +91,8 @@ class IngestRejectionRecorder:
         if not rows:
             return
         try:
+            if self._producer is None:
+                self._producer = confluent_kafka.Producer(self._config)
             for r in rows:
                 self._producer.produce(
                     self._topic,
@@ -113,4 +116,5 @@ class IngestRejectionRecorder:
             log.warning("could not record %d ingest rejection(s): %s", len(rows), type(exc).__name__)
 
     def close(self) -> None:
-        self._producer.flush(10)
+        if self._producer is not None:
+            self._producer.flush(10)

@@ -51,7 +51,10 @@ def kafka_bootstrap(request: pytest.FixtureRequest) -> Iterator[str]:
 
     data_dir = Path(tempfile.mkdtemp(prefix="metering-test-kafka-"))
     port = local_broker.find_free_port()
-    bootstrap = local_broker.start(port=port, data_dir=data_dir)
+    # A generous start timeout: a failed start errors every Kafka test of the session, and on a
+    # loaded 2-core machine the default 90 s has been seen to be too short (load average ~25:
+    # the broker registered 1 s before the timeout stopped it). A quick start returns at once.
+    bootstrap = local_broker.start(port=port, data_dir=data_dir, timeout_s=300)
     try:
         yield bootstrap
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import threading
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from faust.types import TP
 
 from aggregators.direct import make_processor
 from aggregators.supervisor import AggregatorPart
-from aggregators.watchdog import STALLS, Action
+from aggregators.watchdog import STALLS, TROUBLES, Action, Trouble
 from deploy.settings import AggregatorSettings
 from tests.integration.helpers import egress_events, produce_batches, running_faust
 
@@ -133,3 +134,104 @@ def test_a_stall_a_reseek_cannot_heal_restarts_the_aggregator_part(
     asyncio.run(scenario())
     assert int(client.command(f"SELECT count() FROM {db}.events_raw")) == 800
     assert _totals(client, db) == _expected(first + second)
+
+
+class _AgentKilled(Exception):
+    """An error the agent does not expect: its actor dies (faust's supervisor starts another)."""
+
+
+def _troubles(kind: Trouble) -> float:
+    return TROUBLES.labels(kind.value)._value.get()
+
+
+def test_a_crashed_agent_gets_the_aggregator_part_restarted(
+    kafka_bootstrap: str, topic: str, clickhouse: Any
+) -> None:
+    """The agent dies in a batch (before anything is written). faust's supervisor starts the
+    agent again, but the new one is handed nothing (the dead one's stream buffer held the
+    messages): the partitions stall, the reseek does not help, the watchdog restarts the part
+    (had the app itself crashed, the watchdog's agent check would). Every event counted once,
+    /readyz said so meanwhile."""
+    from deploy.runner import aggregator_check
+
+    client, db = clickhouse
+    first, second = _events("e", 200), _events("f", 200)
+    processor = make_processor(client, db)
+    apply = processor.process_with_retry
+    armed = {"on": False}
+
+    def dying_apply(*args: Any, **kwargs: Any) -> Any:
+        if armed["on"]:
+            armed["on"] = False
+            raise _AgentKilled
+        return apply(*args, **kwargs)
+
+    processor.process_with_retry = dying_apply  # type: ignore[method-assign]
+    said: list[str] = []
+
+    async def scenario() -> None:
+        produce_batches(kafka_bootstrap, topic, first, per_message=20)
+        part = AggregatorPart(_settings(topic), kafka_bootstrap, processor)
+        check = aggregator_check(part, processor)
+        await part.start()
+        try:
+            assert await _until(lambda: _totals(client, db)[1] == 200)
+            crashed = part.app
+            armed["on"] = True
+            await asyncio.to_thread(produce_batches, kafka_bootstrap, topic, second, 20)
+            assert await _until(lambda: not armed["on"], 60)  # the agent died
+            assert await _until(lambda: (said.append(check()[1]) or True) and part.restarts >= 1, 90)
+            assert part.app is not crashed
+            assert await _until(lambda: _totals(client, db)[1] == 400, timeout=60)
+            await asyncio.sleep(1)
+        finally:
+            await part.stop()
+
+    asyncio.run(scenario())
+    assert any("stalled" in s or "the agent is not running" in s for s in said), said
+    assert int(client.command(f"SELECT count() FROM {db}.events_raw")) == 400
+    assert _totals(client, db) == _expected(first + second)
+
+
+def test_a_rebalance_that_never_completes_is_found_and_a_restart_asked_for(
+    kafka_bootstrap: str, topic: str, clickhouse: Any
+) -> None:
+    """The first assignment's handler hangs (the partitions' dedupe ids never load): the
+    rebalance never completes, nothing is consumed. The watchdog finds it after its patience (three
+    session timeouts), says so in /readyz and asks for a restart. (AggregatorPart's restart would
+    stop the app first, and faust's stop waits for the hung handler: healing this one needs the
+    process to exit, which is not done; docs/exactly-once.md, "Liveness".)"""
+    from aggregators.app import build_app
+    from deploy.runner import aggregator_check
+
+    client, db = clickhouse
+    evs = _events("g", 100)
+    stuck = _troubles(Trouble.REBALANCE)
+    processor = make_processor(client, db)
+    release = threading.Event()
+    processor.acquire = lambda parts: release.wait(120)  # type: ignore[method-assign,assignment,return-value]
+    asked: list[float] = []
+    said: list[str] = []
+
+    async def scenario() -> None:
+        produce_batches(kafka_bootstrap, topic, evs, per_message=20)
+        loop = asyncio.get_running_loop()
+        app = build_app(
+            _settings(topic), kafka_bootstrap, processor, restart=lambda: asked.append(loop.time())
+        )
+        check = aggregator_check(app, processor)
+        began = loop.time()
+        await app.start()
+        try:
+            assert await _until(lambda: (said.append(check()[1]) or True) and bool(asked), 90)
+            # not before the patience: three session timeouts (6 s each here)
+            assert asked[0] - began >= 18
+            assert _totals(client, db)[1] == 0  # nothing consumed
+        finally:
+            release.set()
+            app.metering_stopping.set()
+            await app.stop()
+
+    asyncio.run(scenario())
+    assert _troubles(Trouble.REBALANCE) > stuck
+    assert any("a rebalance not completed" in s for s in said), said

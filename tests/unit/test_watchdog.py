@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from aggregators.watchdog import Action, Observation, Stall, Watchdog, describe
+from aggregators.watchdog import TROUBLES, Action, Observation, Stall, Trouble, Watchdog, describe
 
 
 class Clock:
@@ -167,3 +167,96 @@ def test_readyz_names_the_stalled_partitions_degraded_and_stays_200() -> None:
     }
     w.progressed([2])
     assert client.get("/readyz").json()["status"] == "ok"
+
+
+# ---- the aggregator's troubles (beyond its lanes) ------------------------------------------------
+
+
+def _troubles(kind: Trouble) -> float:
+    return TROUBLES.labels(kind.value)._value.get()
+
+
+def test_a_rebalance_that_never_completes_asks_for_a_restart_once_per_timeout() -> None:
+    w, clock = dog(30)
+    w.own([0])
+    counted = _troubles(Trouble.REBALANCE)
+    w.rebalancing()
+    clock.now += 29
+    assert w.restart_due() == [] and w.troubles() == {}
+    clock.now += 1
+    assert w.restart_due() == [Trouble.REBALANCE]
+    assert _troubles(Trouble.REBALANCE) == counted + 1
+    clock.now += 10
+    assert w.restart_due() == []  # the restart is given its time
+    assert w.troubles() == {Trouble.REBALANCE: 40.0}
+    clock.now += 20
+    assert w.restart_due() == [Trouble.REBALANCE]
+    assert _troubles(Trouble.REBALANCE) == counted + 1  # one trouble, counted once
+    w.own([0, 1])  # the rebalance completed
+    assert w.troubles() == {} and w.restart_due() == []
+
+
+def test_a_consumer_that_does_not_answer_and_a_dead_agent_ask_for_a_restart() -> None:
+    w, clock = dog(10)
+    w.answered(False)
+    w.agent_running(False)
+    clock.now += 5
+    w.answered(False)  # still not: the clock runs from the first time
+    assert w.restart_due() == []
+    clock.now += 5
+    assert w.restart_due() == [Trouble.UNANSWERED, Trouble.AGENT]
+    w.answered(True)
+    assert set(w.troubles()) == {Trouble.AGENT}
+
+
+def test_a_batch_held_in_a_clickhouse_call_is_reported_never_restarted() -> None:
+    w, clock = dog(10)
+    w.batch(True)
+    clock.now += 12
+    w.batch(True)
+    assert w.troubles() == {Trouble.BATCH: 12.0}
+    assert w.restart_due() == []
+    w.batch(False)
+    assert w.troubles() == {}
+
+
+def test_readyz_names_the_troubles_degraded() -> None:
+    from types import SimpleNamespace
+
+    from deploy.runner import aggregator_check
+
+    w, clock = dog(30)
+    w.own([0])
+    check = aggregator_check(SimpleNamespace(crashed=False, should_stop=False, metering_watchdog=w))
+    assert check() == (True, "consuming")
+    w.rebalancing()
+    w.batch(True)
+    clock.now += 45
+    status, detail = check()
+    assert str(status) == "degraded"
+    assert detail.startswith("a batch held in a ClickHouse call for 45s; a rebalance not completed for 45s")
+    assert 'metering_aggregator_troubles_total{trouble="rebalance"}' in generate_latest(REGISTRY).decode()
+
+
+def test_a_rebalance_and_an_unanswered_consumer_are_given_the_patience() -> None:
+    clock = Clock()
+    w = Watchdog(2, clock, patience_s=18)
+    w.rebalancing()
+    w.answered(False)
+    w.batch(True)
+    clock.now += 10
+    assert w.restart_due() == [] and set(w.troubles()) == {Trouble.BATCH}
+    clock.now += 8
+    assert w.restart_due() == [Trouble.REBALANCE, Trouble.UNANSWERED]
+
+
+def test_a_restart_starts_the_troubles_clocks_again() -> None:
+    w, clock = dog(10)
+    w.rebalancing()  # the old app's revocation, at its stop
+    clock.now += 8
+    w.restarted()
+    w.rebalancing()  # the new app's first join
+    clock.now += 8
+    assert w.troubles() == {}
+    clock.now += 2
+    assert w.restart_due() == [Trouble.REBALANCE]
