@@ -1,8 +1,12 @@
-"""Kafka messages -> validated raw rows and rejects (pure: no I/O).
+"""Kafka messages -> validated raw rows and rejects, decided by pydantic (pure: no I/O).
 
 A message is a batch of one tenant's events (schemas/wire.py). Each event is validated on its
 own: one bad event never takes its neighbours down with it. What fails goes to the dead-letter
 topic with a code, a message and the original bytes.
+
+The hot path validates in ClickHouse (stage.py); this module decides only what the SQL does not
+accept (invalid events, whose reject it words, and valid events in a form the SQL leaves to
+pydantic), and the messages the engine cannot stage at all.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import msgspec
 import orjson
 from pydantic import ValidationError
 
-from aggregators.fastpath import decode_batch, decode_fast, split
 from schemas.events import EVENT_ADAPTER, Event, EventType, Plane, plane_of
 from schemas.validation import RejectCode, above_maximum, check_event_time, kafka_time
 from schemas.wire import HEADER_BACKFILL, MAX_MESSAGE_BYTES, is_control_lane
@@ -63,6 +66,7 @@ class RawRow(NamedTuple):
     data: bytes  # the normalized JSON of the event's data object
     partition: int
     offset: int
+    position: int = 0  # of the event in its message
 
 
 @dataclass
@@ -88,6 +92,17 @@ def _error_text(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def split(value: bytes) -> list[msgspec.Raw] | None:
+    """The items of a batch message, each still raw; None if the value is not a JSON array."""
+    try:
+        return _ITEMS.decode(value)
+    except msgspec.DecodeError:  # also malformed JSON ("[1,"), not only a non-array: no crash
+        return None
+
+
 _KNOWN_TYPES = frozenset(t.value for t in EventType)
 
 
@@ -108,7 +123,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 def _slow(item: bytes) -> Event | tuple[str, str]:
-    """pydantic decides (and words the error) whatever the fast path did not accept."""
+    """pydantic decides (and words the error) whatever the SQL path (stage.py) did not accept."""
     try:
         obj = orjson.loads(item)
     except orjson.JSONDecodeError as exc:
@@ -119,46 +134,38 @@ def _slow(item: bytes) -> Event | tuple[str, str]:
         return _code_for(obj, exc)
 
 
-def decode_message(msg: SourceMessage) -> Decoded:
-    out = Decoded()
+def message_items(msg: SourceMessage) -> list[bytes] | Reject:
+    """The events of a message, each as its raw bytes, or the reject of the whole message (too
+    large, not JSON). A value holding a single JSON object is one event."""
     if len(msg.value) > MAX_MESSAGE_BYTES * 2:
-        out.rejects.append(
-            Reject(msg.partition, msg.offset, -1, RejectCode.TOO_LARGE, "message too large", msg.value)
-        )
-        return out
+        return Reject(msg.partition, msg.offset, -1, RejectCode.TOO_LARGE, "message too large", msg.value)
     items: list[Any] | None = split(msg.value)
     if items is None:  # not a JSON array: a single structured-mode event, or garbage
         try:
             msgspec.json.decode(msg.value)
         except msgspec.DecodeError as exc:
-            out.rejects.append(
-                Reject(msg.partition, msg.offset, -1, RejectCode.INVALID_JSON, str(exc), msg.value)
-            )
-            return out
-        items = [msg.value]
+            return Reject(msg.partition, msg.offset, -1, RejectCode.INVALID_JSON, str(exc), msg.value)
+        return [msg.value]
+    return [bytes(x) for x in items]
+
+
+def decode_message(msg: SourceMessage) -> Decoded:
+    """Every event of ``msg`` decided by pydantic (the fallback of the SQL path, stage.py)."""
+    items = message_items(msg)
+    if isinstance(items, Reject):
+        return Decoded(rejects=[items])
+    return decode_items(msg, items, range(len(items)))
+
+
+def decode_items(msg: SourceMessage, items: Sequence[bytes], positions: Iterable[int]) -> Decoded:
+    """The events at ``positions`` of ``msg`` (``items``: its events), decided by pydantic."""
+    out = Decoded()
     key_tenant = msg.key.decode("utf-8", "replace") if msg.key else None
     received = kafka_time(msg.timestamp_ms)
     backfill = msg.backfill
     control = is_control_lane(msg.partition)
-    # The common case, all events valid: one decode call for the whole message.
-    whole = None
-    if len(items) > 1 and all(len(memoryview(x)) <= MAX_EVENT_BYTES for x in items):
-        whole = decode_batch(msg.value)
-    if whole is not None:
-        part, off, rows = msg.partition, msg.offset, out.rows
-        for i, f in enumerate(whole):
-            reject = _check(f.tenant, key_tenant, f.type, control, f.time, received, backfill)
-            if reject is not None:
-                out.rejects.append(Reject(part, off, i, reject[0], reject[1], bytes(items[i])))
-                continue
-            rows.append(
-                RawRow(
-                    f.tenant or key_tenant or "", f.id, f.type, f.source, f.subject, f.time, f.data, part, off
-                )
-            )
-        return out
-    for i, raw_item in enumerate(items):
-        item = bytes(raw_item)
+    for i in positions:
+        item = items[i]
         if len(item) > MAX_EVENT_BYTES:
             out.rejects.append(
                 Reject(
@@ -171,18 +178,12 @@ def decode_message(msg: SourceMessage) -> Decoded:
                 )
             )
             continue
-        fast = decode_fast(item)
-        if fast is not None:
-            env = fast.envelope
-            tenant, event_id, etype, source = env.tenant, env.id, fast.type, env.source
-            subject, time, data = fast.subject, env.time, bytes(fast.data)
-        else:
-            slow = _slow(item)
-            if isinstance(slow, tuple):
-                out.rejects.append(Reject(msg.partition, msg.offset, i, slow[0], slow[1], item))
-                continue
-            tenant, event_id, etype, source = slow.tenant, slow.id, slow.type, slow.source
-            subject, time, data = slow.subject or "", slow.time, _encode(slow.data)
+        slow = _slow(item)
+        if isinstance(slow, tuple):
+            out.rejects.append(Reject(msg.partition, msg.offset, i, slow[0], slow[1], item))
+            continue
+        tenant, event_id, etype, source = slow.tenant, slow.id, slow.type, slow.source
+        subject, time, data = slow.subject or "", slow.time, _encode(slow.data)
         reject = _check(tenant, key_tenant, etype, control, time, received, backfill)
         if reject is not None:
             out.rejects.append(Reject(msg.partition, msg.offset, i, reject[0], reject[1], item))
@@ -198,6 +199,7 @@ def decode_message(msg: SourceMessage) -> Decoded:
                 data,
                 msg.partition,
                 msg.offset,
+                i,
             )
         )
     return out
@@ -283,5 +285,43 @@ def raw_rows_json(rows: Iterable[RawRow], ingested_at: str) -> bytes:
                 ingested_at,
             )
             for r in rows
+        ]
+    )
+
+
+class _StagedOut(msgspec.Struct, array_like=False):
+    ok: int
+    msg: int
+    pos: int
+    tenant: str
+    event_id: str
+    type: str
+    source: str
+    subject: str
+    time: datetime
+    data: msgspec.Raw
+    src_partition: int
+    src_offset: int
+
+
+def staged_rows_json(rows: Iterable[tuple[int, RawRow]]) -> bytes:
+    """JSONEachRow for the batch's rows table (stage.py): (message index, row) pairs."""
+    return _lines(
+        [
+            _StagedOut(
+                1,
+                m,
+                r.position,
+                r.tenant,
+                r.event_id,
+                r.type.value,
+                r.source,
+                r.subject,
+                r.time,
+                msgspec.Raw(r.data),
+                r.partition,
+                r.offset,
+            )
+            for m, r in rows
         ]
     )

@@ -15,7 +15,6 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from aggregators.decode import SourceMessage
-from aggregators.dedupe import BloomFilter
 from aggregators.processor import BatchProcessor, BatchStats, ListSink
 from aggregators.writer import ClickHouseWriter
 from schemas.clickhouse import Table
@@ -26,7 +25,7 @@ from schemas.wire import batch_headers, control_lane, encode_batch
 
 def make_processor(client: Client, database: str, catalog: Catalog | None = None) -> BatchProcessor:
     writer = ClickHouseWriter(client, database, catalog or default_catalog())
-    return BatchProcessor(writer, ListSink(), BloomFilter(100_000, 0.001))
+    return BatchProcessor(writer, ListSink())
 
 
 def pack(

@@ -38,12 +38,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
-from aggregators import rollup
+from aggregators import rollup, stage
 from aggregators.decode import RawRow
 from aggregators.errors import NotTheData, is_data_error, reason
 from aggregators.faults import CrashPoint, checkpoint
 from aggregators.rollup import Ranges
-from aggregators.writer import DERIVED, NO_OFFSET, ClickHouseWriter
+from aggregators.writer import DERIVED, NO_OFFSET, ClickHouseWriter, fmt_time
 from schemas.clickhouse import Table
 from schemas.events import LIFECYCLE_TYPES, EventType
 
@@ -180,6 +180,27 @@ class _TrialWriter(ClickHouseWriter):
         self.insert_raw(rows, ingested_at)
         self.catch_up(sorted({r.partition for r in rows}))
 
+    def attempt_staged(
+        self, rows_table: str, keys: Sequence[tuple[int, int]] | None, ingested_at: datetime
+    ) -> None:
+        """The statements the real writer would run for the batch's judged rows (``rows_table``,
+        stage.py), or for those of them at ``keys`` (message, position); raises what they raise."""
+        self.forget()
+        self.client.command(f"TRUNCATE TABLE {self.db}.{Table.EVENTS_RAW}")
+        where = " WHERE ok" + (
+            "" if keys is None else " AND (msg, pos) IN {keys:Array(Tuple(UInt32, UInt32))}"
+        )
+        self.client.command(
+            f"INSERT INTO {self.db}.{Table.EVENTS_RAW} ({stage.RAW_COLUMNS}, ingested_at) "
+            f"SELECT {stage.RAW_COLUMNS}, {{now:DateTime64(3, 'UTC')}} FROM {rows_table}{where}",
+            parameters={"now": fmt_time(ingested_at), **({} if keys is None else {"keys": list(keys)})},
+        )
+        found = self.client.query(
+            f"SELECT DISTINCT type, src_partition FROM {self.db}.{Table.EVENTS_RAW}"
+        ).result_rows
+        self.types = frozenset(EventType(str(t)) for t, _ in found if str(t) in _KNOWN)
+        self.catch_up(sorted({int(p) for _, p in found}))
+
     def attempt_empty(self) -> None:
         """The derived statements over no rows at all."""
         self.forget()
@@ -194,6 +215,7 @@ class _TrialWriter(ClickHouseWriter):
 
 
 _PERIODS = frozenset(rollup.GRAIN_TABLE.values())
+_KNOWN = frozenset(t.value for t in EventType)
 _WRAPPER = re.compile(r"^(?:SimpleAggregateFunction\(\w+, (.*)\)|LowCardinality\((.*)\))$")
 
 
@@ -232,6 +254,25 @@ class Preflight:
                 reason(exc),
             )
         return [Refusal(row, reason(exc)) for row, exc in found]
+
+    def staged_refusals(self, rows_table: str, ingested_at: datetime) -> list[tuple[tuple[int, int], str]]:
+        """The (message, position) of the judged rows of a batch (stage.py) that ClickHouse would
+        refuse, with the engine's reason: one trial when there are none, then a bisect."""
+        first = self._data_error(lambda: self._probe.attempt_staged(rows_table, None, ingested_at))
+        if first is None:
+            return []
+        keys = [
+            (int(m), int(p))
+            for m, p in self.client.query(
+                f"SELECT msg, pos FROM {rows_table} WHERE ok ORDER BY msg, pos"
+            ).result_rows
+        ]
+        found = isolate(
+            keys,
+            lambda part: self._data_error(lambda: self._probe.attempt_staged(rows_table, part, ingested_at)),
+            self._dry,
+        )
+        return [(key, reason(exc)) for key, exc in found]
 
     def _trial(self, rows: Sequence[RawRow], ingested_at: datetime) -> BaseException | None:
         return self._data_error(lambda: self._probe.attempt(rows, ingested_at))

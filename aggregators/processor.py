@@ -1,16 +1,23 @@
 """One batch of Kafka messages, applied to ClickHouse exactly once.
 
-The steps, in this order (why each is safe after a crash: docs/exactly-once.md):
+Python handles Kafka messages; ClickHouse handles events (stage.py). The steps, in this order
+(why each is safe after a crash: docs/exactly-once.md):
 1. skip messages already in ``events_raw`` (offset <= its watermark for the partition);
-2. decode and validate; rejects go to the dead-letter topic, flushed *before* anything is
+2. per message, in Python: its syntax and size (a message that is not JSON, or too large, is
+   rejected whole), no per-event work;
+3. the messages' values, joined, parsed by ClickHouse into a stage table (one insert; a message
+   the engine cannot read is found by bisecting and left to pydantic), then judged by SQL
+   generated from the pydantic models; pydantic decides (and words the reject of) every event
+   the SQL does not accept. Rejects go to the dead-letter topic, flushed *before* anything is
    written, so a rejected event is never lost, then to the ``rejections`` table (once per
-   source position: aggregators/rejections.py);
-3. drop duplicates: within the batch, then against earlier batches (Bloom filter, checked
-   exactly in ``events_raw``); the dropped copies are recorded in ``event_duplicates``;
-3b. try the new rows on probe tables that keep nothing (preflight.py): events ClickHouse would
-   refuse (a data error, not an outage) are dead-lettered, flushed before anything is written;
-   a trial writes nothing, so a crash during it is a crash before the raw insert;
-4. insert the new raw rows (one statement);
+   source position: aggregators/rejections.py).
+   The stage tables are Memory tables of this process: nothing anyone reads;
+3b. the judged rows tried on probe tables that keep nothing (preflight.py, copied inside the
+   engine): events ClickHouse would refuse in a derived statement (a data error, not an outage)
+   are dead-lettered, flushed before anything is written;
+4. record the copies deduplication drops in ``event_duplicates`` (one INSERT ... SELECT),
+   then insert the new raw rows: one statement that drops duplicates (within the batch, then
+   an anti-join against ``events_raw``) and writes one part;
 5. bring every derived table up to the raw table (one statement per table);
 6. record freshness. Only after ``process`` returns may the offsets be committed.
 
@@ -26,29 +33,33 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Protocol
 
 from aggregators import metrics, rejections
 from aggregators.decode import (
+    MAX_EVENT_BYTES,
     Decoded,
     RawRow,
     Reject,
     SourceMessage,
-    decode_message,
-    decode_messages,
-    raw_rows_json,
+    decode_items,
+    message_items,
 )
-from aggregators.dedupe import BloomFilter, first_occurrences, key_hash
 from aggregators.errors import is_data_error, reason
-from aggregators.fastpath import split
 from aggregators.faults import CrashPoint, checkpoint
-from aggregators.preflight import Preflight, Refusal
-from aggregators.writer import ClickHouseWriter, fmt_time
+from aggregators.preflight import Preflight, isolate
+from aggregators.rollup import Ranges
+from aggregators.stage import Batch
+from aggregators.writer import ClickHouseWriter
 from schemas.clickhouse import Table
-from schemas.validation import MAX_AGE, RejectCode
+from schemas.validation import RejectCode
+from schemas.wire import is_control_lane
 
 log = logging.getLogger(__name__)
+
+#: the stages of a batch, as ``BatchProcessor.timings`` sums their seconds
+STAGES = ("prepare", "parse_validate", "fallback", "trial", "dedupe_raw_insert", "rollups", "freshness")
 
 
 class DeadLetterSink(Protocol):
@@ -76,8 +87,8 @@ class BatchStats:
     events: int = 0
     written: int = 0
     duplicates: int = 0
-    rejected: int = 0  # invalid events (decode), dead-lettered
-    refused: int = 0  # valid events ClickHouse refuses (preflight.py), dead-lettered
+    rejected: int = 0  # invalid events, dead-lettered
+    refused: int = 0  # valid events ClickHouse refuses to store, dead-lettered
     tenants: set[str] = field(default_factory=set)
 
 
@@ -86,16 +97,15 @@ class BatchProcessor:
         self,
         writer: ClickHouseWriter,
         dead_letters: DeadLetterSink,
-        bloom: BloomFilter,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         preflight: Preflight | None = None,
     ) -> None:
         self.writer = writer
         self.dead_letters = dead_letters
-        self.bloom = bloom
         self.clock = clock
         self.preflight = preflight or Preflight(writer)
-        self._bloom_partitions: set[int] = set()
+        #: seconds spent per stage (``STAGES``) since start, summed over batches (the bench)
+        self.timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         # A batch ClickHouse does not take: since when (UTC; None while batches flow) and why.
         # Read by the aggregator health check (deploy/runner.py) from another thread.
         self.stalled_since: datetime | None = None
@@ -106,30 +116,19 @@ class BatchProcessor:
 
     # ---- partition ownership ------------------------------------------------------------------
 
-    def assign(self, partitions: Sequence[int]) -> None:
-        """Load what the Bloom filter must know about partitions this process now owns."""
-        new = sorted(set(partitions) - self._bloom_partitions)
-        if not new:
-            return
-        since = self.clock() - MAX_AGE - timedelta(days=1)
-        hashes = self.writer.key_hashes(new, since)
-        self.bloom.add(hashes)
-        self._bloom_partitions.update(new)
-        log.info("dedupe filter loaded %d ids for partitions %s", len(hashes), new)
-
     def acquire(self, partitions: Sequence[int]) -> None:
         """Partitions (lanes) this process owns from now on: another process may have written
-        them since this one last did, so their cached watermarks are dropped and re-read; their
-        ids are loaded into the Bloom filter."""
+        them since this one last did, so their cached watermarks are dropped and re-read."""
         self.writer.forget(partitions)
-        self.assign(partitions)
 
     def revoke(self, partitions: Sequence[int]) -> None:
         # Another process may write these partitions now: our cached watermarks would go stale.
-        # The Bloom filter may keep their ids: extra entries only cost an exact check.
         self.writer.forget(partitions)
-        self._bloom_partitions.difference_update(partitions)
         metrics.forget_lag(list(partitions))
+
+    def close(self) -> None:
+        self.preflight.close()
+        self.writer.close()
 
     # ---- the batch ----------------------------------------------------------------------------
 
@@ -139,45 +138,123 @@ class BatchProcessor:
             return stats
         started = time.perf_counter()
         partitions = sorted({m.partition for m in messages})
-        self.assign(partitions)
         raw_wm = self.writer.watermarks(Table.EVENTS_RAW, partitions)
         fresh = [m for m in messages if m.offset > raw_wm[m.partition]]
         stats.skipped_messages = len(messages) - len(fresh)
+        timings = self.timings
 
-        decoded = decode_messages(fresh)
-        stats.events = len(decoded.rows) + len(decoded.rejects)
+        # 2. per message (Python): its events as raw bytes, or the reject of the whole message
+        t0 = time.perf_counter()
+        items: list[list[bytes]] = []
+        decoded = Decoded()
+        staged: list[int] = []  # indexes (in fresh) of the messages the engine parses
+        python: list[int] = []  # indexes of the messages pydantic decides whole
+        for i, m in enumerate(fresh):
+            its = message_items(m)
+            if isinstance(its, Reject):
+                decoded.rejects.append(its)
+                items.append([])
+                continue
+            items.append(its)
+            if is_control_lane(m.partition) or not _stageable(m.value, its):
+                python.append(i)
+            elif its:
+                staged.append(i)
+        stats.events = sum(len(x) for x in items) + sum(1 for r in decoded.rejects if r.index < 0)
+        t1 = time.perf_counter()
+        timings["prepare"] += t1 - t0
+
+        # 3. ClickHouse parses and judges the staged messages; what it refuses to read, or does
+        # not accept, pydantic decides (and words the reject)
+        refused = self._stage(fresh, staged)
+        python.extend(refused)
+        counts = [0] * len(fresh)
+        for i in staged:
+            if i not in refused:
+                counts[i] = len(items[i])
+        flagged = self.writer.judge(
+            Batch(
+                counts,
+                [m.partition for m in fresh],
+                [m.offset for m in fresh],
+                [m.timestamp_ms for m in fresh],
+                [m.key.decode("utf-8", "replace") if m.key else "" for m in fresh],
+                [int(m.backfill) for m in fresh],
+            )
+        )
+        t2 = time.perf_counter()
+        timings["parse_validate"] += t2 - t1
+        positions: dict[int, list[int]] = defaultdict(list)
+        for mi, pos in flagged:
+            positions[mi].append(pos)
+        for mi in sorted(python):
+            positions[mi] = list(range(len(items[mi])))
+        accepted: list[tuple[int, RawRow]] = []
+        for mi, ps in sorted(positions.items()):
+            d = decode_items(fresh[mi], items[mi], ps)
+            decoded.rejects.extend(d.rejects)
+            accepted.extend((mi, r) for r in d.rows)
         stats.rejected = len(decoded.rejects)
         if decoded.rejects:  # each once, also in the rejections table (aggregators/rejections.py)
             rejections.dead_letter(self.dead_letters, self.writer, decoded.rejects, fresh, self.clock())
+        storage_rejects = self._add_rows(accepted, fresh)
+        t3 = time.perf_counter()
+        timings["fallback"] += t3 - t2
 
-        rows, hashes = self._new_rows(decoded)
-        rejections.record_duplicates(self.writer, decoded.rows, rows, fresh, self.clock())
-        stats.duplicates = len(decoded.rows) - len(rows)
+        # 3b. the judged rows tried on probe tables that keep nothing (preflight.py): events the
+        # engine would refuse in a derived statement are dead-lettered before anything is written
         now = self.clock()
-        refused = self.preflight.refusals(rows, now)
-        storage_rejects: list[Reject] = []
-        if refused:
-            out = {(f.row.tenant, f.row.event_id) for f in refused}
-            kept = [(r, h) for r, h in zip(rows, hashes, strict=True) if (r.tenant, r.event_id) not in out]
-            rows, hashes = [r for r, _ in kept], [h for _, h in kept]
-            storage_rejects = _storage_rejects(refused, fresh, now)
-            rejections.dead_letter(self.dead_letters, self.writer, storage_rejects, fresh, now)
-            stats.refused = len(storage_rejects)
+        excluded: list[tuple[int, int]] = []
+        refusals = self.preflight.staged_refusals(self.writer.rows_table, now)
+        if refusals:
+            refused_rejects = []
+            for (mi, pos), why in refusals:
+                m = fresh[mi]
+                log.warning(
+                    "event %d of message %d/%d refused by ClickHouse: %s", pos, m.partition, m.offset, why
+                )
+                refused_rejects.append(
+                    Reject(m.partition, m.offset, pos, RejectCode.STORAGE_REJECTED, why, items[mi][pos])
+                )
+                excluded.append((mi, pos))
+            rejections.dead_letter(self.dead_letters, self.writer, refused_rejects, fresh, now)
+            storage_rejects.extend(refused_rejects)
+        stats.refused = len(storage_rejects)
+        t3b = time.perf_counter()
+        timings["trial"] += t3b - t3
+        t3 = t3b
+
+        # 4. the copies dedupe drops, recorded; then the new events into events_raw: one
+        # statement (dedupe inside it, stage.py)
+        self.writer.record_duplicates(now, excluded, [m.timestamp_ms for m in fresh])
         checkpoint(CrashPoint.BEFORE_RAW_INSERT)
-        self.writer.insert_raw(rows, now)
+        self.writer.insert_new(now, excluded)
         checkpoint(CrashPoint.AFTER_RAW_INSERT)
-        stats.written = len(rows)
+        t4 = time.perf_counter()
+        timings["dedupe_raw_insert"] += t4 - t3
+        ranges: dict[int, tuple[int, int]] = {}
+        for m in fresh:
+            lo, hi = ranges.get(m.partition, (m.offset - 1, m.offset))
+            ranges[m.partition] = (min(lo, m.offset - 1), max(hi, m.offset))
+        written = self.writer.written(Ranges(ranges)) if ranges else []
+        stats.written = sum(w[5] for w in written)
+        accepted_events = stats.events - stats.rejected - stats.refused
+        stats.duplicates = max(0, accepted_events - stats.written)
+
+        # 5. every derived table up to the raw table
         applied = self.writer.catch_up(partitions)
         checkpoint(CrashPoint.AFTER_DERIVED)
+        t5 = time.perf_counter()
+        timings["rollups"] += t5 - t4
 
         last_time: dict[str, datetime] = {}
-        for r in rows:
-            if r.time > last_time.get(r.tenant, datetime.min.replace(tzinfo=UTC)):
-                last_time[r.tenant] = r.time
+        for tenant, _p, last, _lo, _hi, _n in written:
+            if last > last_time.get(tenant, datetime.min.replace(tzinfo=UTC)):
+                last_time[tenant] = last
         refreshed = self.clock()
         self.writer.touch_freshness(last_time, refreshed)
-        self.bloom.add(hashes)  # hashed once, in _new_rows
         stats.tenants = set(last_time)
+        timings["freshness"] += time.perf_counter() - t5
 
         metrics.BATCHES.inc()
         metrics.EVENTS_IN.inc(stats.events)
@@ -189,33 +266,84 @@ class BatchProcessor:
         for table, n in applied.items():
             metrics.ROWS_WRITTEN.labels(table.value).inc(n)
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
-        _record_freshness(rows, fresh, refreshed)
+        _record_freshness(written, fresh, refreshed)
         checkpoint(CrashPoint.AFTER_BATCH)
         return stats
 
-    def _new_rows(self, decoded: Decoded) -> tuple[list[RawRow], list[int]]:
-        """The first occurrences among ``decoded`` and their dedupe-key hashes (computed once:
-        the Bloom filter is checked with them now and fed with them after the insert)."""
-        rows = decoded.rows
-        keep = first_occurrences((r.tenant, r.event_id) for r in rows)
-        rows = [rows[i] for i in keep]
-        if not rows:
-            return rows, []
-        hashes = [key_hash(r.tenant, r.event_id) for r in rows]
-        maybe = self.bloom.maybe_contains(hashes)
-        # Events older than the filter's window are not in it: always check them exactly.
-        horizon = self.clock() - MAX_AGE - timedelta(hours=1)
-        suspects: dict[str, list[str]] = defaultdict(list)
-        for r, m in zip(rows, maybe, strict=True):
-            if m or r.time < horizon:
-                suspects[r.tenant].append(r.event_id)
-        if not suspects:
-            return rows, hashes
-        seen: set[tuple[str, str]] = set()
-        for tenant, ids in suspects.items():
-            seen.update((tenant, i) for i in self.writer.existing_ids(tenant, ids))
-        kept = [(r, h) for r, h in zip(rows, hashes, strict=True) if (r.tenant, r.event_id) not in seen]
-        return [r for r, _ in kept], [h for _, h in kept]
+    def _stage(self, fresh: Sequence[SourceMessage], staged: list[int]) -> list[int]:
+        """Parse the ``staged`` messages into the stage; returns those the engine cannot read
+        (found by bisecting: a data error that an event of one message reproduces on its own),
+        which are left out of the stage."""
+
+        def body(idx: Sequence[int]) -> bytes:
+            return b",".join(_inner(fresh[i].value) for i in idx)
+
+        def trial(idx: Sequence[int]) -> BaseException | None:
+            try:
+                self.writer.stage_events(body(idx))
+            except Exception as exc:
+                if is_data_error(exc):
+                    return exc
+                raise
+            return None
+
+        bad = isolate(staged, trial, lambda: None)
+        if not bad:
+            return []
+        out = [i for i, _ in bad]
+        for i, exc in bad:
+            log.info("message %d/%d left to pydantic: %s", fresh[i].partition, fresh[i].offset, reason(exc))
+        rest = [i for i in staged if i not in set(out)]
+        self.writer.stage_events(body(rest))
+        return out
+
+    def _add_rows(self, accepted: list[tuple[int, RawRow]], fresh: Sequence[SourceMessage]) -> list[Reject]:
+        """Rows pydantic accepted into the rows table. Rows the engine refuses to store (a data
+        error, not an outage) are isolated and dead-lettered as ``storage_rejected``, flushed
+        before anything is written."""
+        if not accepted:
+            return []
+
+        def trial(part: Sequence[tuple[int, RawRow]]) -> BaseException | None:
+            try:
+                self.writer.add_rows(part, probe=True)  # a scratch copy: keeps nothing
+            except Exception as exc:
+                if is_data_error(exc):
+                    return exc
+                raise
+            return None
+
+        bad = isolate(accepted, trial, lambda: None)
+        out: list[Reject] = []
+        if bad:
+            refused = {id(r) for r, _ in bad}
+            by_source = {(m.partition, m.offset): m for m in fresh}
+            for (_mi, row), exc in bad:
+                log.warning(
+                    "event %s/%s (partition %d offset %d) refused by ClickHouse: %s",
+                    row.tenant,
+                    row.event_id,
+                    row.partition,
+                    row.offset,
+                    reason(exc),
+                )
+                msg = by_source[(row.partition, row.offset)]
+                items = message_items(msg)
+                original = items[row.position] if not isinstance(items, Reject) else msg.value
+                out.append(
+                    Reject(
+                        row.partition,
+                        row.offset,
+                        row.position,
+                        RejectCode.STORAGE_REJECTED,
+                        reason(exc),
+                        original,
+                    )
+                )
+            accepted = [x for x in accepted if id(x) not in refused]
+            rejections.dead_letter(self.dead_letters, self.writer, out, fresh, self.clock())
+        self.writer.add_rows(accepted)
+        return out
 
     def process_with_retry(
         self,
@@ -229,7 +357,7 @@ class BatchProcessor:
         A ClickHouse outage stalls the batch (and so the commit of its offsets) instead of
         losing it; each retry starts from the watermarks re-read from ClickHouse, so a statement
         that landed before the error is not repeated. Events ClickHouse refuses because of their
-        data never get here: ``process`` dead-letters them (preflight.py). While a batch is
+        data never get here: ``process`` dead-letters them (``_add_rows``). While a batch is
         stalled, ``stalled_since``/``last_error`` say so and the stall metrics count."""
         delay = 0.2
         while True:
@@ -263,9 +391,8 @@ class BatchProcessor:
             self._stall_started = self._stall_counted = now
             self.stalled_since = datetime.now(UTC)
         if is_data_error(exc):
-            # The trial let through rows a real statement refuses: the rows may be in events_raw
-            # already (written before this version, or a table changed since the probes were
-            # cloned). Fresh probes make the next trial see the tables as they are now.
+            # Validation let through rows a derived statement refuses: the rows may be in
+            # events_raw already (see docs/exactly-once.md).
             self.last_error = (
                 f"ClickHouse refuses data the preflight did not foresee, {reason(exc)} "
                 "(if the rows are already in events_raw, see docs/exactly-once.md)"
@@ -308,53 +435,31 @@ class BatchProcessor:
         self.last_error = None
 
 
-def _record_freshness(rows: Sequence[RawRow], messages: Sequence[SourceMessage], refreshed: datetime) -> None:
+def _record_freshness(
+    written: Sequence[tuple[str, int, datetime, int, int, int]],
+    messages: Sequence[SourceMessage],
+    refreshed: datetime,
+) -> None:
     """``metering_tenant_freshness_seconds`` of every tenant written: from the ingest accepting
-    the tenant's oldest event of the batch (its Kafka message's timestamp, the instant the ingest
-    judged it by) to ``refreshed``, when the tenant's tables were refreshed with it."""
+    the tenant's oldest event of the batch (the timestamp of the first Kafka message it was
+    written from, the instant the ingest judged it by) to ``refreshed``, when the tenant's
+    tables were refreshed with it."""
     accepted = {(m.partition, m.offset): m.timestamp_ms for m in messages}
     oldest: dict[str, int] = {}
-    for r in rows:
-        ts = accepted.get((r.partition, r.offset))
-        if ts is not None and ts < oldest.get(r.tenant, ts + 1):
-            oldest[r.tenant] = ts
+    for tenant, part, _last, lo, _hi, _n in written:
+        ts = accepted.get((part, lo))
+        if ts is not None and ts < oldest.get(tenant, ts + 1):
+            oldest[tenant] = ts
     refreshed_ms = refreshed.timestamp() * 1000
     metrics.record_tenant_freshness({t: max(0.0, (refreshed_ms - ts) / 1000) for t, ts in oldest.items()})
 
 
-def _storage_rejects(
-    refused: Sequence[Refusal], messages: Sequence[SourceMessage], now: datetime
-) -> list[Reject]:
-    """Dead letters for refused events, each with the bytes it arrived as (its item of the
-    Kafka message) and its position, like the rejects of decoding."""
-    by_source = {(m.partition, m.offset): m for m in messages}
-    items: dict[tuple[int, int], list[tuple[int, bytes, RawRow]]] = {}
-    out: list[Reject] = []
-    for f in refused:
-        key = (f.row.partition, f.row.offset)
-        if key not in items:
-            msg = by_source.get(key)
-            items[key] = _rows_with_items(msg) if msg is not None else []
-        found = next(((i, b) for i, b, r in items[key] if r == f.row), None)
-        index, original = found if found is not None else (-1, raw_rows_json([f.row], fmt_time(now)))
-        out.append(
-            Reject(f.row.partition, f.row.offset, index, RejectCode.STORAGE_REJECTED, f.reason, original)
-        )
-    return out
+def _inner(value: bytes) -> bytes:
+    """A JSON array's items, still joined by their commas: the array without its brackets."""
+    return value.strip()[1:-1]
 
 
-def _rows_with_items(msg: SourceMessage) -> list[tuple[int, bytes, RawRow]]:
-    """The rows decoded from ``msg`` with the index and bytes of the item each came from.
-
-    Decoding turns every item of a message into a row or a reject that names its index, in
-    order; so the rows' items are the items no reject names."""
-    decoded = decode_message(msg)
-    raw_items = split(msg.value)
-    items = [bytes(x) for x in raw_items] if raw_items is not None else [msg.value]
-    rejected = {r.index for r in decoded.rejects}
-    if -1 in rejected:
-        return []
-    indexes = [i for i in range(len(items)) if i not in rejected]
-    if len(indexes) != len(decoded.rows):
-        return []
-    return [(i, items[i], row) for i, row in zip(indexes, decoded.rows, strict=True)]
+def _stageable(value: bytes, items: Sequence[bytes]) -> bool:
+    """A message the engine may parse: a JSON array (``message_items`` checked its syntax)
+    whose events are all within the size limit (which pydantic's path words)."""
+    return value.lstrip()[:1] == b"[" and all(len(x) <= MAX_EVENT_BYTES for x in items)

@@ -23,8 +23,8 @@ import numpy as np
 import orjson
 from clickhouse_connect.driver.client import Client
 
-from aggregators import rollup
-from aggregators.decode import RAW_INSERT_SETTINGS, RawRow, raw_rows_json
+from aggregators import rollup, stage
+from aggregators.decode import RAW_INSERT_SETTINGS, RawRow, raw_rows_json, staged_rows_json
 from aggregators.dedupe import KEY_HASH_SQL
 from aggregators.faults import CrashPoint, checkpoint
 from aggregators.projection import LifecycleEvent, fold
@@ -65,6 +65,100 @@ class ClickHouseWriter:
         # one ClickHouse server
         self._stage = f"{database}.usage_stage_{uuid.uuid4().hex[:12]}"
         self._stage_ready = False
+        # the batch's events as they arrive, and the rows judged valid (stage.py)
+        self._events = f"{database}.events_stage_{uuid.uuid4().hex[:12]}"
+        self._rows = f"{database}.rows_stage_{uuid.uuid4().hex[:12]}"
+        self._events_ready = False
+
+    # ---- the batch's stage (stage.py) -----------------------------------------------------------
+
+    def _ensure_events(self) -> None:
+        if not self._events_ready:
+            self.client.command(stage.stage_create(self._events))
+            self.client.command(stage.rows_create(self._rows))
+            self._events_ready = True
+
+    def stage_events(self, body: bytes) -> None:
+        """Parse the batch's events (``body``: JSON objects separated by commas) into the stage,
+        replacing what it held; raises the engine's error for a value it cannot read."""
+        self._ensure_events()
+        self.client.command(f"TRUNCATE TABLE {self._events}")
+        if body:
+            self.client.raw_insert(
+                self._events, None, b"[" + body + b"]", fmt="JSONEachRow", settings=stage.STAGE_SETTINGS
+            )
+
+    def judge(self, batch: stage.Batch) -> list[tuple[int, int]]:
+        """Move the staged events the SQL accepts into the rows table (emptied first); returns
+        the (message, position) of every other staged event, for pydantic to decide."""
+        self._ensure_events()
+        params = batch.parameters()
+        self.client.command(f"TRUNCATE TABLE {self._rows}")
+        self.client.command(
+            stage.rows_insert(self._rows, self._events), parameters=params, settings=stage.ONE_BLOCK
+        )
+        flagged = self.client.query(stage.flagged_select(self._rows)).result_rows
+        return [(int(m), int(p)) for m, p in flagged]
+
+    def add_rows(self, rows: Sequence[tuple[int, RawRow]], probe: bool = False) -> None:
+        """Rows pydantic accepted (message index, row) into the rows table, or with ``probe``
+        into a scratch copy emptied first (a trial that keeps nothing); raises the engine's
+        error if it cannot store one of them."""
+        self._ensure_events()
+        table = self._rows
+        if probe:
+            table = f"{self._rows}_probe"
+            self.client.command(stage.rows_create(table))
+            self.client.command(f"TRUNCATE TABLE {table}")
+        if rows:
+            self.client.raw_insert(
+                table, None, staged_rows_json(rows), fmt="JSONEachRow", settings=RAW_INSERT_SETTINGS
+            )
+
+    @property
+    def rows_table(self) -> str:
+        self._ensure_events()
+        return self._rows
+
+    def insert_new(self, ingested_at: datetime, excluded: Sequence[tuple[int, int]] = ()) -> None:
+        """The batch's new events into events_raw: one INSERT, one part, all rows or none;
+        ``excluded``: (message, position) of rows left out (refused by the engine)."""
+        self.client.command(
+            stage.raw_insert_select(self.db, self._rows),
+            parameters={"now": fmt_time(ingested_at), "excluded": list(excluded)},
+            settings=stage.ONE_BLOCK,
+        )
+
+    def record_duplicates(
+        self, now: datetime, excluded: Sequence[tuple[int, int]], timestamps_ms: Sequence[int]
+    ) -> None:
+        """The judged rows the raw insert will drop as duplicates, into ``event_duplicates``."""
+        params = {"now": fmt_time(now), "excluded": list(excluded), "ts": list(timestamps_ms)}
+        [(count, digest)] = self.client.query(
+            stage.duplicates_token_select(self.db, self._rows), parameters=params, settings={"max_threads": 1}
+        ).result_rows
+        if not int(count):
+            return
+        self.client.command(
+            stage.duplicates_insert(self.db, self._rows),
+            parameters=params,
+            settings={**stage.ONE_BLOCK, "insert_deduplication_token": f"dup-{digest}"},
+        )
+
+    def written(self, ranges: Ranges) -> list[tuple[str, int, datetime, int, int, int]]:
+        """(tenant, partition, last event time, min offset, max offset, rows) of what
+        ``events_raw`` holds in ``ranges``; updates the cached raw watermarks."""
+        where, params = ranges.sql()
+        out = []
+        cache = self._wm[Table.EVENTS_RAW]
+        for tenant, part, last, lo, hi, n in self.client.query(
+            stage.written_select(self.db, where), parameters=params
+        ).result_rows:
+            t = last.replace(tzinfo=UTC) if last.tzinfo is None else last
+            out.append((str(tenant), int(part), t, int(lo), int(hi), int(n)))
+            if int(hi) > cache.get(int(part), NO_OFFSET) and int(part) in cache:
+                cache[int(part)] = int(hi)
+        return out
 
     # ---- watermarks ---------------------------------------------------------------------------
 
@@ -184,6 +278,11 @@ class ClickHouseWriter:
         if self._stage_ready:
             self.client.command(f"DROP TABLE IF EXISTS {self._stage}")
             self._stage_ready = False
+        if self._events_ready:
+            self.client.command(f"DROP TABLE IF EXISTS {self._events}")
+            self.client.command(f"DROP TABLE IF EXISTS {self._rows}")
+            self.client.command(f"DROP TABLE IF EXISTS {self._rows}_probe")
+            self._events_ready = False
 
     def _apply_gauges(self, ranges: Ranges) -> int:
         gauges = [m for m in self.catalog.meters if m.is_gauge]

@@ -1,5 +1,5 @@
-"""One batch through the aggregator alone (no Kafka): where its time goes, and what the preflight
-trial (aggregators/preflight.py) costs.
+"""One batch through the aggregator alone (no Kafka): where its time goes (per stage, and CPU µs
+per event of the process), and what the preflight trial (aggregators/preflight.py) costs.
 
     PYTHONPATH=. .venv/bin/python -m bench.batch [EVENTS] [RUNS]
 
@@ -18,15 +18,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
-from aggregators.decode import RawRow
 from aggregators.direct import make_processor, pack
-from aggregators.preflight import Refusal
+from aggregators.processor import STAGES
 from ingest.synth import World, usage_events
 from schemas.clickhouse import connect
 from schemas.migrate import migrate
@@ -35,7 +33,7 @@ from schemas.migrate import migrate
 class _NoTrial:
     """The processor's preflight, switched off: refuses nothing, costs nothing."""
 
-    def refusals(self, rows: Sequence[RawRow], ingested_at: datetime) -> list[Refusal]:
+    def staged_refusals(self, rows_table: str, ingested_at: datetime) -> list[tuple[tuple[int, int], str]]:
         return []
 
     def reset(self) -> None:
@@ -56,6 +54,11 @@ def _events(n: int) -> list[dict[str, Any]]:
     return out
 
 
+STAGE_SECONDS: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+CPU: list[float] = []
+DUPLICATE_S: list[float] = []
+
+
 def one_run(client: Any, events: list[dict[str, Any]], preflight: bool) -> float:
     db = f"bench_{uuid.uuid4().hex[:10]}"
     client.command(f"CREATE DATABASE {db}")
@@ -64,10 +67,21 @@ def one_run(client: Any, events: list[dict[str, Any]], preflight: bool) -> float
     if not preflight:
         processor.preflight = _NoTrial()  # type: ignore[assignment]
     messages = pack(events, 0, 0, per_message=500)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     stats = processor.process(messages)
     elapsed = time.perf_counter() - started
+    if preflight:
+        CPU.append(time.process_time() - cpu)
+        for k, v in processor.timings.items():
+            STAGE_SECONDS[k] += v
     assert stats.written == len(events), stats
+    if preflight:
+        # the same events again, later in the log (a producer's retry storm): all duplicates
+        again = pack(events, 0, len(messages), per_message=500)
+        started = time.perf_counter()
+        stats = processor.process(again)
+        DUPLICATE_S.append(time.perf_counter() - started)
+        assert stats.written == 0 and stats.duplicates == len(events), stats
     processor.writer.close()
     client.command(f"DROP DATABASE {db} SYNC")
     return elapsed
@@ -79,6 +93,9 @@ def main(n: int = 50_000, runs: int = 3) -> None:
         client = connect(f"chdb://{path}", "default")
         events = _events(n)
         one_run(client, events[:2000], True)  # warm up the engine
+        CPU.clear()
+        DUPLICATE_S.clear()
+        STAGE_SECONDS.update(dict.fromkeys(STAGES, 0.0))
         times: dict[str, list[float]] = {"with_preflight": [], "without_preflight": []}
         for i in range(runs):
             for key, flag in (("without_preflight", False), ("with_preflight", True)):
@@ -96,6 +113,12 @@ def main(n: int = 50_000, runs: int = 3) -> None:
                     "batch_s_with_preflight": round(with_, 3),
                     "batch_s_without_preflight": round(without, 3),
                     "preflight_overhead": round(with_ / without - 1, 3),
+                    "duplicate_events_per_s": round(len(events) / statistics.median(DUPLICATE_S)),
+                    "new_events_per_s": round(len(events) / with_),
+                    "aggregator_cpu_us_per_event": round(statistics.median(CPU) / len(events) * 1e6, 2),
+                    "stage_us_per_event": {
+                        k: round(v / runs / len(events) * 1e6, 2) for k, v in STAGE_SECONDS.items()
+                    },
                 }
             ).decode()
         )

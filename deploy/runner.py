@@ -29,7 +29,6 @@ import uvicorn
 from fastapi import APIRouter, FastAPI
 
 from aggregators.dead_letter import KafkaDeadLetterSink
-from aggregators.dedupe import BloomFilter
 from aggregators.processor import BatchProcessor
 from aggregators.supervisor import AggregatorPart
 from aggregators.watchdog import Watchdog, describe, describe_troubles
@@ -131,8 +130,7 @@ def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) ->
         settings.topic_events,
         settings.topic_control,
     )
-    bloom = BloomFilter(settings.dedupe_bloom_capacity, settings.dedupe_bloom_error_rate)
-    return BatchProcessor(writer, dlq, bloom)
+    return BatchProcessor(writer, dlq)
 
 
 def aggregator_check(faust_app: Any, processor: BatchProcessor | None = None) -> Any:
@@ -210,7 +208,7 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
         closers: list[Any] = []
         if Part.AGGREGATOR in parts:
             processor = build_processor(settings, clients.aggregator, bootstrap)
-            closers.extend([processor.dead_letters, processor.preflight])
+            closers.extend([processor.dead_letters, processor])
             # the faust app, restarted when its watchdog finds a stall a reseek did not heal
             faust_app = AggregatorPart(settings, bootstrap, processor)
             await faust_app.start()

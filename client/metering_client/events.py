@@ -96,7 +96,7 @@ Name = Annotated[str, Field(min_length=1, max_length=256)]
 # take any JSON number with no fractional part: JSON has one number type and JSON Schema's
 # "integer" is "a number with a zero fractional part", so 12.0 is the integer 12 (stored as 12)
 # while 12.5 is rejected. The SDK, the HTTP ingest and the aggregator all decide with these
-# models; the aggregator's msgspec fast path (aggregators/fastpath.py) is generated from them.
+# models; the aggregator's SQL validation (aggregators/stage.py) is generated from them.
 #
 # Bounds per field. Each summed or integrated number has a maximum per event, so that no period
 # sum can overflow. The period tables hold Decimal128(9) (migration 0002): at most 38 digits, 9
@@ -135,7 +135,7 @@ def _json_integer(value: Any) -> Any:
     return value
 
 
-#: Marks integer fields as taking JSON numbers only (the fast path knows this marker).
+#: Marks integer fields as taking JSON numbers only (the SQL generator knows this marker).
 JSON_INTEGER = BeforeValidator(_json_integer)
 
 Seconds = Annotated[float, Field(ge=0, le=MAX_SUM_PER_EVENT, strict=True, allow_inf_nan=False)]

@@ -9,7 +9,7 @@ validation and failed in ClickHouse's rollup stage (``toDecimal128(…, 9)``: AR
 *after* the raw insert had stored it. Since the per-field bounds landed, validation refuses it, so:
 
 - ``test_the_issue_7_event_…`` crafts exactly that event as a decoded row past validation
-  (``decode_messages`` patched) and shows both the old failure (a processor without preflight
+  (``decode_items`` patched) and shows both the old failure (a processor without preflight
   stores the row, then fails forever) and the new behaviour, against the real engine;
 - the Kafka and crash tests use a test-only schema change instead (tests/integration/
   poison_proc.py): ``usage_15m.value_max`` narrowed to Decimal(9, 8), so a *valid* event of
@@ -138,12 +138,14 @@ def test_the_issue_7_event_is_refused_before_the_raw_insert(
 ) -> None:
     client, db = clickhouse
     events = [cpu(f"a-{i}", "A", 1.5) for i in range(20)]
-    events.insert(7, cpu("a-poison", "A", 1.0))
-    real_decode = processor_module.decode_messages
+    # cpu_seconds 1 (an integer): valid, but not in the normalized form the SQL path takes
+    # (stage.py), so pydantic decides it (decode_items), where the crafting happens
+    events.insert(7, cpu("a-poison", "A", 1))
+    real_decode = processor_module.decode_items
 
-    def crafted(messages: Any) -> Decoded:
+    def crafted(*args: Any) -> Decoded:
         """What decoding gave before the bounds: the issue's number, as the producer wrote it."""
-        decoded = real_decode(messages)
+        decoded = real_decode(*args)
         decoded.rows = [
             r._replace(data=b'{"workstation_id":"ws-1","cpu_seconds":1e29}')
             if r.event_id == "a-poison"
@@ -152,7 +154,7 @@ def test_the_issue_7_event_is_refused_before_the_raw_insert(
         ]
         return decoded
 
-    monkeypatch.setattr(processor_module, "decode_messages", crafted)
+    monkeypatch.setattr(processor_module, "decode_items", crafted)
 
     # Before: without the preflight, the raw insert stores the row (data is text), then the
     # rollup stage refuses it, on every retry, forever.
@@ -161,7 +163,7 @@ def test_the_issue_7_event_is_refused_before_the_raw_insert(
     try:
         migrate(client, old_db)
         old = make_processor(client, old_db)
-        monkeypatch.setattr(old.preflight, "refusals", lambda rows, at: [])
+        monkeypatch.setattr(old.preflight, "staged_refusals", lambda rows, at: [])
         with pytest.raises(DatabaseError) as failure:
             old.process(pack(events, 0, 0, per_message=5))
         assert failure.value.code == 69 and "Decimal value is too big" in str(failure.value)

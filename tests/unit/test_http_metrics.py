@@ -11,10 +11,9 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from aggregators import metrics
-from aggregators.decode import RawRow, SourceMessage
+from aggregators.decode import SourceMessage
 from aggregators.processor import _record_freshness
 from query_api.http_metrics import UNMATCHED, HttpMetrics
-from schemas.events import EventType
 
 
 def count(method: str, route: str, status: str) -> float:
@@ -76,17 +75,13 @@ def test_freshness_is_measured_from_the_oldest_accepted_event_per_tenant() -> No
     def message(partition: int, offset: int, ts_ms: int) -> SourceMessage:
         return SourceMessage(partition=partition, offset=offset, timestamp_ms=ts_ms, key=None, value=b"")
 
-    def row(tenant: str, partition: int, offset: int) -> RawRow:
-        at = datetime(2026, 11, 29, tzinfo=UTC)
-        return RawRow(
-            tenant, f"{tenant}-{offset}", EventType.WORKSTATION_CPU, "s", "", at, b"{}", partition, offset
-        )
-
+    at = datetime(2026, 11, 29, tzinfo=UTC)
     refreshed = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
     now_ms = int(refreshed.timestamp() * 1000)
     messages = [message(0, 1, now_ms - 7_000), message(0, 2, now_ms - 2_000), message(1, 5, now_ms - 500)]
-    rows = [row("fresh-a", 0, 1), row("fresh-a", 0, 2), row("fresh-b", 1, 5)]
-    _record_freshness(rows, messages, refreshed)
+    # what the batch wrote: (tenant, partition, last event time, min offset, max offset, rows)
+    written = [("fresh-a", 0, at, 1, 2, 2), ("fresh-b", 1, at, 5, 5, 1)]
+    _record_freshness(written, messages, refreshed)
     gauge = "metering_tenant_freshness_seconds"
     assert REGISTRY.get_sample_value(gauge, {"tenant": "fresh-a"}) == 7.0
     assert REGISTRY.get_sample_value(gauge, {"tenant": "fresh-b"}) == 0.5

@@ -14,7 +14,6 @@ import orjson
 import pytest
 
 from aggregators.decode import SourceMessage, decode_message
-from aggregators.fastpath import decode_batch, decode_fast
 from ingest.sdk import InvalidEvent, prepare_event
 from schemas.events import (
     DATA_MODELS,
@@ -103,14 +102,11 @@ def aggregator_verdict(raw: bytes) -> tuple[str, str | Any]:
 
 def verdicts(ev: dict[str, Any], raw: bytes | None = None) -> tuple[str, str | Any]:
     """One decision on every path: the ingest and the aggregator agree on the code, the message
-    and (accepted) the stored values; the fast paths are never more lenient than pydantic."""
+    and (accepted) the stored values; the SQL path (tests/unit/test_stage_sql.py) is held to pydantic separately."""
     raw = raw if raw is not None else orjson.dumps(ev)
     ingest = ingest_verdict(orjson.loads(raw))
     aggregator = aggregator_verdict(raw)
     assert aggregator == ingest, raw
-    if ingest[0] != "accepted":
-        assert decode_fast(raw) is None, raw
-        assert decode_batch(b"[" + raw + b"," + raw + b"]") is None, raw
     return ingest
 
 

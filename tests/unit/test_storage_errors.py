@@ -189,7 +189,7 @@ def test_an_outage_during_the_bisect_propagates() -> None:
 class FlakyProcessor(BatchProcessor):
     def __init__(self, failures: list[BaseException]) -> None:
         writer: Any = SimpleNamespace(forget=lambda *a: None, client=None, db="x", catalog=None)
-        super().__init__(writer, ListSink(), bloom=None)  # type: ignore[arg-type]
+        super().__init__(writer, ListSink())
         self.failures = failures
         self.preflight = SimpleNamespace(reset=lambda: None)  # type: ignore[assignment]
 

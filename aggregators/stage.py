@@ -1,0 +1,379 @@
+"""The batch's events, parsed and validated inside ClickHouse (pure: SQL text and parameters).
+
+The Kafka message values go to the engine as they are: each value is a JSON array of
+CloudEvents, its brackets stripped and the messages joined with commas, one ``JSONEachRow``
+insert into a Memory *stage* table with a typed column per envelope field (``data`` kept as its
+JSON text). Strict reading settings make the engine refuse any value of the wrong JSON type,
+unknown or duplicate fields: such a message is found by bisecting (processor.py) and decided by
+pydantic, like every event the SQL below does not accept.
+
+``check_select`` then decides every staged row with SQL *generated from the pydantic models*
+(schemas/events.py), as the msgspec fast path was: envelope lengths and patterns, the data of
+every usage type checked against a canonical-form regular expression built from the model's
+fields (order, types, bounds, optional fields), finite bounded numbers, the subject, the tenant
+against the message key, the time window against the Kafka timestamp. The contract, held by a
+property test (tests/unit/test_stage_sql.py): the SQL may be *stricter* than pydantic, never
+more lenient, and what it accepts it stores exactly as the pydantic path stores it. A row it
+does not accept is not rejected here: its position goes back to Python, where pydantic decides
+and words the reject (aggregators/decode.py), or normalizes the event when it is valid after all.
+
+Accepted rows land in a second Memory table (``rows``) with the raw table's columns plus the
+message index and the position in it; ``raw_insert_select`` moves the first occurrence of every
+(tenant, event id) that ``events_raw`` does not hold yet into ``events_raw`` in one INSERT.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import annotated_types as at
+
+from schemas.clickhouse import Table
+from schemas.events import DATA_MODELS, JSON_INTEGER, USAGE_TYPES, Data, EventType
+from schemas.validation import MAX_AGE, MAX_FUTURE
+
+#: Reading settings of the stage insert: a number, boolean or array where a string goes, an
+#: unknown or a duplicate field fail the insert (they are pydantic's to decide and word).
+STAGE_SETTINGS: dict[str, Any] = {
+    "input_format_json_read_objects_as_strings": 1,
+    "input_format_json_read_numbers_as_strings": 0,
+    "input_format_json_read_bools_as_strings": 0,
+    "input_format_json_read_arrays_as_strings": 0,
+    "input_format_skip_unknown_fields": 0,
+    "input_format_json_empty_as_default": 0,
+    "input_format_null_as_default": 0,
+}
+
+STAGE_COLUMNS = (
+    ("specversion", "Nullable(String)"),
+    ("id", "Nullable(String)"),
+    ("source", "Nullable(String)"),
+    ("type", "Nullable(String)"),
+    ("subject", "Nullable(String)"),
+    ("time", "Nullable(String)"),
+    ("tenant", "Nullable(String)"),
+    ("datacontenttype", "Nullable(String)"),
+    ("data", "Nullable(String)"),
+)
+
+ROW_COLUMNS = (
+    "ok UInt8, msg UInt32, pos UInt32, tenant String, event_id String, type String, source String, "
+    "subject String, time DateTime64(3, 'UTC'), data String, src_partition Int32, src_offset Int64"
+)
+RAW_COLUMNS = "tenant, event_id, type, source, subject, time, data, src_partition, src_offset"
+
+# One INSERT must be one block, hence one part (the watermark's atomicity, docs/exactly-once.md).
+ONE_BLOCK: dict[str, Any] = {
+    "max_threads": 1,
+    "max_insert_threads": 1,
+    "min_insert_block_size_rows": 1 << 40,
+    "min_insert_block_size_bytes": 1 << 50,
+    "max_insert_block_size": 1 << 40,
+    "max_block_size": 1 << 20,
+}
+
+
+def stage_create(name: str) -> str:
+    cols = ", ".join(f"{c} {t}" for c, t in STAGE_COLUMNS)
+    return f"CREATE TABLE IF NOT EXISTS {name} ({cols}) ENGINE = Memory"
+
+
+def rows_create(name: str) -> str:
+    return f"CREATE TABLE IF NOT EXISTS {name} ({ROW_COLUMNS}) ENGINE = Memory"
+
+
+# ---- generated from the models -----------------------------------------------------------------
+
+_STR = r'("[^"\\\x00-\x1f]*")'  # a JSON string without escapes: its text is its value
+_FLOAT = r"((?:0|[1-9][0-9]{0,15})\.(?:[0-9]*[1-9]|0))"  # Python's repr of a float in [1e-4, 1e16)
+_INT = r"(0|[1-9][0-9]{0,18})"
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """The SQL check of one usage type's ``data`` text: a regular expression with one group per
+    field and a condition over the groups (``g[i]``) that holds when pydantic accepts the data
+    and normalizes it to this very text."""
+
+    regex: str
+    condition: str
+    subject_group: int
+    groups: int
+
+
+def _constraints(metadata: list[Any]) -> list[Any]:
+    flat: list[Any] = []
+    for m in metadata:
+        flat.extend(m.metadata if type(m).__name__ == "FieldInfo" else [m])
+    return flat
+
+
+def _field(name: str, annotation: Any, metadata: list[Any], optional: bool, g: str) -> tuple[str, str]:
+    """(regex of the field's value, condition on its group ``g``)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        inner, *extra = typing.get_args(annotation)
+        return _field(name, inner, [*extra, *metadata], optional, g)
+    if origin in (typing.Union, __import__("types").UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported union {annotation!r}")
+        return _field(name, args[0], metadata, True, g)
+    conds: list[str] = []
+    flat = _constraints(metadata)
+    if annotation is str:
+        regex, value = _STR, f"substring({g}, 2, length({g}) - 2)"
+        for m in flat:
+            if isinstance(m, at.MinLen):
+                conds.append(f"lengthUTF8({value}) >= {m.min_length}")
+            elif isinstance(m, at.MaxLen):
+                conds.append(f"lengthUTF8({value}) <= {m.max_length}")
+            elif getattr(m, "pattern", None) == r"^[^\x00-\x1f]+$":
+                pass  # no control character: the regex admits none
+            else:
+                raise TypeError(f"no SQL for constraint {m!r} of {name}")
+    elif annotation is float:
+        regex, value = _FLOAT, f"toFloat64OrNull({g})"
+        # at most 15 significant digits: the text is then the shortest that reads back as this
+        # float, i.e. its normalized form (fixed notation between 1e-4 and 1e16)
+        conds.append(f"length(trimLeft(replaceOne({g}, '.', ''), '0')) <= 15")
+        conds.append(f"({value} = 0 OR {value} >= 0.0001)")
+        conds.extend(_bounds(flat, value, name))
+    elif annotation is int:
+        regex, value = _INT, f"toUInt64OrNull({g})"
+        conds.append(f"isNotNull({value})")
+        conds.extend(_bounds([m for m in flat if m is not JSON_INTEGER], value, name))
+    else:
+        raise TypeError(f"unsupported annotation {annotation!r} of {name}")
+    cond = " AND ".join(conds) or "1"
+    if optional:
+        return f"(null|{regex[1:-1]})", f"({g} = 'null' OR ({cond}))"
+    return regex, f"({cond})"
+
+
+def _bounds(flat: list[Any], value: str, name: str) -> list[str]:
+    out = []
+    for m in flat:
+        if isinstance(m, at.Ge):
+            out.append(f"{value} >= {m.ge!r}")
+        elif isinstance(m, at.Le):
+            out.append(f"{value} <= {m.le!r}")
+        elif isinstance(m, at.Gt):
+            out.append(f"{value} > {m.gt!r}")
+        elif isinstance(m, at.Lt):
+            out.append(f"{value} < {m.lt!r}")
+        elif type(m).__name__ == "Strict" or hasattr(m, "allow_inf_nan"):
+            pass  # JSON numbers only, finite: the regex admits nothing else
+        else:
+            raise TypeError(f"no SQL for constraint {m!r} of {name}")
+    return out
+
+
+def data_check(model: type[Data]) -> DataCheck | None:
+    """The generated check of ``model``, or None when the SQL cannot express it (a model
+    validator, a list, a pattern of its own): pydantic then decides every event of the type."""
+    if model.__pydantic_decorators__.model_validators:
+        return None
+    parts: list[str] = []
+    conds: list[str] = []
+    subject = 0
+    try:
+        for i, (name, info) in enumerate(model.model_fields.items(), start=1):
+            if not info.is_required() and info.default is not None:
+                return None  # a default other than None is written out by pydantic
+            regex, cond = _field(name, info.annotation, list(info.metadata), False, f"g[{i}]")
+            if name == model.SUBJECT_FIELD:
+                subject = i
+            parts.append(f'"{name}":{regex}')
+            conds.append(cond)
+    except TypeError:
+        return None
+    if not subject:
+        return None
+    return DataCheck("^\\{" + ",".join(parts) + "\\}$", " AND ".join(conds), subject, len(parts))
+
+
+CHECKS: dict[EventType, DataCheck] = {
+    t: c for t in sorted(USAGE_TYPES) if (c := data_check(DATA_MODELS[t])) is not None
+}
+
+_TIME = r"^[0-9]{4}-(0[1-9]|1[0-2])-[0-3][0-9]T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|\+00:00)$"
+_ID_OK = "isNotNull({c}) AND lengthUTF8({c}) BETWEEN 1 AND 128 AND NOT match({c}, '[\\\\x00-\\\\x1f]')"
+_FUTURE_US = int(MAX_FUTURE.total_seconds()) * 1_000_000
+_AGE_US = int(MAX_AGE.total_seconds()) * 1_000_000
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Per message of the stage, in stage order: what the SQL needs to judge its events."""
+
+    counts: Sequence[int]  # events per message
+    partitions: Sequence[int]
+    offsets: Sequence[int]
+    timestamps_ms: Sequence[int]
+    keys: Sequence[str]  # the key's tenant, '' for none
+    backfill: Sequence[int]
+
+    def parameters(self) -> dict[str, Any]:
+        ends, total = [], 0
+        for n in self.counts:
+            total += n
+            ends.append(total)
+        return {
+            "ends": ends,
+            "parts": list(self.partitions),
+            "offs": list(self.offsets),
+            "ts": list(self.timestamps_ms),
+            "keys": list(self.keys),
+            "bf": list(self.backfill),
+            "re_time": _TIME,
+            **{f"re_{i}": c.regex for i, c in enumerate(CHECKS.values())},
+        }
+
+
+def check_select(stage: str) -> str:
+    """Every staged row, judged: (ok, msg, pos) and the raw table's columns (meaningful when ok).
+    Parameters: ``Batch.parameters``. Must run with max_threads=1 (stage order = row number)."""
+    # One regular expression per row, of the row's type; its groups bound once (``g``, a lambda
+    # argument) for the type's condition and its subject: (data ok, subject token).
+    cases = []
+    for i, (t, c) in enumerate(CHECKS.items()):
+        judged = (
+            f"arrayMap(g -> (toUInt8(ifNull(length(g) = {c.groups} AND {c.condition}, 0)), "
+            f"g[{c.subject_group}]), [extractGroups(data, {{re_{i}:String}})])[1]"
+        )
+        cases.append(f"type = '{t.value}', {judged}")
+    dcheck = f"multiIf({', '.join(cases)}, (toUInt8(0), ''))"
+    # Three levels, each computing its columns once: an alias used several times in one level
+    # may be evaluated again at each use (the regular expressions then ran ~20 times a row).
+    return f"""
+SELECT
+    ok, msg, pos, rtenant AS tenant, ifNull(id, '') AS event_id, ifNull(type, '') AS type,
+    ifNull(source, '') AS source, subj AS subject,
+    ifNull(parseDateTime64BestEffortOrNull(time, 3, 'UTC'), toDateTime64(0, 3, 'UTC')) AS time,
+    ifNull(data, '') AS data, src_partition, src_offset
+FROM (
+    SELECT *,
+        toUInt8(ifNull((
+            specversion = '1.0'
+            AND {_ID_OK.format(c="id")}
+            AND isValidUTF8(id)
+            AND isNotNull(source) AND isValidUTF8(source) AND lengthUTF8(source) BETWEEN 1 AND 256
+            AND isNotNull(type)
+            AND (isNull(tenant) OR ({_ID_OK.format(c="tenant")} AND isValidUTF8(tenant)))
+            AND (isNull(datacontenttype) OR datacontenttype = 'application/json')
+            AND isNotNull(data) AND isValidUTF8(data) AND dc.1 = 1
+            AND (isNull(subject) OR subject = subj)
+            AND rtenant != '' AND (key = '' OR isNull(tenant) OR tenant = key)
+            AND isNotNull(time) AND match(time, {{re_time:String}})
+            AND toUInt16OrZero(substring(time, 1, 4)) BETWEEN 1970 AND 2200
+            AND toString(toDate32OrNull(substring(time, 1, 10))) = substring(time, 1, 10)
+            AND isNotNull(et_us)
+            AND et_us <= recv_us + {_FUTURE_US}
+            AND (backfill = 1 OR et_us >= recv_us - {_AGE_US})
+        ), 0)) AS ok
+    FROM (
+        SELECT *,
+            substring(dc.2, 2, greatest(length(dc.2), 2) - 2) AS subj,
+            if(isNull(tenant), key, tenant) AS rtenant,
+            {{parts:Array(Int32)}}[msg + 1] AS src_partition,
+            {{offs:Array(Int64)}}[msg + 1] AS src_offset,
+            {{ts:Array(Int64)}}[msg + 1] * 1000 AS recv_us,
+            {{bf:Array(UInt8)}}[msg + 1] AS backfill,
+            toUnixTimestamp64Micro(parseDateTime64BestEffortOrNull(time, 6, 'UTC')) AS et_us
+        FROM (
+            SELECT *, {dcheck} AS dc,
+                toUInt32(rn - if(msg = 0, 0, {{ends:Array(UInt64)}}[msg])) AS pos,
+                {{keys:Array(String)}}[msg + 1] AS key
+            FROM (
+                SELECT *, rowNumberInAllBlocks() AS rn,
+                    toUInt32(arrayFirstIndex(e -> e > rn, {{ends:Array(UInt64)}}) - 1) AS msg
+                FROM {stage}
+            )
+        )
+    )
+)
+"""
+
+
+def rows_insert(rows: str, stage: str) -> str:
+    """Every staged row, judged, into the rows table (one statement: its analysis alone costs
+    ~0.1 s of CPU, so the judging is not run twice)."""
+    return f"INSERT INTO {rows} SELECT * FROM ({check_select(stage)})"
+
+
+def flagged_select(rows: str) -> str:
+    return f"SELECT msg, pos FROM {rows} WHERE NOT ok ORDER BY msg, pos"
+
+
+def raw_insert_select(database: str, rows: str) -> str:
+    """The batch's new events into events_raw in one INSERT: the first occurrence (in the log's
+    order) of each (tenant, event id) of the batch that ``events_raw`` does not hold yet. The
+    anti-join reads only the batch's tenants (the table's primary key starts with the tenant)
+    and granules whose Bloom-filter index may hold one of the batch's ids."""
+    raw = f"{database}.{Table.EVENTS_RAW}"
+    return f"""
+INSERT INTO {raw} ({RAW_COLUMNS}, ingested_at)
+SELECT {RAW_COLUMNS}, {{now:DateTime64(3, 'UTC')}}
+FROM (
+    SELECT * FROM {rows} WHERE ok AND (msg, pos) NOT IN {{excluded:Array(Tuple(UInt32, UInt32))}}
+    ORDER BY msg, pos LIMIT 1 BY tenant, event_id
+)
+WHERE (tenant, event_id) NOT IN (
+    SELECT tenant, event_id FROM {raw}
+    WHERE tenant IN (SELECT DISTINCT tenant FROM {rows} WHERE ok)
+      AND event_id IN (SELECT event_id FROM {rows} WHERE ok)
+)
+"""
+
+
+def _duplicates_select(database: str, rows: str) -> str:
+    raw = f"{database}.{Table.EVENTS_RAW}"
+    return f"""
+SELECT tenant, event_id, src_partition, src_offset, toUInt32(nth) AS nth,
+    fromUnixTimestamp64Milli({{ts:Array(Int64)}}[msg + 1], 'UTC') AS received_at,
+    {{now:DateTime64(3, 'UTC')}} AS dropped_at
+FROM (
+    SELECT *,
+        row_number() OVER (PARTITION BY tenant, event_id, src_partition, src_offset ORDER BY pos) - 1 AS nth,
+        row_number() OVER (PARTITION BY tenant, event_id ORDER BY msg, pos) AS occurrence
+    FROM {rows} WHERE ok AND (msg, pos) NOT IN {{excluded:Array(Tuple(UInt32, UInt32))}}
+)
+WHERE occurrence > 1 OR (tenant, event_id) IN (
+    SELECT tenant, event_id FROM {raw}
+    WHERE tenant IN (SELECT DISTINCT tenant FROM {rows} WHERE ok)
+      AND event_id IN (SELECT event_id FROM {rows} WHERE ok)
+)
+"""
+
+
+def duplicates_token_select(database: str, rows: str) -> str:
+    """(copies, a hash of their positions): the insert deduplication token of
+    ``duplicates_insert``, so that a batch re-processed after a crash writes them once."""
+    return (
+        "SELECT count(), hex(sipHash128(arraySort(groupArray((tenant, event_id, src_partition, "
+        f"src_offset, nth))))) FROM ({_duplicates_select(database, rows)})"
+    )
+
+
+def duplicates_insert(database: str, rows: str) -> str:
+    """The copies the raw insert will drop, into ``event_duplicates`` (run *before* it): every
+    judged row but the batch's first occurrence of a key ``events_raw`` does not hold; ``nth``
+    ranks the copies of one id inside one message. Keyed on the position, with a token made of
+    the positions (aggregators/rejections.py)."""
+    return (
+        f"INSERT INTO {database}.{Table.EVENT_DUPLICATES} "
+        "(tenant, event_id, src_partition, src_offset, nth, received_at, dropped_at) "
+        + _duplicates_select(database, rows)
+    )
+
+
+def written_select(database: str, where: str) -> str:
+    """What the batch wrote, per tenant and partition (``where``: the batch's offset ranges)."""
+    return (
+        f"SELECT tenant, src_partition, max(time), min(src_offset), max(src_offset), count() "
+        f"FROM {database}.{Table.EVENTS_RAW} WHERE {where} GROUP BY tenant, src_partition"
+    )
