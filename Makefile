@@ -42,8 +42,8 @@ tools:
 # the first failure's. A pass that selects nothing (exit 5) is fine if the other one ran tests.
 TEST_WORKERS ?= 2
 test: $(STAMP) tools
-	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --serial-tests=skip $(PYTEST_ARGS); a=$$?; \
-	$(BIN)/python -m pytest --serial-tests=only $(PYTEST_ARGS); b=$$?; \
+	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --serial-tests=skip -m "not chaos_long" $(PYTEST_ARGS); a=$$?; \
+	$(BIN)/python -m pytest --serial-tests=only -m "not chaos_long" $(PYTEST_ARGS); b=$$?; \
 	if [ $$a -eq 5 ] && [ $$b -ne 5 ]; then a=0; fi; if [ $$b -eq 5 ] && [ $$a -ne 5 ]; then b=0; fi; \
 	if [ $$a -ne 0 ]; then exit $$a; fi; exit $$b
 
@@ -51,7 +51,7 @@ test: $(STAMP) tools
 # 4.4.x; .ci/run runs this after it). KAFKA_ALT_VERSION=4.4 checks the default the same way.
 KAFKA_ALT_VERSION ?= 3.9
 test-kafka-alt: $(STAMP) tools
-	METERING_KAFKA_VERSION=$(KAFKA_ALT_VERSION) $(BIN)/python -m pytest -m kafka $(PYTEST_ARGS)
+	METERING_KAFKA_VERSION=$(KAFKA_ALT_VERSION) $(BIN)/python -m pytest -m "kafka and not chaos" $(PYTEST_ARGS)
 .PHONY: test-kafka-alt
 
 # The chaos suite's long form (tests/integration/test_chaos.py; make test runs it bounded, with

@@ -313,6 +313,7 @@ def test_a_member_sigkilled_in_the_middle_of_a_batch(
     asyncio.run(scenario())
 
 
+@pytest.mark.chaos_long
 def test_a_member_stopped_longer_than_the_session_timeout_comes_back(
     kafka_bootstrap: str, topic: str, clickhouse: Any
 ) -> None:
@@ -346,6 +347,7 @@ def test_a_member_stopped_longer_than_the_session_timeout_comes_back(
 # ---- the broker restarted during a rebalance ---------------------------------------------------
 
 
+@pytest.mark.chaos_long
 def test_the_broker_restarted_during_a_rebalance(clickhouse: Any) -> None:
     client, db = clickhouse
     data_dir = Path(tempfile.mkdtemp(prefix="chaos-broker-"))
@@ -388,6 +390,7 @@ def test_the_broker_restarted_during_a_rebalance(clickhouse: Any) -> None:
 # ---- ClickHouse failing during a rebalance -----------------------------------------------------
 
 
+@pytest.mark.chaos_long
 def test_clickhouse_failing_during_a_rebalance(kafka_bootstrap: str, topic: str, clickhouse: Any) -> None:
     """A derived table detached (every batch fails after its raw insert, and is retried) while a
     second member joins and leaves: the batches waiting out the outage are given up when their
