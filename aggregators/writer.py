@@ -19,13 +19,11 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import orjson
 from clickhouse_connect.driver.client import Client
 
 from aggregators import rollup, stage
 from aggregators.decode import RAW_INSERT_SETTINGS, RawRow, raw_rows_json, staged_rows_json
-from aggregators.dedupe import KEY_HASH_SQL
 from aggregators.faults import CrashPoint, checkpoint
 from aggregators.projection import LifecycleEvent, fold
 from aggregators.rollup import Ranges
@@ -186,24 +184,6 @@ class ClickHouseWriter:
                     cache.pop(p, None)
 
     # ---- dedupe support -----------------------------------------------------------------------
-
-    def existing_ids(self, tenant: str, ids: Sequence[str]) -> set[str]:
-        if not ids:
-            return set()
-        rows = self.client.query(
-            f"SELECT DISTINCT event_id FROM {self.db}.{Table.EVENTS_RAW} "
-            "WHERE tenant = {t:String} AND event_id IN {ids:Array(String)}",
-            parameters={"t": tenant, "ids": list(ids)},
-        ).result_rows
-        return {str(r[0]) for r in rows}
-
-    def key_hashes(self, partitions: Sequence[int], since: datetime) -> np.ndarray:
-        rows = self.client.query(
-            f"SELECT {KEY_HASH_SQL} FROM {self.db}.{Table.EVENTS_RAW} "
-            "WHERE src_partition IN {ps:Array(Int32)} AND time >= {since:DateTime64(3, 'UTC')}",
-            parameters={"ps": list(partitions), "since": fmt_time(since)},
-        ).result_columns
-        return np.asarray(rows[0] if rows else [], dtype=np.uint64)
 
     # ---- raw ----------------------------------------------------------------------------------
 

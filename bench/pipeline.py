@@ -102,7 +102,6 @@ async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> d
         batch_max_messages=100,
         batch_within_s=0.2,
         faust_data_dir=Path(tempfile.mkdtemp()),
-        dedupe_bloom_capacity=5_000_000,
     )
     ensure_topics(settings, bootstrap)
     client = connect(settings.clickhouse_dsn.get_secret_value(), settings.clickhouse_database)

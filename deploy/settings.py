@@ -149,8 +149,6 @@ class AggregatorSettings(CommonSettings):
     )
     batch_max_messages: int = Field(default=500, ge=1, description="Kafka messages per processing batch.")
     batch_within_s: float = Field(default=0.25, gt=0, description="Longest wait to fill a batch.")
-    dedupe_bloom_capacity: int = Field(default=20_000_000, ge=1000)
-    dedupe_bloom_error_rate: float = Field(default=0.001, gt=0, lt=0.5)
     clickhouse_retry_max_s: float = Field(default=30.0, gt=0, description="Longest backoff between retries.")
     stall_timeout_s: float = Field(
         default=30.0,

@@ -53,7 +53,6 @@ async def run(dsn: str, bootstrap: str, topic: str, group: str) -> None:
         batch_max_messages=4,
         batch_within_s=0.1,
         faust_data_dir=Path(tempfile.mkdtemp()),
-        dedupe_bloom_capacity=100_000,
     )
     client = connect(dsn, settings.clickhouse_database)
     migrate(client, settings.clickhouse_database)

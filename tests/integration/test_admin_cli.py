@@ -81,7 +81,6 @@ def system(kafka_bootstrap: str) -> Iterator[System]:
         "METERING_FAUST_DATA_DIR": str(tmp / "faust"),
         "METERING_BATCH_WITHIN_S": "0.05",
         "METERING_QUERY_CACHE_TTL_S": "0",  # a revocation is seen by the very next request
-        "METERING_DEDUPE_BLOOM_CAPACITY": "100000",
     }
     with sys_.log.open("wb") as log:
         proc = subprocess.Popen(

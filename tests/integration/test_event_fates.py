@@ -11,7 +11,6 @@ import orjson
 import pytest
 
 from aggregators.dead_letter import KafkaDeadLetterSink
-from aggregators.dedupe import BloomFilter
 from aggregators.direct import make_processor, pack
 from aggregators.processor import BatchProcessor, ListSink
 from aggregators.rejections import dedupe_dead_letters
@@ -94,7 +93,7 @@ def test_dead_letter_consumer_dedupes_by_source_header(
     messages = pack(_batch("t2"), partition=0, start_offset=0)
     for _ in range(2):  # the rejections table emptied between: as if the insert never ran
         sink = KafkaDeadLetterSink({"bootstrap.servers": kafka_bootstrap}, dlq, topic, f"{topic}.control")
-        proc = BatchProcessor(ClickHouseWriter(client, db, default_catalog()), sink, BloomFilter(1000, 0.01))
+        proc = BatchProcessor(ClickHouseWriter(client, db, default_catalog()), sink)
         proc.process(messages)
         sink.close()
         client.command(f"TRUNCATE TABLE {db}.rejections")

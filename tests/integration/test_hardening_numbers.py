@@ -149,7 +149,6 @@ def _settings(topic: str, db: str) -> AggregatorSettings:
         batch_max_messages=50,
         batch_within_s=0.1,
         faust_data_dir=Path(tempfile.mkdtemp()),
-        dedupe_bloom_capacity=100_000,
     )
 
 

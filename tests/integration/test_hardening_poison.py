@@ -81,7 +81,6 @@ def settings_for(topic: str, db: str = "metering") -> AggregatorSettings:
         batch_max_messages=10,
         batch_within_s=0.1,
         faust_data_dir=Path(tempfile.mkdtemp()),
-        dedupe_bloom_capacity=100_000,
         clickhouse_retry_max_s=0.5,
     )
 

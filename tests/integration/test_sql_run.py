@@ -67,7 +67,6 @@ def test_metering_run_serves_sql_while_it_ingests(kafka_bootstrap: str) -> None:
         "METERING_FAUST_DATA_DIR": str(tmp / "faust"),
         "METERING_ADMIN_TOKEN_FILE": str(tmp / "admin-token"),
         "METERING_BATCH_WITHIN_S": "0.05",
-        "METERING_DEDUPE_BLOOM_CAPACITY": "100000",
     }
     log = tmp / "run.log"
     with log.open("wb") as out:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 
 from aggregators.decode import SourceMessage, decode_message
-from aggregators.dedupe import BloomFilter, first_occurrences, key_hash
+from aggregators.dedupe import first_occurrences
 from aggregators.projection import LifecycleEvent, fold
 from schemas.events import EntityKind, EventType
 from schemas.validation import RejectCode
@@ -65,15 +65,6 @@ def test_unknown_type_code() -> None:
     e = good(1)
     e["type"] = "mystery.event"
     assert decode_message(msg([e])).rejects[0].code == RejectCode.UNKNOWN_TYPE
-
-
-def test_bloom_has_no_false_negatives() -> None:
-    b = BloomFilter(10_000, 0.01)
-    hashes = [key_hash("t", str(i)) for i in range(5000)]
-    b.add(hashes)
-    assert b.maybe_contains(hashes).all()
-    others = b.maybe_contains([key_hash("u", str(i)) for i in range(5000)])
-    assert others.mean() < 0.05
 
 
 def test_first_occurrences_keeps_the_first() -> None:
