@@ -106,6 +106,8 @@ class BatchProcessor:
         self.preflight = preflight or Preflight(writer)
         #: seconds spent per stage (``STAGES``) since start, summed over batches (the bench)
         self.timings: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        #: the lanes acquired and not revoked since (what the tests wait on after a rebalance)
+        self.owned: set[int] = set()
         # A batch ClickHouse does not take: since when (UTC; None while batches flow) and why.
         # Read by the aggregator health check (deploy/runner.py) from another thread.
         self.stalled_since: datetime | None = None
@@ -120,10 +122,12 @@ class BatchProcessor:
         """Partitions (lanes) this process owns from now on: another process may have written
         them since this one last did, so their cached watermarks are dropped and re-read."""
         self.writer.forget(partitions)
+        self.owned.update(partitions)
 
     def revoke(self, partitions: Sequence[int]) -> None:
         # Another process may write these partitions now: our cached watermarks would go stale.
         self.writer.forget(partitions)
+        self.owned.difference_update(partitions)
         metrics.forget_lag(list(partitions))
 
     def close(self) -> None:

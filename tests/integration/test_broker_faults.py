@@ -112,7 +112,7 @@ def test_rebalances_between_two_aggregators(kafka_bootstrap: str, topic: str, cl
             try:
                 # the rebalance really happens: the newcomer is given partitions (wait for it, or
                 # the first aggregator may have consumed everything before the group settles)
-                assert await _until(lambda: bool(proc2._bloom_partitions), timeout=60)
+                assert await _until(lambda: bool(proc2.owned), timeout=60)
                 await asyncio.to_thread(produce_batches, kafka_bootstrap, topic, parts[1], 30)
                 assert await _until(lambda: done(3000))
             finally:

@@ -106,8 +106,8 @@ def test_partitions_handed_back_are_resumed_when_faust_seeks_to_committed_offset
             b = running_faust(_settings(topic), kafka_bootstrap, proc_b)
             await b.__aenter__()
             try:
-                assert await _until(lambda: bool(proc_b._bloom_partitions), timeout=60)
-                gone = set(proc_b._bloom_partitions)
+                assert await _until(lambda: bool(proc_b.owned), timeout=60)
+                gone = set(proc_b.owned)
                 # B applies its partitions to the end and commits
                 done_b = lambda: all(_per_lane(client, db).get(p, 0) == produced.get(p, 0) for p in gone)  # noqa: E731
                 assert await _until(done_b, timeout=90)
