@@ -78,6 +78,17 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0, interval_
     return predicate()
 
 
+async def until(predicate: Callable[[], Any], timeout_s: float) -> bool:
+    """``wait_until`` for a test's event loop: the predicate (which may block) runs in a thread."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while loop.time() < end:
+        if await asyncio.to_thread(predicate):
+            return True
+        await asyncio.sleep(0.25)
+    return bool(await asyncio.to_thread(predicate))
+
+
 @contextlib.asynccontextmanager
 async def running_faust(settings: Any, bootstrap: str, processor: Any) -> AsyncIterator[Any]:
     from aggregators.app import build_app

@@ -15,7 +15,7 @@ import pytest
 from aggregators.direct import make_processor
 from deploy.kafka import local_broker
 from deploy.settings import AggregatorSettings
-from tests.integration.helpers import egress_events, produce_batches, running_faust
+from tests.integration.helpers import egress_events, produce_batches, running_faust, until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
@@ -38,13 +38,7 @@ def _settings(topic: str, group: str) -> AggregatorSettings:
 
 
 async def _until(pred, timeout: float = 120.0) -> bool:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        if await asyncio.to_thread(pred):
-            return True
-        await asyncio.sleep(0.25)
-    return bool(await asyncio.to_thread(pred))
+    return await until(pred, timeout)
 
 
 def _totals(client, db: str) -> tuple:

@@ -40,7 +40,7 @@ from aggregators.processor import BatchProcessor
 from deploy.kafka import local_broker
 from deploy.settings import AggregatorSettings
 from tests.integration.aggregator_proc import caught_up
-from tests.integration.helpers import egress_events, produce_batches, running_faust
+from tests.integration.helpers import egress_events, produce_batches, running_faust, until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow, pytest.mark.chaos]
 
@@ -65,13 +65,7 @@ def _settings(topic: str, group: str) -> AggregatorSettings:
 
 
 async def _until(pred: Callable[[], Any], timeout: float = 90.0) -> bool:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        if await asyncio.to_thread(pred):
-            return True
-        await asyncio.sleep(0.25)
-    return bool(await asyncio.to_thread(pred))
+    return await until(pred, timeout)
 
 
 def _raw(client: Any, db: str) -> tuple[int, int]:

@@ -23,7 +23,7 @@ import pytest
 
 from aggregators.direct import make_processor
 from deploy.settings import AggregatorSettings
-from tests.integration.helpers import consume_all, egress_events, produce_batches, running_faust
+from tests.integration.helpers import consume_all, egress_events, produce_batches, running_faust, until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
@@ -47,13 +47,7 @@ def _settings(topic: str) -> AggregatorSettings:
 
 
 async def _until(pred: Any, timeout: float = 60.0) -> bool:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        if await asyncio.to_thread(pred):
-            return True
-        await asyncio.sleep(0.25)
-    return bool(await asyncio.to_thread(pred))
+    return await until(pred, timeout)
 
 
 def _per_lane(client: Any, db: str) -> dict[int, int]:
