@@ -138,11 +138,11 @@ class Tracer:
                     "dropped": dups,
                 }
             return {"id": event_id, "status": Status.COUNTED.value, **answer}
-        rejected = [
-            r
-            for r in self.rejections(tenant, event_id=event_id, limit=20)
-            if visible(r.pop("_data"), r["key_id"])
-        ]
+        rejected = []
+        for r in self.rejections(tenant, event_id=event_id, limit=20):
+            del r["cursor"]  # the listing's paging key, not evidence
+            if visible(r.pop("_data"), r["key_id"]):
+                rejected.append(r)
         if rejected:
             latest = rejected[0]
             return {

@@ -27,6 +27,7 @@ from ingest.scope import ScopeLookup, judge
 from query_api.credentials import Principal
 from query_api.event_trace import Status, Tracer
 from query_api.ratelimit import RateLimiter
+from query_api.trace_models import RejectionsPage, TraceAnswer
 from schemas.events import EntityKind
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def build_events_router(
         EVENTS_PATH + "/{event_id}",
         summary="Trace one event: received, counted, duplicate, rejected or unknown",
         responses={
+            200: {"model": TraceAnswer, "description": "The event's status and its evidence"},
             401: {"description": "Missing or invalid API key"},
             429: {"description": "Rate limited (per API key)"},
             503: {"description": "Storage unavailable"},
@@ -149,6 +151,10 @@ def build_events_router(
         EVENTS_PATH,
         summary="List the tenant's rejected events, latest first (paginated)",
         responses={
+            200: {
+                "model": RejectionsPage,
+                "description": "A page of rejections; `next` is the next page's cursor",
+            },
             401: {"description": "Missing or invalid API key"},
             429: {"description": "Rate limited (per API key)"},
             503: {"description": "Storage unavailable"},

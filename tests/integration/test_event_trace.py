@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from aggregators.direct import make_processor
 from deploy.settings import AggregatorSettings, IngestSettings
 from ingest.http import EVENTS_PATH, ingest_router
+from query_api.trace_models import RejectionsPage, TraceAnswer
 from tests.integration.helpers import event, iso, produce_batches, running_faust, wait_until
 from tests.integration.test_http_ingest import create_key
 
@@ -69,6 +70,7 @@ def test_the_five_statuses_end_to_end(kafka_bootstrap: str, topic: str, clickhou
     def trace(eid: str, as_key: str = key) -> dict[str, Any]:
         r = http.get(f"{EVENTS_PATH}/{eid}", headers={"Authorization": f"Bearer {as_key}"})
         assert r.status_code == 200, r.text
+        TraceAnswer.model_validate(r.json())  # the answer is what the OpenAPI schema says
         return dict(r.json())
 
     try:
@@ -117,6 +119,14 @@ def test_the_five_statuses_end_to_end(kafka_bootstrap: str, topic: str, clickhou
         # the listing: latest first, pages, a code filter, the other tenant sees none
         page = http.get(EVENTS_PATH, params={"status": "rejected", "limit": 1}, headers=auth).json()
         assert [e["id"] for e in page["events"]] == ["a1"] and page["next"]
+        RejectionsPage.model_validate(page)
+        schema = app.openapi()["paths"]
+        assert schema[EVENTS_PATH + "/{event_id}"]["get"]["responses"]["200"]["content"]["application/json"][
+            "schema"
+        ] == {"$ref": "#/components/schemas/TraceAnswer"}
+        assert schema[EVENTS_PATH]["get"]["responses"]["200"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/RejectionsPage"
+        }
         page2 = http.get(
             EVENTS_PATH, params={"status": "rejected", "limit": 1, "cursor": page["next"]}, headers=auth
         ).json()
