@@ -5,9 +5,12 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Protocol
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 EVENTS_IN = Counter("metering_events_in_total", "Events read from Kafka")
 EVENTS_WRITTEN = Counter("metering_events_written_total", "Events written to events_raw")
@@ -54,6 +57,45 @@ def watch_stall(source: _Stalls) -> None:
 
 
 STALLED.set_function(lambda: max((s.stalled_seconds() for s in list(_stall_sources)), default=0.0))
+
+
+class _Stages(Protocol):
+    timings: dict[str, float]
+
+
+_stage_sources: weakref.WeakSet[_Stages] = weakref.WeakSet()
+
+
+def watch_stages(source: _Stages) -> None:
+    """Report ``source.timings`` (a processor's seconds per stage of its batches, summed since it
+    started: aggregators/processor.py ``STAGES``) as ``metering_aggregator_stage_seconds_total``,
+    read when scraped: where the aggregator's time goes, the stages as the processor names them."""
+    _stage_sources.add(source)
+
+
+class StageCollector(Collector):
+    """``metering_aggregator_stage_seconds_total{stage}``: the watched processors' stage seconds,
+    summed over the processors of this process (a restarted aggregator starts a new processor
+    from 0: a counter reset, which Prometheus' rate() handles)."""
+
+    NAME = "metering_aggregator_stage_seconds"
+    HELP = "Seconds the aggregator spent in each stage of its batches (wall time)"
+
+    def collect(self) -> Iterator[Metric]:
+        totals: dict[str, float] = {}
+        for source in list(_stage_sources):
+            for stage, seconds in list(source.timings.items()):
+                totals[stage] = totals.get(stage, 0.0) + seconds
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=["stage"])
+        for stage, seconds in sorted(totals.items()):
+            family.add_metric([stage], seconds)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.NAME, self.HELP, labels=["stage"])
+
+
+REGISTRY.register(StageCollector())
 
 FRESHNESS_FORGET_S = 300.0
 _freshness_set_at: dict[str, float] = {}  # tenant -> monotonic time its freshness was last set

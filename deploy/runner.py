@@ -29,6 +29,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI
 
 from aggregators.dead_letter import KafkaDeadLetterSink
+from aggregators.metrics import watch_stages
 from aggregators.processor import BatchProcessor
 from aggregators.supervisor import AggregatorPart
 from aggregators.watchdog import Watchdog, describe, describe_troubles
@@ -130,7 +131,9 @@ def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) ->
         settings.topic_events,
         settings.topic_control,
     )
-    return BatchProcessor(writer, dlq)
+    processor = BatchProcessor(writer, dlq)
+    watch_stages(processor)  # metering_aggregator_stage_seconds_total{stage}
+    return processor
 
 
 def aggregator_check(faust_app: Any, processor: BatchProcessor | None = None) -> Any:
