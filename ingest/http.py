@@ -42,6 +42,7 @@ after repeated failed authentications; with ``Retry-After``),
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from typing import Any, Protocol
 
 import orjson
@@ -123,6 +125,11 @@ class RecentIds:
     def __contains__(self, key: object) -> bool:
         with self._lock:
             return key in self._ids
+
+    def known(self, tenant: str, ids: Iterable[str]) -> set[str]:
+        """Those of ``ids`` delivered for ``tenant`` (one lock for a request's events)."""
+        with self._lock:
+            return {i for i in ids if (tenant, i) in self._ids}
 
     def add_all(self, keys: Iterable[tuple[str, str]]) -> None:
         with self._lock:
@@ -402,6 +409,7 @@ def build_ingest_router(
         results: list[dict[str, Any]] = []
         accepted: list[dict[str, Any]] = []
         seen: set[str] = set()
+        candidates: list[tuple[dict[str, Any], dict[str, Any]]] = []  # valid, first of their id
         in_scope = ScopeCheck(lambda: key_scope(principal))
         for index, item in enumerate(items):
             raw_id = item.get("id") if isinstance(item, dict) else None
@@ -423,13 +431,45 @@ def build_ingest_router(
                 result.update(status="rejected", code=exc.code, message=exc.message)
                 continue
             event_id = str(event["id"])
-            if event_id in seen or (tenant, event_id) in recent:
+            if event_id in seen:
                 result["status"] = "duplicate"
                 continue
             seen.add(event_id)
-            result["status"] = "accepted"
-            accepted.append(event)
+            candidates.append((result, event))
+        delivered = recent.known(tenant, (str(event["id"]) for _, event in candidates))
+        for result, event in candidates:
+            if str(event["id"]) in delivered:
+                result["status"] = "duplicate"
+            else:
+                result["status"] = "accepted"
+                accepted.append(event)
         return results, accepted
+
+    def check_and_submit(
+        items: list[Any], tenant: str, judged_at_ms: int, principal: Principal
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Future[None] | Exception | None]:
+        """``check_events``, then the accepted events handed to the producer: the delivery to
+        await (None: nothing to await), or the exception that stopped the hand-over (a 503).
+        Blocking: called in the thread pool."""
+        results, accepted = check_events(items, tenant, judged_at_ms, principal)
+        if not accepted:
+            return results, accepted, None
+        try:
+            producer = get_producer()
+            submit = getattr(producer, "submit_batch", None)
+            if submit is None:  # a sender without it (a test double): its blocking send_batch
+                producer.send_batch(
+                    accepted,
+                    tenant,
+                    timeout=settings.ingest_delivery_timeout_s,
+                    validated=True,
+                    judged_at_ms=judged_at_ms,
+                )
+                return results, accepted, None
+            future: Future[None] = submit(accepted, tenant, validated=True, judged_at_ms=judged_at_ms)
+            return results, accepted, future
+        except Exception as exc:
+            return results, accepted, exc
 
     @router.post(
         EVENTS_PATH,
@@ -474,21 +514,22 @@ def build_ingest_router(
                     {"max_events": max_events, "events": len(items)},
                 )
             tenant = principal.tenant
-            # pydantic over up to 100 events: off the event loop, like the blocking send below
+            # pydantic over up to 100 events, then the hand-over to librdkafka: off the event
+            # loop, in one trip to the thread pool; the acknowledgement is awaited on the loop.
             judged_at_ms = now_ms()
-            results, accepted = await run_in_threadpool(check_events, items, tenant, judged_at_ms, principal)
+            results, accepted, delivered = await run_in_threadpool(
+                check_and_submit, items, tenant, judged_at_ms, principal
+            )
             if accepted:
                 try:
-                    producer = get_producer()
-                    # Blocks until acks=all for every accepted event: 202 means "in Kafka".
-                    await run_in_threadpool(
-                        producer.send_batch,
-                        accepted,
-                        tenant,
-                        timeout=settings.ingest_delivery_timeout_s,
-                        validated=True,
-                        judged_at_ms=judged_at_ms,
-                    )
+                    if isinstance(delivered, Exception):
+                        raise delivered
+                    if delivered is not None:
+                        # acks=all for every accepted event: 202 means "in Kafka". Shielded: an
+                        # answer given up on (timeout) leaves the delivery report to land unseen.
+                        await asyncio.wait_for(
+                            asyncio.shield(asyncio.wrap_future(delivered)), settings.ingest_delivery_timeout_s
+                        )
                 except Exception as exc:  # any failure to confirm storage: never a silent 202
                     log.warning("ingest of %d event(s) for tenant %s failed: %s", len(accepted), tenant, exc)
                     raise _HttpError(

@@ -38,6 +38,7 @@ import logging
 import threading
 import time as _time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
@@ -252,16 +253,15 @@ def pack(
     max_events: int = DEFAULT_MAX_BATCH_EVENTS,
     max_bytes: int = MAX_MESSAGE_BYTES,
     judged_at_ms: int | None = None,
+    sizes: Iterable[int] | None = None,
 ) -> list[Batch]:
-    """Cut prepared events of one tenant into as few batches as the limits allow, in order."""
+    """Cut prepared events of one tenant into as few batches as the limits allow, in order.
+    ``sizes``: each event's ``encoded_size``, when the caller has them already."""
     batcher = Batcher(max_events=max_events, max_bytes=max_bytes, linger_s=float("inf"))
     out: list[Batch] = []
-    for event in events:
-        out.extend(
-            batcher.add(
-                tenant, event, encoded_size(event), backfill=backfill, now=0.0, judged_at_ms=judged_at_ms
-            )
-        )
+    events = list(events)
+    for event, size in zip(events, sizes or map(encoded_size, events), strict=True):
+        out.extend(batcher.add(tenant, event, size, backfill=backfill, now=0.0, judged_at_ms=judged_at_ms))
     out.extend(batcher.drain())
     return out
 
@@ -282,12 +282,15 @@ class KafkaProducerLike(Protocol):
 
 
 class _Waiter:
-    """Delivery outcome of the messages of one ``send_batch`` call."""
+    """Delivery outcome of the messages of one ``send_batch``/``submit_batch`` call; ``future``
+    (``submit_batch``) is resolved once every message is acknowledged or failed."""
 
-    def __init__(self) -> None:
+    def __init__(self, future: Future[None] | None = None) -> None:
         self.pending: dict[int, tuple[str, ...]] = {}
         self.failures: list[DeliveryFailure] = []
         self.cond = threading.Condition()
+        self.future = future
+        self.sealed = False  # every message of the call was handed to librdkafka
 
     def expect(self, token: int, ids: tuple[str, ...]) -> None:
         with self.cond:
@@ -299,6 +302,25 @@ class _Waiter:
             if reason is not None:
                 self.failures.append(DeliveryFailure(ids, reason))
             self.cond.notify_all()
+        self._resolve()
+
+    def seal(self) -> None:
+        with self.cond:
+            self.sealed = True
+        self._resolve()
+
+    def _resolve(self) -> None:
+        with self.cond:
+            if self.future is None or not self.sealed or self.pending or self.future.done():
+                return
+            failures = list(self.failures)
+        try:
+            if failures:
+                self.future.set_exception(DeliveryError(failures))
+            else:
+                self.future.set_result(None)
+        except InvalidStateError:  # resolved by a concurrent callback, or cancelled by the caller
+            pass
 
 
 @dataclass
@@ -410,11 +432,56 @@ class KafkaProducer:
         (default: the delivery timeout plus a margin) — the caller must then report failure
         (the HTTP path answers 503); the events may still arrive, which is safe to retry.
         """
+        waiter = self._submit(
+            events, tenant, _Waiter(), backfill=backfill, validated=validated, judged_at_ms=judged_at_ms
+        )
+        self._wait(waiter, self.delivery_timeout_s + 5.0 if timeout is None else timeout)
+
+    def submit_batch(
+        self,
+        events: Iterable[Event | Mapping[str, Any]],
+        tenant: str,
+        *,
+        backfill: bool = False,
+        validated: bool = False,
+        judged_at_ms: int | None = None,
+    ) -> Future[None]:
+        """``send_batch`` without blocking: the events are handed to librdkafka (or
+        ``InvalidEvent`` is raised, nothing sent) and the returned future is resolved once Kafka
+        acknowledged every one of them, or fails with ``DeliveryError`` (librdkafka gives up after
+        the delivery timeout). An async caller awaits it (``asyncio.wrap_future``) instead of
+        holding a thread, bounding the wait itself; not acknowledged in time is a failure."""
+        future: Future[None] = Future()
+        waiter = self._submit(
+            events, tenant, _Waiter(future), backfill=backfill, validated=validated, judged_at_ms=judged_at_ms
+        )
+        waiter.seal()
+        return future
+
+    def _submit(
+        self,
+        events: Iterable[Event | Mapping[str, Any]],
+        tenant: str,
+        waiter: _Waiter,
+        *,
+        backfill: bool,
+        validated: bool,
+        judged_at_ms: int | None,
+    ) -> _Waiter:
+        """Validate (unless ``validated``), cut and produce ``events``, tracked by ``waiter``."""
         self._check_open()
         if validated:
             if judged_at_ms is None:
                 raise ValueError("validated events need the instant they were judged by (judged_at_ms)")
-            prepared = [dict(e) if isinstance(e, Mapping) else e.model_dump(mode="json") for e in events]
+            # (type() first: an isinstance check against the Mapping ABC costs more than the copy)
+            prepared = [
+                e.copy()
+                if type(e) is dict
+                else dict(e)
+                if isinstance(e, Mapping)
+                else e.model_dump(mode="json")
+                for e in events
+            ]
         else:
             judged_at_ms = now_ms()
             received = kafka_time(judged_at_ms)
@@ -422,10 +489,9 @@ class KafkaProducer:
                 prepare_event(e, tenant, backfill=backfill, received_at=received, plane=self.plane)
                 for e in events
             ]
-        for event in prepared:
-            self._checked_size(event)
+        sizes = [self._checked_size(event) for event in prepared]
         if not prepared:
-            return
+            return waiter
         batches = pack(
             prepared,
             tenant,
@@ -433,8 +499,8 @@ class KafkaProducer:
             max_events=self._batcher.max_events,
             max_bytes=self._batcher.max_bytes,
             judged_at_ms=judged_at_ms,
+            sizes=sizes,
         )
-        waiter = _Waiter()
         with self._produce_lock:
             # Earlier emit()s of this tenant go first: per-tenant order is emission order.
             for earlier in self._batcher.take(tenant):
@@ -443,7 +509,7 @@ class KafkaProducer:
                 self.stats.queued_events += len(prepared)
             for batch in batches:
                 self._produce(batch, waiter)
-        self._wait(waiter, self.delivery_timeout_s + 5.0 if timeout is None else timeout)
+        return waiter
 
     def emit_and_wait(
         self,
@@ -601,8 +667,13 @@ class KafkaProducer:
             left = deadline - _time.monotonic()
             if left <= 0:
                 break
-            # Serve delivery callbacks here too, so waiting never depends on the linger thread.
-            self._producer.poll(min(left, 0.05))
+            # Serve delivery callbacks here too, so waiting never depends on the linger thread;
+            # but wake on the waiter, not in poll(): a callback served by another thread's poll
+            # (the linger thread's) would leave this one sleeping in poll() until its timeout.
+            self._producer.poll(0)
+            with waiter.cond:
+                if waiter.pending:
+                    waiter.cond.wait(min(left, 0.01))
         with waiter.cond:
             failures = list(waiter.failures)
             failures.extend(
@@ -614,11 +685,18 @@ class KafkaProducer:
 
     def _run(self) -> None:
         """Linger thread: send batches that waited ``linger_s``; serve delivery callbacks."""
-        while not self._closed.wait(self._tick):
+        while not self._closed.is_set():
+            started = _time.monotonic()
+            served = 0
             try:
                 with self._produce_lock:
                     for batch in self._batcher.due(self._clock()):
                         self._produce(batch, None)
-                self._producer.poll(0)
+                # Blocks until a delivery report arrives (served at once: a send_batch or
+                # submit_batch caller wakes as soon as its messages are acknowledged) or a tick.
+                served = self._producer.poll(self._tick)
             except Exception:  # pragma: no cover - keep the thread alive, report
                 log.exception("usage producer background loop")
+            rest = self._tick - (_time.monotonic() - started)
+            if not served and rest > 0:  # a client whose poll() does not block (a test double)
+                self._closed.wait(rest)

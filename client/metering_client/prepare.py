@@ -111,7 +111,7 @@ def prepare_event(
         model = event.model_copy(update={"tenant": tenant}) if event.tenant != tenant else event
         if not tenant:
             raise InvalidEvent(RejectCode.MISSING_TENANT, "a tenant is required", event.id)
-    elif isinstance(event, Mapping):
+    elif type(event) is dict or isinstance(event, Mapping):  # type() first: the ABC check is dearer
         raw_id = event.get("id")
         event_id = raw_id if isinstance(raw_id, str) else None
         claimed = event.get("tenant")
@@ -139,14 +139,16 @@ def prepare_event(
     return out
 
 
+#: ``EventType(value)`` as a lookup (a string's type, or nothing for an unknown one)
+_EVENT_TYPES: dict[str, EventType] = {t.value: t for t in EventType}
+
+
 def _check_plane(event: Event | Mapping[str, Any], plane: Plane) -> None:
     raw_type = (
         event.type if isinstance(event, Event) else event.get("type") if isinstance(event, Mapping) else None
     )
-    try:
-        event_type = EventType(raw_type) if isinstance(raw_type, str) else None
-    except ValueError:
-        return  # unknown types are rejected by validation, with their own code
+    event_type = _EVENT_TYPES.get(raw_type) if isinstance(raw_type, str) else None
+    # None: not a string, or an unknown type, which validation rejects with its own code
     if event_type is None or plane_of(event_type) is plane:
         return
     raw_id = event.id if isinstance(event, Event) else event.get("id")

@@ -1,0 +1,394 @@
+"""HTTP ingest benchmark (issue 11, item 5): ``POST /api/v1/events`` against the all-in-one process.
+
+``metering run`` (ingest + aggregator + query API in one process, embedded chdb) is started as
+a subprocess on a temporary data directory and a free port, with a broker of its own (bench/run.py's
+``broker()``: the local one, or ``KAFKA_BOOTSTRAP_SERVERS``). A workspace and a usage key are
+created the way the README does it (``metering admin workspace create`` / ``api-key create
+--wait``). Then ``BENCH_HTTP_CLIENTS`` (8) concurrent clients (httpx, async, one connection each)
+send 100-event batches for ``BENCH_HTTP_SECONDS`` (20) seconds; the aggregator keeps consuming
+meanwhile. Every request's latency is recorded (send to answer read).
+
+At the end the bench waits until the aggregator committed every message of the usage topic,
+stops the process (SIGTERM: it flushes and closes its engine), opens its chdb directory and
+checks that every accepted event is counted exactly: ``events_raw`` holds each accepted id once
+and ``usage_daily`` sums the meter to the expected total. ``http_ingest_counted`` is that check.
+
+The process is started with ``METERING_INGEST_RATE_LIMIT_PER_MINUTE`` raised: the default (6,000
+requests a minute per key) is a per-key protection, not the ingest's capacity.
+
+    python -m bench.http_ingest          # progress lines, then one JSON line
+    python -m bench.http_ingest --wire   # item 4: JSON vs MessagePack, CPU per event
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+TENANT = "bench-http"
+METER = "render_output_seconds"
+SECONDS_PER_RENDER = 30
+BATCH = 100
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _env(tmp: Path, bootstrap: str, port: int, topic: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
+    env |= {
+        "PYTHONPATH": str(ROOT),
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "METERING_TOPIC_EVENTS": topic,
+        "METERING_TOPIC_CONTROL": f"{topic}.control",
+        "METERING_TOPIC_DEAD_LETTER": f"{topic}.dlq",
+        "METERING_CONSUMER_GROUP": f"g-{topic}",
+        "METERING_HTTP_PORT": str(port),
+        "METERING_SQL_ENABLED": "false",
+        "METERING_CLICKHOUSE_DSN": f"chdb://{tmp / 'chdb'}",
+        "METERING_FAUST_DATA_DIR": str(tmp / "faust"),
+        "METERING_ADMIN_TOKEN_FILE": str(tmp / "admin-token"),
+        "METERING_INGEST_RATE_LIMIT_PER_MINUTE": "100000000",
+    }
+    return env
+
+
+def _admin(env: dict[str, str], *args: str) -> dict[str, Any]:
+    """``metering admin … --json --wait``: its JSON result."""
+    out = subprocess.run(
+        [sys.executable, "-c", "from deploy.cli import app; app()", "admin", *args, "--json", "--wait"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"metering admin {' '.join(args)} failed: {out.stdout!r} {out.stderr!r}")
+    return dict(orjson.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _ready(url: str, log: Path) -> bool:
+    try:
+        up = httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+    return up and "Admin API" in log.read_text(errors="replace")
+
+
+async def _drive(
+    url: str, key: str, workspace: str, clients: int, seconds: float
+) -> tuple[list[float], int, int, list[str]]:
+    """(latencies in s, accepted, requests, errors) of ``clients`` loops sending for ``seconds``."""
+    at = (datetime.now(UTC) - timedelta(minutes=5)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    latencies: list[float] = []
+    errors: list[str] = []
+    accepted = 0
+    requests = 0
+    stop_at = time.monotonic() + seconds
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/cloudevents-batch+json"}
+
+    async def one(n: int) -> None:
+        nonlocal accepted, requests
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
+            i = 0
+            while time.monotonic() < stop_at:
+                prefix = f"c{n}-{i}"
+                body = orjson.dumps(
+                    [
+                        {
+                            "specversion": "1.0",
+                            "id": f"{prefix}-{j}",
+                            "source": "bench",
+                            "type": "render.completed",
+                            "time": at,
+                            "data": {
+                                "workspace_id": workspace,
+                                "render_id": f"{prefix}-{j}",
+                                "output_duration_seconds": SECONDS_PER_RENDER,
+                            },
+                        }
+                        for j in range(BATCH)
+                    ]
+                )
+                i += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/api/v1/events", content=body)
+                except httpx.HTTPError as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                latencies.append(time.perf_counter() - t0)
+                requests += 1
+                if r.status_code == 202:
+                    accepted += int(r.json()["accepted"])
+                else:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+
+    await asyncio.gather(*(one(n) for n in range(clients)))
+    return latencies, accepted, requests, errors
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _drained(bootstrap: str, topic: str, group: str) -> bool:
+    """Has ``group`` committed the end offset of every partition of ``topic``?"""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = [TopicPartition(topic, p) for p in c.list_topics(topic, timeout=10).topics[topic].partitions]
+        committed = {tp.partition: tp.offset for tp in c.committed(parts, timeout=10)}
+        for tp in parts:
+            low, high = c.get_watermark_offsets(tp, timeout=10)
+            if high > low and committed.get(tp.partition, -1) < high:
+                return False
+        return True
+    finally:
+        c.close()
+
+
+def _count(tmp: Path) -> tuple[int, int, float]:
+    """(rows, distinct ids, meter total) of the bench tenant, read from the stopped process's engine."""
+    from schemas.clickhouse import connect
+
+    client = connect(f"chdb://{tmp / 'chdb'}", "metering")
+    try:
+        rows, ids = client.query(
+            "SELECT count(), uniqExact(event_id) FROM metering.events_raw WHERE tenant = {t:String} AND type = 'render.completed'",
+            parameters={"t": TENANT},
+        ).result_rows[0]
+        total = client.query(
+            "SELECT sum(value) FROM metering.usage_daily WHERE tenant = {t:String} AND meter = {m:String}",
+            parameters={"t": TENANT, "m": METER},
+        ).result_rows[0][0]
+        return int(rows), int(ids), float(total or 0)
+    finally:
+        client.close()
+
+
+def _profile(pid: int, seconds: float) -> subprocess.Popen[bytes] | None:
+    """``BENCH_HTTP_PROFILE=<file>``: py-spy (dev extra) samples the process while it is driven
+    and writes collapsed stacks there: only the thread holding the GIL is sampled, which is what
+    the all-in-one process's parts compete for."""
+    out = os.environ.get("BENCH_HTTP_PROFILE")
+    if not out:
+        return None
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "-p",
+            str(pid),
+            "-d",
+            str(int(seconds)),
+            "-r",
+            "100",
+            "--nonblocking",
+            "--gil",
+            "--threads",
+            "-f",
+            "raw",
+            "-o",
+            out,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def run_http_ingest(say: Callable[[str], None]) -> dict[str, Any]:
+    from bench.run import broker
+    from deploy.kafka.local_broker import find_free_port
+
+    clients = int(os.environ.get("BENCH_HTTP_CLIENTS", "8"))
+    seconds = float(os.environ.get("BENCH_HTTP_SECONDS", "20"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    topic = f"bench-http-{uuid.uuid4().hex[:8]}"
+    port = find_free_port()
+    url = f"http://127.0.0.1:{port}"
+    with broker() as bootstrap:
+        env = _env(tmp, bootstrap, port, topic)
+        log = tmp / "run.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from deploy.cli import app; app()", "run"],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            deadline = time.monotonic() + 180
+            while not _ready(url, log):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"metering run did not become ready:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+            ws = _admin(env, "workspace", "create", "--tenant", TENANT, "--name", "bench")["workspace_id"]
+            key = _admin(env, "api-key", "create", "--tenant", TENANT, "--workspace-id", ws)["api_key"]
+            say(f"http ingest: {clients} clients, {BATCH}-event batches, {seconds:g} s against metering run…")
+            spy = _profile(proc.pid, seconds)
+            server = psutil.Process(proc.pid)
+            cpu_before = _cpu_s(server)
+            started = time.monotonic()
+            latencies, accepted, requests, errors = asyncio.run(_drive(url, key, ws, clients, seconds))
+            elapsed = time.monotonic() - started
+            cpu_us = (_cpu_s(server) - cpu_before) / max(accepted, 1) * 1e6
+            if spy is not None:
+                spy.wait(timeout=60)
+            if errors:
+                say(f"  {len(errors)} failed request(s), first: {errors[0]}")
+            rate = accepted / elapsed
+            p50, p99 = _percentile(latencies, 0.5) * 1000, _percentile(latencies, 0.99) * 1000
+            say(f"  accepted {accepted:,} events in {requests:,} requests: {rate:,.0f} events/s")
+            say(f"  latency p50 {p50:.0f} ms, p99 {p99:.0f} ms; the process's CPU {cpu_us:.0f} µs per event")
+            t0 = time.monotonic()
+            while not _drained(bootstrap, topic, f"g-{topic}"):
+                if time.monotonic() - t0 > 300:
+                    raise RuntimeError("the aggregator did not commit every message within 300 s")
+                time.sleep(1)
+            say(f"  aggregator caught up {time.monotonic() - t0:.1f} s after the last request")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+    rows, ids, total = _count(tmp)
+    counted = rows == ids == accepted and total == accepted * SECONDS_PER_RENDER
+    say(
+        f"  counted: {rows:,} rows, {ids:,} ids, {METER} {total:,.0f} "
+        f"(expected {accepted:,} and {accepted * SECONDS_PER_RENDER:,}): {'exact' if counted else 'MISMATCH'}"
+    )
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "http_ingest_events_per_s": rate,
+        "http_ingest_p50_ms": p50,
+        "http_ingest_p99_ms": p99,
+        "http_ingest_counted": counted,
+        # user+system CPU of the whole process (ingest and aggregator, every thread) while driven
+        "http_ingest_cpu_us_per_event": cpu_us,
+        "http_ingest_events": accepted,
+        "http_ingest_failed_requests": len(errors),
+    }
+
+
+def wire_formats(say: Callable[[str], None], events: int = 100_000) -> dict[str, float]:
+    """Item 4: CPU per event of JSON vs MessagePack where the wire format is decoded: the HTTP
+    ingest's body decode (beside its pydantic validation, for scale) and the aggregator's hand-over
+    to ClickHouse (one ``raw_insert`` of every event into a Memory stage; MessagePack needs a fixed
+    row schema, so ``data`` travels as a JSON string inside it). Best of 3, CPU of this process
+    (every thread: the embedded engine's too)."""
+    import resource
+
+    import msgspec
+
+    from ingest.sdk import prepare_event
+    from schemas.clickhouse import connect
+    from schemas.validation import kafka_time, now_ms
+
+    at = (datetime.now(UTC) - timedelta(minutes=5)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    ws = str(uuid.uuid4())
+    evs = [
+        {
+            "specversion": "1.0",
+            "id": f"e-{i}",
+            "source": "bench",
+            "type": "render.completed",
+            "subject": f"r-{i}",
+            "time": at,
+            "tenant": "acme",
+            "data": {"workspace_id": ws, "render_id": f"r-{i}", "output_duration_seconds": 30.0},
+        }
+        for i in range(events)
+    ]
+    as_json = [orjson.dumps(evs[i : i + BATCH]) for i in range(0, events, BATCH)]
+    as_msgpack = [msgspec.msgpack.encode(evs[i : i + BATCH]) for i in range(0, events, BATCH)]
+    now = kafka_time(now_ms())
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def per_event(work: Callable[[], object]) -> float:
+        best = float("inf")
+        for _ in range(3):
+            c0 = cpu()
+            work()
+            best = min(best, cpu() - c0)
+        return best / events * 1e6
+
+    out = {
+        "wire_json_bytes_per_event": sum(map(len, as_json)) / events,
+        "wire_msgpack_bytes_per_event": sum(map(len, as_msgpack)) / events,
+        "ingest_decode_orjson_us": per_event(lambda: [orjson.loads(b) for b in as_json]),
+        "ingest_decode_msgspec_json_us": per_event(lambda: [msgspec.json.decode(b) for b in as_json]),
+        "ingest_decode_msgpack_us": per_event(lambda: [msgspec.msgpack.decode(b) for b in as_msgpack]),
+        "ingest_validate_us": per_event(lambda: [prepare_event(e, "acme", received_at=now) for e in evs]),
+    }
+    names = ["tenant", "id", "source", "type", "subject", "time", "data"]
+    client = connect(f"chdb://{tempfile.mkdtemp(prefix='bench-wire-')}", "default")
+    columns = ", ".join(f"{n} String" for n in names)
+    client.command(f"CREATE TABLE stage_json ({columns}) ENGINE = Memory")
+    client.command(f"CREATE TABLE stage_msgpack ({columns}) ENGINE = Memory")
+    json_block = b"[" + b",".join(b[1:-1] for b in as_json) + b"]"  # the messages joined, no decode
+    pack = msgspec.msgpack.encode
+    msgpack_block = b"".join(
+        b"".join(pack(e[n]) for n in names[:-1]) + pack(orjson.dumps(e["data"]).decode()) for e in evs
+    )
+
+    def insert(table: str, block: bytes, fmt: str, settings: dict[str, Any]) -> None:
+        client.command(f"TRUNCATE TABLE {table}")
+        client.raw_insert(table, names, insert_block=block, fmt=fmt, settings=settings)
+
+    out["clickhouse_jsoneachrow_us"] = per_event(
+        lambda: insert(
+            "stage_json", json_block, "JSONEachRow", {"input_format_json_read_objects_as_strings": 1}
+        )
+    )
+    out["clickhouse_msgpack_us"] = per_event(lambda: insert("stage_msgpack", msgpack_block, "MsgPack", {}))
+    for table in ("stage_json", "stage_msgpack"):
+        assert int(client.command(f"SELECT count() FROM {table}")) == events
+    client.close()
+    for name, value in out.items():
+        say(f"  {name}: {value:.2f}")
+    return out
+
+
+def main() -> None:
+    from bench.run import say
+
+    if "--wire" in sys.argv[1:]:
+        say("wire formats: CPU per event, JSON vs MessagePack…")
+        print(orjson.dumps(wire_formats(say)).decode(), flush=True)
+        return
+    print(orjson.dumps(run_http_ingest(say)).decode(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
