@@ -69,7 +69,7 @@ def migrate(
     from schemas.migrate import migrate as do_migrate
 
     s = CommonSettings()
-    client = connect(s.clickhouse_dsn.get_secret_value(), s.clickhouse_database)
+    client = connect(s.clickhouse_dsn.get_secret_value(), s.clickhouse_database, engine=s.engine_caps())
     for line in do_migrate(client, s.clickhouse_database, s.clickhouse_cluster, target):
         typer.echo(line)
     typer.echo(

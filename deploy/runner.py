@@ -80,7 +80,11 @@ def kafka_bootstrap(settings: CommonSettings, start_local: bool) -> Iterator[str
 
 
 def open_clickhouse(settings: CommonSettings, apply_migrations: bool = True) -> Any:
-    client = connect(settings.clickhouse_dsn.get_secret_value(), settings.clickhouse_database)
+    client = connect(
+        settings.clickhouse_dsn.get_secret_value(),
+        settings.clickhouse_database,
+        engine=settings.engine_caps(),
+    )
     if apply_migrations:
         for line in migrate(client, settings.clickhouse_database, settings.clickhouse_cluster):
             log.info("migration: %s", line)
@@ -109,7 +113,9 @@ class PartClients:
 def open_part_clients(settings: RunSettings | Any, apply_migrations: bool = True) -> PartClients:
     """The migrations, then one client per part (``connect_part``): see ``PartClients``."""
     dsn, database = settings.clickhouse_dsn.get_secret_value(), settings.clickhouse_database
-    api = connect_part(dsn, database)
+    # The first chdb connection starts the engine: every one carries the same bounds.
+    caps = settings.engine_caps()
+    api = connect_part(dsn, database, engine=caps)
     if apply_migrations:
         for line in migrate(api, database, settings.clickhouse_cluster):
             log.info("migration: %s", line)
@@ -118,8 +124,8 @@ def open_part_clients(settings: RunSettings | Any, apply_migrations: bool = True
     )
     return PartClients(
         api=api,
-        aggregator=connect_part(dsn, database, aggregator_settings),
-        health=connect_part(dsn, database),
+        aggregator=connect_part(dsn, database, aggregator_settings, engine=caps),
+        health=connect_part(dsn, database, engine=caps),
     )
 
 

@@ -14,6 +14,8 @@ from typing import Any
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.clickhouse import EngineCaps
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO_ROOT / ".cache"
 
@@ -55,6 +57,45 @@ class CommonSettings(BaseSettings):
     clickhouse_cluster: str | None = Field(
         default=None, description="Set to a cluster name: DDL runs ON CLUSTER with Replicated engines."
     )
+    # The embedded engine's memory bounds (chdb:// only; schemas/clickhouse.py EngineCaps): server
+    # settings given when the process's engine starts, for a 2-core, few-GiB process.
+    chdb_max_server_memory_usage: int = Field(
+        default=EngineCaps.max_server_memory_usage,
+        ge=0,
+        description="Memory of the whole embedded engine, all statements and caches (bytes; 0: 90 % of RAM).",
+    )
+    chdb_merges_memory_usage_soft_limit: int = Field(
+        default=EngineCaps.merges_mutations_memory_usage_soft_limit,
+        ge=0,
+        description="Background merges start no new merge above this (bytes; 0: half the RAM).",
+    )
+    chdb_mark_cache_size: int = Field(
+        default=EngineCaps.mark_cache_size, ge=0, description="Mark cache (bytes)."
+    )
+    chdb_index_mark_cache_size: int = Field(
+        default=EngineCaps.index_mark_cache_size, ge=0, description="Skipping-index mark cache (bytes)."
+    )
+    chdb_primary_index_cache_size: int = Field(
+        default=EngineCaps.primary_index_cache_size, ge=0, description="Primary-index cache (bytes)."
+    )
+    chdb_uncompressed_cache_size: int = Field(
+        default=EngineCaps.uncompressed_cache_size,
+        ge=0,
+        description="Uncompressed-block cache (bytes; 0: off).",
+    )
+    chdb_query_condition_cache_size: int = Field(
+        default=EngineCaps.query_condition_cache_size, ge=0, description="Query-condition cache (bytes)."
+    )
+    chdb_compiled_expression_cache_size: int = Field(
+        default=EngineCaps.compiled_expression_cache_size,
+        ge=0,
+        description="JIT-compiled expressions (bytes).",
+    )
+    chdb_malloc_conf: str = Field(
+        default=EngineCaps.malloc_conf,
+        description="The engine's jemalloc options (JE_MALLOC_CONF, unless already set): freed pages "
+        "go back to the system after dirty_decay_ms instead of ClickHouse's 5000.",
+    )
 
     log_level: str = "INFO"
     log_json: bool = False
@@ -85,6 +126,21 @@ class CommonSettings(BaseSettings):
     @property
     def embedded_clickhouse(self) -> bool:
         return self.clickhouse_dsn.get_secret_value().startswith("chdb://")
+
+    def engine_caps(self) -> EngineCaps:
+        """The embedded engine's bounds (``connect``/``connect_part``: the first chdb connection
+        of the process starts the engine with them)."""
+        return EngineCaps(
+            max_server_memory_usage=self.chdb_max_server_memory_usage,
+            merges_mutations_memory_usage_soft_limit=self.chdb_merges_memory_usage_soft_limit,
+            mark_cache_size=self.chdb_mark_cache_size,
+            index_mark_cache_size=self.chdb_index_mark_cache_size,
+            primary_index_cache_size=self.chdb_primary_index_cache_size,
+            uncompressed_cache_size=self.chdb_uncompressed_cache_size,
+            query_condition_cache_size=self.chdb_query_condition_cache_size,
+            compiled_expression_cache_size=self.chdb_compiled_expression_cache_size,
+            malloc_conf=self.chdb_malloc_conf,
+        )
 
     def kafka_client_config(self, bootstrap: str) -> dict[str, Any]:
         """librdkafka settings shared by producers, consumers and admin clients."""
@@ -149,6 +205,12 @@ class AggregatorSettings(CommonSettings):
     )
     batch_max_messages: int = Field(default=500, ge=1, description="Kafka messages per processing batch.")
     batch_within_s: float = Field(default=0.25, gt=0, description="Longest wait to fill a batch.")
+    stream_buffer_messages: int = Field(
+        default=0,
+        ge=0,
+        description="Kafka messages faust fetches ahead of the batch being taken (its "
+        "stream_buffer_maxsize; memory: this times the message size). 0: batch_max_messages.",
+    )
     clickhouse_retry_max_s: float = Field(default=30.0, gt=0, description="Longest backoff between retries.")
     stall_timeout_s: float = Field(
         default=30.0,
@@ -168,6 +230,11 @@ class AggregatorSettings(CommonSettings):
     aggregator_max_memory_usage: int = Field(
         default=2 << 30, ge=0, description="max_memory_usage of one aggregator statement (bytes; 0: none)."
     )
+
+    def stream_buffer_maxsize(self) -> int:
+        """faust's buffer of fetched messages: bounded, or it holds 4,096 messages (~400 MiB of
+        500-event messages) whenever the aggregator is behind (docs/performance.md)."""
+        return self.stream_buffer_messages or self.batch_max_messages
 
     def aggregator_engine_settings(self) -> dict[str, int]:
         """The ClickHouse settings of the aggregator's client (deploy/runner.py, PartClients)."""

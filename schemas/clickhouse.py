@@ -5,11 +5,20 @@
 locks its data directory to one process, so a process opens one engine: ``connect`` caches one
 client per DSN, and ``connect_part`` gives each part of a process (API, aggregator, health) a
 client of its own on that engine, so that no part queues behind another's statements.
+
+The embedded engine is started by the first chdb connection of the process, with that
+connection's server options; later connections share it and cannot change them. So every chdb
+connection made here carries the same ``EngineCaps`` (the bounds of the engine's caches, its
+memory and its allocator's arenas), and whichever comes first starts the engine with them.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import threading
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -31,27 +40,80 @@ class Table(StrEnum):
     SCHEMA_MIGRATIONS = "schema_migrations"
 
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineCaps:
+    """Memory bounds of the embedded engine (``chdb://`` only), for a 2-core, few-GiB process.
+
+    ClickHouse sizes its caches for a server that owns the machine (5 GiB mark, index-mark and
+    primary-index caches; a memory limit of 90 % of RAM), and its allocator (jemalloc, inside
+    chdb) keeps freed pages for 5 s before returning them. In a process that also runs faust and
+    the query API, bounded figures keep the resident size flat (docs/performance.md, "Bounded
+    memory"). Sizes in bytes; ``max_server_memory_usage`` 0 means ClickHouse's own default.
+    deploy/settings.py (``METERING_CHDB_*``) sets them per deployment.
+    """
+
+    max_server_memory_usage: int = 3 << 30
+    merges_mutations_memory_usage_soft_limit: int = 1 << 30
+    mark_cache_size: int = 64 << 20
+    index_mark_cache_size: int = 16 << 20
+    primary_index_cache_size: int = 64 << 20
+    uncompressed_cache_size: int = 0
+    query_condition_cache_size: int = 16 << 20
+    compiled_expression_cache_size: int = 32 << 20
+    # jemalloc's options (chdb reads them from JE_MALLOC_CONF when it is loaded)
+    malloc_conf: str = "dirty_decay_ms:1000,muzzy_decay_ms:0"
+
+    def server_options(self) -> dict[str, str]:
+        """The server settings, as chdb connection-string parameters (engine startup options)."""
+        return {k: str(v) for k, v in asdict(self).items() if k != "malloc_conf"}
+
+
+def _chdb_kwargs(dsn: str, caps: EngineCaps | None) -> dict[str, Any]:
+    """``get_client`` arguments that start an embedded engine with ``caps`` (none for a server).
+
+    The allocator's options must be in the environment before chdb is loaded (jemalloc reads them
+    once, at its first allocation); a ``JE_MALLOC_CONF`` already set by the user is kept.
+    """
+    if not dsn.startswith("chdb:"):
+        return {}
+    caps = caps or EngineCaps()
+    if caps.malloc_conf:
+        if "chdb" not in sys.modules:
+            os.environ.setdefault("JE_MALLOC_CONF", caps.malloc_conf)
+        elif os.environ.get("JE_MALLOC_CONF") != caps.malloc_conf:
+            log.warning(
+                "chdb was loaded before its allocator options could be set: %s not applied", caps.malloc_conf
+            )
+    return {"chdb_options": caps.server_options()}
+
+
 _clients: dict[str, Client] = {}
 _lock = threading.Lock()
 
 
-def connect(dsn: str, database: str, **kwargs: Any) -> Client:
+def connect(dsn: str, database: str, engine: EngineCaps | None = None, **kwargs: Any) -> Client:
     """A client for ``dsn`` with ``database`` created if missing.
 
     Embedded clients are cached per DSN: a second chdb session on the same directory in one
-    process would fight over the same lock file.
+    process would fight over the same lock file. ``engine``: the embedded engine's bounds if this
+    connection starts it (default ``EngineCaps()``); ignored for a server.
     """
     with _lock:
         key = f"{dsn}|{database}"
         if key in _clients:
             return _clients[key]
-        client = clickhouse_connect.get_client(dsn=dsn, **kwargs)
+        client = clickhouse_connect.get_client(dsn=dsn, **_chdb_kwargs(dsn, engine), **kwargs)
         client.command(f"CREATE DATABASE IF NOT EXISTS {_ident(database)}")
         _clients[key] = client
         return client
 
 
-def connect_part(dsn: str, database: str, settings: dict[str, Any] | None = None) -> Client:
+def connect_part(
+    dsn: str, database: str, settings: dict[str, Any] | None = None, engine: EngineCaps | None = None
+) -> Client:
     """A client of one part of a process (the API, the aggregator, the health checks), never shared.
 
     One clickhouse-connect client runs one statement at a time (its chdb backend behind a lock):
@@ -60,9 +122,11 @@ def connect_part(dsn: str, database: str, settings: dict[str, Any] | None = None
     process's one engine (same directory, same data), and handles run concurrently; a server
     (``http(s)://``) gets a connection pool per part. ``settings`` go with every statement of this
     client (e.g. the aggregator's bounded share of the engine: ``max_threads``,
-    ``max_memory_usage``).
+    ``max_memory_usage``). ``engine``: as for ``connect``.
     """
-    client = clickhouse_connect.get_client(dsn=dsn, settings=dict(settings or {}))
+    client = clickhouse_connect.get_client(
+        dsn=dsn, settings=dict(settings or {}), **_chdb_kwargs(dsn, engine)
+    )
     client.command(f"CREATE DATABASE IF NOT EXISTS {_ident(database)}")
     return client
 
