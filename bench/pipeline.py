@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _producer(
     bootstrap: str, topic: str, count: int, rate: float, per_message: int, prefix: str
 ) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+    child = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -38,6 +38,21 @@ def _producer(
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
     )
+    _producers.append(child)
+    return child
+
+
+_producers: list[subprocess.Popen[bytes]] = []
+
+
+def stop_producers() -> None:
+    """Kill the producer processes still running (a phase failed): each would keep logging
+    "Connect ... failed" once the benchmark's broker stops."""
+    while _producers:
+        child = _producers.pop()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 def bare_consumer_rate(bootstrap: str, topic: str, events: int) -> float:
@@ -75,12 +90,123 @@ def bare_consumer_rate(bootstrap: str, topic: str, events: int) -> float:
     return events / elapsed if elapsed > 0 else 0.0
 
 
-def _close_kafka_clients(probe: Any, processor: Any) -> None:
+def _close_kafka_clients(opened: list[Any], processor: Any) -> None:
     """Every Kafka client of the run closed: the benchmark stops its broker next, and an open
     client would keep logging "Connect ... failed" every second through the query benchmark."""
-    probe.close()  # flushes first
+    for c in opened:
+        if c is not None:
+            c.close()  # a producer flushes first
     processor.dead_letters.close()
     processor.preflight.close()
+
+
+class StageClock:
+    """Where the aggregator's time goes over a phase, per event (``stage_us_per_event``).
+
+    The processor's own stages come from ``BatchProcessor.timings`` (its keys read as they are:
+    they change with the processor). Around them, without touching the agent's code:
+    - ``fetch``: from one ``process_with_retry`` call's return to the next call, i.e. the agent
+      acknowledging the batch, waiting on the stream and taking the next batch (the instance's
+      method is wrapped: the agent looks it up for each batch);
+    - ``other``: inside ``process_with_retry`` but in no timed stage (the watermarks, the retry);
+    - ``commit``: faust committing offsets (``app.consumer.commit`` wrapped). It runs on the
+      event loop while a batch is applied in a thread: the stages overlap, so they need not add
+      up to the end-to-end time.
+    All are wall seconds; the CPU figure is ``aggregator_cpu_us_per_event``."""
+
+    def __init__(self, processor: Any, app: Any) -> None:
+        self.processor = processor
+        self.seconds: dict[str, float] = {"fetch": 0.0, "other": 0.0, "commit": 0.0}
+        self._returned: float | None = None
+        call = processor.process_with_retry
+
+        def process_with_retry(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            if self._returned is not None:
+                self.seconds["fetch"] += t0 - self._returned
+            before = sum(processor.timings.values())
+            try:
+                return call(*args, **kwargs)
+            finally:
+                t1 = self._returned = time.perf_counter()
+                self.seconds["other"] += max(0.0, t1 - t0 - (sum(processor.timings.values()) - before))
+
+        processor.process_with_retry = process_with_retry
+        consumer = app.consumer
+        commit = consumer.commit
+
+        async def timed_commit(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await commit(*args, **kwargs)
+            finally:
+                self.seconds["commit"] += time.perf_counter() - t0
+
+        consumer.commit = timed_commit
+
+    def snapshot(self) -> dict[str, float]:
+        return {**self.processor.timings, **self.seconds}
+
+    def idle(self) -> None:
+        """Between phases: the wait for the next phase's first batch is not fetching."""
+        self._returned = None
+
+    @staticmethod
+    def per_event(before: dict[str, float], after: dict[str, float], events: int) -> dict[str, float]:
+        return {k: round((after[k] - before.get(k, 0.0)) / events * 1e6, 2) for k in after}
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    """This process's user + system CPU seconds, all threads (the engine's too), children not."""
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+PERIOD_TABLES = ("usage_15m", "usage_1h", "usage_1d", "usage_1mo")
+
+
+def period_fingerprint(client: Any, db: str) -> list[Any]:
+    """What the period tables hold, independent of merges: per table the sums of its summed
+    columns and the number of distinct keys; the raw table's row count."""
+    out: list[Any] = []
+    for table in PERIOD_TABLES:
+        out.append(
+            client.query(
+                f"SELECT sum(value_count), sum(value_sum), uniqExact(tenant, meter, window_start, group_key) "
+                f"FROM {db}.{table}"
+            ).result_rows[0]
+        )
+    out.append(
+        client.query(f"SELECT count(), sum(integral), sum(samples) FROM {db}.gauge_15m FINAL").result_rows[0]
+    )
+    out.append(client.command(f"SELECT count() FROM {db}.events_raw"))
+    return out
+
+
+class CommittedLag:
+    """Messages of a topic past a group's committed offsets (0: everything consumed). One
+    consumer that never joins the group, reused (each new client costs threads and CPU)."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        self.consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
+        )
+        parts = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self.tps = [TopicPartition(topic, p) for p in parts]
+
+    def __call__(self) -> int:
+        committed = {tp.partition: tp.offset for tp in self.consumer.committed(self.tps, timeout=10)}
+        lag = 0
+        for tp in self.tps:
+            low, high = self.consumer.get_watermark_offsets(tp, timeout=10)
+            done = committed.get(tp.partition, -1)
+            lag += high - (done if done >= 0 else low)
+        return lag
+
+    def close(self) -> None:
+        self.consumer.close()
 
 
 async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> dict[str, Any]:
@@ -110,84 +236,122 @@ async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> d
     processor = build_processor(settings, client, bootstrap)
     app = build_app(settings, bootstrap, processor)
     await app.start()
-    await asyncio.sleep(3)  # group join
-    rss_start = proc.memory_info().rss / 2**20
-    db = settings.clickhouse_database
+    opened: list[Any] = [None]  # the probe producer, then the lag reader: closed whatever happens
+    try:
+        clock = StageClock(processor, app)
+        await asyncio.sleep(3)  # group join
+        rss_start = proc.memory_info().rss / 2**20
+        db = settings.clickhouse_database
 
-    def visible() -> int:
-        return int(
-            client.command(
-                f"SELECT sum(value_count) FROM {db}.usage_15m WHERE meter IN "
-                "('workstation_cpu_seconds','workstation_gpu_seconds','render_output_seconds',"
-                "'egress_bytes','ai_tasks','gateway_requests','ci_step_cpu_seconds')"
+        def visible() -> int:
+            return int(
+                client.command(
+                    f"SELECT sum(value_count) FROM {db}.usage_15m WHERE meter IN "
+                    "('workstation_cpu_seconds','workstation_gpu_seconds','render_output_seconds',"
+                    "'egress_bytes','ai_tasks','gateway_requests','ci_step_cpu_seconds')"
+                )
+                or 0
             )
-            or 0
-        )
 
-    # 1. throughput: produce as fast as possible; time until every event is in the period tables
-    started = time.perf_counter()
-    producer = _producer(bootstrap, topic, events, 0, per_message, "t")
-    rss_samples = []
-    while True:
-        await asyncio.sleep(0.5)
-        rss_samples.append(proc.memory_info().rss / 2**20)
-        n = await asyncio.to_thread(visible)
-        if n >= events or time.perf_counter() - started > 900:
-            break
-    e2e_seconds = time.perf_counter() - started
-    producer.wait()
-    produced = orjson.loads(producer.stdout.read() or b"{}") if producer.stdout else {}
-    e2e_rate = events / e2e_seconds
-
-    # 2. freshness at half the peak rate: a steady stream, and probes whose visibility we time
-    rate = e2e_rate / 2
-    duration = 20.0
-    stream = _producer(
-        bootstrap, topic, int(rate * duration), rate, max(1, min(per_message, int(rate / 20))), "f"
-    )
-    latencies = []
-    from confluent_kafka import Producer
-
-    probe = Producer(
-        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 0}
-    )
-    from datetime import UTC, datetime
-
-    from schemas.wire import batch_headers, encode_batch
-
-    t_end = time.perf_counter() + duration
-    k = 0
-    while time.perf_counter() < t_end:
-        k += 1
-        eid = f"probe-{k}"
-        ev = {
-            "specversion": "1.0",
-            "id": eid,
-            "source": "bench",
-            "type": "egress.download",
-            "tenant": "probe",
-            "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "data": {"workspace_id": "probe", "artifact_id": eid, "bytes": 1},
-        }
-        sent_at = time.perf_counter()
-        probe.produce(topic, key=b"probe", value=encode_batch([ev]), headers=batch_headers())
-        probe.flush(10)
-        while time.perf_counter() - sent_at < 30:
-            n = await asyncio.to_thread(
-                client.command,
-                f"SELECT sum(value_count) FROM {db}.usage_15m WHERE tenant = 'probe' AND meter = 'egress_bytes'",
-            )
-            if int(n or 0) >= k:
-                latencies.append(time.perf_counter() - sent_at)
+        # 1. throughput: produce as fast as possible; time until every event is in the period tables
+        clock.idle()
+        stages_before, cpu_before = clock.snapshot(), cpu_seconds(proc)
+        started = time.perf_counter()
+        producer = _producer(bootstrap, topic, events, 0, per_message, "t")
+        rss_samples = []
+        while True:
+            await asyncio.sleep(0.5)
+            rss_samples.append(proc.memory_info().rss / 2**20)
+            n = await asyncio.to_thread(visible)
+            if n >= events or time.perf_counter() - started > 900:
                 break
-            await asyncio.sleep(0.02)
-        rss_samples.append(proc.memory_info().rss / 2**20)
-        await asyncio.sleep(0.2)
-    stream.wait()
-    rss_end = proc.memory_info().rss / 2**20
-    app.metering_stopping.set()
-    await app.stop()
-    _close_kafka_clients(probe, processor)
+        e2e_seconds = time.perf_counter() - started
+        cpu_e2e = cpu_seconds(proc) - cpu_before
+        stages = StageClock.per_event(stages_before, clock.snapshot(), events)
+        producer.wait()
+        produced = orjson.loads(producer.stdout.read() or b"{}") if producer.stdout else {}
+        e2e_rate = events / e2e_seconds
+
+        # 1b. the same events again (same ids, tenants and keys, later in the log: a producer's retry
+        # storm). They add nothing to the period tables, so the time is until the aggregator's
+        # committed offsets reach the log end; the period tables must not have changed (exactness).
+        lag = CommittedLag(bootstrap, settings.consumer_group, topic)
+        opened.append(lag)
+        deadline = time.perf_counter() + 120
+        while await asyncio.to_thread(lag) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.5)
+        before = await asyncio.to_thread(period_fingerprint, client, db)
+        clock.idle()
+        stages_before, cpu_before = clock.snapshot(), cpu_seconds(proc)
+        started = time.perf_counter()
+        again = _producer(bootstrap, topic, events, 0, per_message, "t")
+        while True:
+            await asyncio.sleep(0.5)
+            rss_samples.append(proc.memory_info().rss / 2**20)
+            done = again.poll() is not None
+            if done and not await asyncio.to_thread(lag):
+                break
+            if time.perf_counter() - started > 900:
+                raise RuntimeError("the duplicates were not all consumed within 900 s")
+        duplicate_seconds = time.perf_counter() - started
+        duplicate_cpu = cpu_seconds(proc) - cpu_before
+        duplicate_stages = StageClock.per_event(stages_before, clock.snapshot(), events)
+        after = await asyncio.to_thread(period_fingerprint, client, db)
+        if after != before:
+            raise RuntimeError(f"duplicates changed the period tables: {before} -> {after}")
+        clock.idle()
+
+        # 2. freshness at half the peak rate: a steady stream, and probes whose visibility we time
+        rate = e2e_rate / 2
+        duration = 20.0
+        stream = _producer(
+            bootstrap, topic, int(rate * duration), rate, max(1, min(per_message, int(rate / 20))), "f"
+        )
+        latencies = []
+        from confluent_kafka import Producer
+
+        probe = opened[0] = Producer(
+            {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 0}
+        )
+        from datetime import UTC, datetime
+
+        from schemas.wire import batch_headers, encode_batch
+
+        t_end = time.perf_counter() + duration
+        k = 0
+        while time.perf_counter() < t_end:
+            k += 1
+            eid = f"probe-{k}"
+            ev = {
+                "specversion": "1.0",
+                "id": eid,
+                "source": "bench",
+                "type": "egress.download",
+                "tenant": "probe",
+                "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                "data": {"workspace_id": "probe", "artifact_id": eid, "bytes": 1},
+            }
+            sent_at = time.perf_counter()
+            probe.produce(topic, key=b"probe", value=encode_batch([ev]), headers=batch_headers())
+            probe.flush(10)
+            while time.perf_counter() - sent_at < 30:
+                n = await asyncio.to_thread(
+                    client.command,
+                    f"SELECT sum(value_count) FROM {db}.usage_15m WHERE tenant = 'probe' AND meter = 'egress_bytes'",
+                )
+                if int(n or 0) >= k:
+                    latencies.append(time.perf_counter() - sent_at)
+                    break
+                await asyncio.sleep(0.02)
+            rss_samples.append(proc.memory_info().rss / 2**20)
+            await asyncio.sleep(0.2)
+        stream.wait()
+        rss_end = proc.memory_info().rss / 2**20
+    finally:
+        stop_producers()
+        app.metering_stopping.set()
+        await app.stop()
+        _close_kafka_clients(opened, processor)
     latencies.sort()
     pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None  # noqa: E731
     return {
@@ -196,6 +360,11 @@ async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> d
         "produce_seconds": produced.get("seconds"),
         "e2e_seconds": e2e_seconds,
         "e2e_events_per_s": e2e_rate,
+        "aggregator_cpu_us_per_event": round(cpu_e2e / events * 1e6, 2),
+        "stage_us_per_event": stages,
+        "duplicate_events_per_s": events / duplicate_seconds,
+        "duplicate_cpu_us_per_event": round(duplicate_cpu / events * 1e6, 2),
+        "duplicate_stage_us_per_event": duplicate_stages,
         "freshness_rate_events_per_s": rate,
         "freshness_probes": len(latencies),
         "freshness_p50_s": pct(0.5),

@@ -310,11 +310,11 @@ def settle(client: Any, db: str, say: Callable[[str], None], limit_s: float = 30
     )
 
 
-def run(events: int) -> dict[str, Any]:
+def run(events: int, bootstrap: str | None = None, ingest_rate: float = 0.0) -> dict[str, Any]:
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     data_dir = tempfile.mkdtemp(prefix="bench-q-")
     try:
-        return _run(events, data_dir, say)
+        return _run(events, data_dir, say, bootstrap, ingest_rate)
     finally:
         if os.environ.get("BENCH_KEEP_DATA") == "1":
             say(f"  data kept in {data_dir}")
@@ -322,7 +322,9 @@ def run(events: int) -> dict[str, Any]:
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _run(events: int, data_dir: str, say: Callable[[str], None]) -> dict[str, Any]:
+def _run(
+    events: int, data_dir: str, say: Callable[[str], None], bootstrap: str | None, ingest_rate: float
+) -> dict[str, Any]:
     import httpx
     import uvicorn
 
@@ -368,14 +370,29 @@ def _run(events: int, data_dir: str, say: Callable[[str], None]) -> dict[str, An
             p50[name] = round(samples[len(samples) // 2], 2)
             p99[name] = round(samples[int(len(samples) * 0.99)], 2)
             say(f"  {name:14s} p50 {p50[name]:7.2f} ms   p99 {p99[name]:7.2f} ms")
+    out: dict[str, Any] = {"events": total, "p50": p50, "p99": p99}
+    if bootstrap and ingest_rate > 0:
+        # the same requests to the same server, while an aggregator of this process ingests
+        import asyncio
+
+        from bench.under_ingest import measure
+
+        say(f"queries while ingesting {ingest_rate:,.0f} events/s (half the peak), all parts in one process…")
+        out["under_ingest"] = asyncio.run(
+            measure(dsn, settings.clickhouse_database, requests, bootstrap, ingest_rate, say)
+        )
     server.should_exit = True
-    return {"events": total, "p50": p50, "p99": p99}
+    return out
 
 
-def run_queries(events: int, say: Callable[[str], None]) -> dict[str, Any]:
-    """Run in a child process and relay its figures."""
+def run_queries(
+    events: int, say: Callable[[str], None], bootstrap: str | None = None, ingest_rate: float = 0.0
+) -> dict[str, Any]:
+    """Run in a child process and relay its figures. With ``bootstrap`` and ``ingest_rate``, the
+    requests are timed again while the process ingests that rate (bench/under_ingest.py)."""
+    extra = [bootstrap, str(ingest_rate)] if bootstrap and ingest_rate > 0 else []
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.queries", str(events)],
+        [sys.executable, "-m", "bench.queries", str(events), *extra],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -385,4 +402,9 @@ def run_queries(events: int, say: Callable[[str], None]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(orjson.dumps(run(int(sys.argv[1]))).decode())
+    a = sys.argv[1:]
+    print(
+        orjson.dumps(
+            run(int(a[0]), a[1] if len(a) > 1 else None, float(a[2]) if len(a) > 2 else 0.0)
+        ).decode()
+    )

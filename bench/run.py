@@ -2,7 +2,9 @@
 last line is one JSON object (docs/performance.md lists the keys and the recorded results).
 
 Environment: BENCH_EVENTS (default 1,000,000), BENCH_QUERY_EVENTS (default 10,000,000),
-BENCH_SKIP_QUERY=1, KAFKA_BOOTSTRAP_SERVERS (else a local broker is started on a free port).
+BENCH_SKIP_QUERY=1, BENCH_SKIP_UNDER_INGEST=1, BENCH_UNDER_INGEST_SECONDS (default 20),
+KAFKA_BOOTSTRAP_SERVERS (else a local broker is started on a free port). The broker stops only
+after the query benchmarks: the queries are timed again while the pipeline ingests.
 """
 
 from __future__ import annotations
@@ -32,14 +34,51 @@ def broker() -> Iterator[str]:
     data = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
     bootstrap = local_broker.start(port=local_broker.find_free_port(), data_dir=data)
     try:
+        warm_up(bootstrap)
         yield bootstrap
     finally:
         local_broker.stop(data)
         shutil.rmtree(data, ignore_errors=True)
 
 
+def warm_up(bootstrap: str, timeout_s: float = 60.0) -> None:
+    """Wait until a new broker's group coordinator has loaded its offsets topic and it hands
+    out producer ids: else every client of the first run logs "Coordinator load in progress",
+    "Marking the coordinator dead"… while it waits (quietly here)."""
+    import contextlib
+    import logging
+    import time
+
+    from confluent_kafka import KafkaException, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    quiet = logging.getLogger("bench.warm_up")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": quiet})
+    topic = "bench-warm-up"
+    for f in admin.create_topics([NewTopic(topic, num_partitions=1)]).values():
+        with contextlib.suppress(KafkaException):  # exists already
+            f.result(30)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            admin.describe_consumer_groups(["bench-warm-up"], request_timeout=5)["bench-warm-up"].result()
+            break
+        except KafkaException:
+            time.sleep(0.5)  # the coordinator is still loading
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "logger": quiet})
+    producer.produce(topic, b"warm")
+    producer.flush(timeout_s)
+    producer.close()
+
+
 def say(msg: str) -> None:
     print(msg, flush=True)
+
+
+def stages_line(label: str, stages: dict[str, float]) -> str:
+    return f"  {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
 
 
 def main() -> None:
@@ -56,6 +95,15 @@ def main() -> None:
             f"  end to end: {p['e2e_events_per_s']:,.0f} events/s ({p['e2e_seconds']:.1f} s; producer alone {p['produce_seconds']:.1f} s)"
         )
         say(
+            f"  aggregator CPU (user+system, all threads of the process): {p['aggregator_cpu_us_per_event']:.2f} µs per event"
+        )
+        say(stages_line("where the time goes (wall µs per event)", p["stage_us_per_event"]))
+        say(
+            f"  the same events again (duplicates): {p['duplicate_events_per_s']:,.0f} events/s, "
+            f"{p['duplicate_cpu_us_per_event']:.2f} µs CPU per event; period tables unchanged"
+        )
+        say(stages_line("duplicates, wall µs per event", p["duplicate_stage_us_per_event"]))
+        say(
             f"  freshness at {p['freshness_rate_events_per_s']:,.0f} events/s: p50 {p['freshness_p50_s']:.3f} s, p99 {p['freshness_p99_s']:.3f} s ({p['freshness_probes']} probes)"
         )
         say(
@@ -68,15 +116,25 @@ def main() -> None:
         result["bare_consumer_events_per_s"] = bare
         result["ratio"] = p["e2e_events_per_s"] / bare if bare else None
         say(f"  ratio end-to-end / bare: {result['ratio']:.2f}")
-    if os.environ.get("BENCH_SKIP_QUERY") != "1":
-        from bench.queries import run_queries
 
-        q_events = int(os.environ.get("BENCH_QUERY_EVENTS", "10000000"))
-        say(f"queries: loading {q_events:,} raw events, then timing each documented endpoint…")
-        q = run_queries(q_events, say)
-        result["query_events"] = q_events
-        result["query_p50_ms"] = q["p50"]
-        result["query_p99_ms"] = q["p99"]
+        # HTTP ingest (issue 11 item 5): bench/http_ingest.py's run_http_ingest(say) goes here,
+        # its figures (http_ingest_events_per_s, http_ingest_p99_ms) into `result`.
+
+        if os.environ.get("BENCH_SKIP_QUERY") != "1":
+            from bench.queries import run_queries
+            from bench.under_ingest import report
+
+            q_events = int(os.environ.get("BENCH_QUERY_EVENTS", "10000000"))
+            # the same requests while the pipeline ingests at half its peak (bench/under_ingest.py)
+            rate = 0.0 if os.environ.get("BENCH_SKIP_UNDER_INGEST") == "1" else p["e2e_events_per_s"] / 2
+            say(f"queries: loading {q_events:,} raw events, then timing each documented endpoint…")
+            q = run_queries(q_events, say, bootstrap, rate)
+            result["query_events"] = q_events
+            result["query_p50_ms"] = q["p50"]
+            result["query_p99_ms"] = q["p99"]
+            if "under_ingest" in q:
+                report(q["under_ingest"], say)
+                result.update(q["under_ingest"])
     print(orjson.dumps(result).decode(), flush=True)
 
 

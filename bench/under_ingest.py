@@ -1,0 +1,170 @@
+"""Query latency while the pipeline ingests (issue 11 item 6): ``query_p99_under_ingest_ms``.
+
+Runs inside the query benchmark's process (bench/queries.py), right after the idle timings, on
+the same world and the same HTTP server: so the two figures differ only by the ingest. That
+process then has the all-in-one shape of ``metering run`` (one embedded engine, a client per
+part, ``schemas.clickhouse.connect_part``), with every part kept off the others' way:
+- the faust aggregator on this process's main event loop, its batches applied in a thread
+  (aggregators/app.py), with the aggregator's engine settings (``aggregator_engine_settings``);
+- the query API's HTTP server (uvicorn) in a thread with an event loop of its own (queries.py);
+- the timed client in another thread (sequential requests over real HTTP, each documented
+  endpoint in turn), so no request waits on the aggregator's loop, nor the aggregator on it.
+A producer process sends synthetic usage (bench/produce.py, tenants the requests do not read) at
+the given rate, half the pipeline's measured peak, for ``BENCH_UNDER_INGEST_SECONDS`` (default
+20); requests are timed while it sends. Every event it sent must be counted in ``usage_15m`` by
+the end, or the figure is refused. Every Kafka client opened here is closed before returning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+#: what bench/produce.py sends, as usage_15m counts it
+METERS = (
+    "'workstation_cpu_seconds','workstation_gpu_seconds','render_output_seconds',"
+    "'egress_bytes','ai_tasks','gateway_requests','ci_step_cpu_seconds'"
+)
+#: the query API's p99 target while ingesting at half the peak rate (issue 11)
+TARGET_P99_MS = 50.0
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+
+async def measure(
+    dsn: str,
+    db: str,
+    requests: dict[str, dict[str, Any]],
+    bootstrap: str,
+    rate: float,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """The documented endpoints' latency (``requests``: bench/queries.py's, against its running
+    server) while an aggregator of this process ingests ``rate`` events/s from ``bootstrap``."""
+    import httpx
+
+    from aggregators.app import build_app
+    from bench.pipeline import _producer
+    from deploy.runner import build_processor
+    from deploy.settings import RunSettings
+    from ingest.kafka_config import ensure_topics
+    from schemas.clickhouse import connect_part
+
+    topic = f"bench-ui-{uuid.uuid4().hex[:8]}"
+    settings = RunSettings(
+        clickhouse_dsn=dsn,
+        clickhouse_database=db,
+        kafka_bootstrap_servers=bootstrap,
+        topic_events=topic,
+        topic_dead_letter=f"{topic}.dlq",
+        consumer_group=f"bench-{topic}",
+        batch_max_messages=100,
+        batch_within_s=0.2,
+        faust_data_dir=Path(tempfile.mkdtemp(prefix="bench-ui-faust-")),
+    )
+    await asyncio.to_thread(ensure_topics, settings, bootstrap)
+    engine = settings.aggregator_engine_settings() if hasattr(settings, "aggregator_engine_settings") else {}
+    aggregator_client = connect_part(dsn, db, engine)
+    counter = connect_part(dsn, db)
+    processor = build_processor(settings, aggregator_client, bootstrap)
+    app = build_app(settings, bootstrap, processor)
+    seconds = float(os.environ.get("BENCH_UNDER_INGEST_SECONDS", "20"))
+    samples: dict[str, list[float]] = {name: [] for name in requests}
+
+    def counted() -> int:
+        sql = f"SELECT sum(value_count) FROM {db}.usage_15m WHERE meter IN ({METERS}) AND tenant LIKE 'tenant-%'"
+        return int(counter.command(sql) or 0)
+
+    producer: Any = None
+    await app.start()
+    try:
+        deadline = time.perf_counter() + 60
+        while not processor.owned and time.perf_counter() < deadline:
+            await asyncio.sleep(0.2)  # the group join
+        if not processor.owned:
+            raise RuntimeError("the aggregator was given no partition within 60 s")
+        producer = _producer(
+            bootstrap, topic, int(rate * seconds), rate, max(1, min(500, int(rate / 20))), "u"
+        )
+
+        def timed_requests() -> None:
+            with httpx.Client(timeout=30) as http:
+                while producer.poll() is None:
+                    for name, req in requests.items():
+                        t0 = time.perf_counter()
+                        r = http.request(req["method"], req["url"], headers=req["headers"])
+                        elapsed_ms = (time.perf_counter() - t0) * 1000
+                        if r.status_code != 200:
+                            raise RuntimeError(f"{name}: {r.status_code} {r.text[:200]}")
+                        samples[name].append(elapsed_ms)
+
+        began = time.perf_counter()
+        await asyncio.to_thread(timed_requests)
+        sent_at = time.perf_counter()
+        sending_s = sent_at - began
+        sent = int(orjson.loads((producer.stdout.read() if producer.stdout else b"") or b"{}").get("sent", 0))
+        n = counted_when_sent = await asyncio.to_thread(counted)
+        # every event counted in the end, however long the aggregator takes, as long as it moves
+        progressed = time.perf_counter()
+        while n < sent and time.perf_counter() - progressed < 60:
+            await asyncio.sleep(0.5)
+            if (now := await asyncio.to_thread(counted)) > n:
+                n, progressed = now, time.perf_counter()
+        catch_up_s = time.perf_counter() - sent_at
+    finally:
+        if producer is not None and producer.poll() is None:
+            producer.kill()  # (a request failed): it would keep reconnecting once the broker stops
+            producer.wait()
+        app.metering_stopping.set()
+        await app.stop()
+        dead_letters: Any = processor.dead_letters
+        dead_letters.close()  # closed, or it keeps reconnecting once the broker stops
+        processor.close()  # (the engine's clients stay: the process ends with the benchmark)
+    if n != sent:
+        raise RuntimeError(
+            f"{n:,} events counted of the {sent:,} sent during the timed requests (none more for 60 s)"
+        )
+    every = [ms for values in samples.values() for ms in values]
+    if not every:
+        raise RuntimeError("no request was timed")
+    return {
+        "query_p50_under_ingest_ms": percentile(every, 0.5),
+        "query_p99_under_ingest_ms": percentile(every, 0.99),
+        "query_p99_under_ingest_by_endpoint_ms": {
+            name: percentile(v, 0.99) for name, v in samples.items() if v
+        },
+        "under_ingest_requests": len(every),
+        "under_ingest_events_per_s": round(sent / sending_s) if sending_s else 0,
+        # the aggregator's lag when the requests stopped, and how long it took to count the rest
+        "under_ingest_lag_events": sent - counted_when_sent,
+        "under_ingest_catch_up_s": round(catch_up_s, 1) if counted_when_sent < sent else 0.0,
+    }
+
+
+def report(result: dict[str, Any], say: Callable[[str], None]) -> None:
+    """The figures' lines (bench/run.py prints them)."""
+    p99 = result["query_p99_under_ingest_ms"]
+    met = "met" if p99 <= TARGET_P99_MS else "NOT met"
+    say(
+        f"  documented endpoints while ingesting {result['under_ingest_events_per_s']:,} events/s: "
+        f"p50 {result['query_p50_under_ingest_ms']:.2f} ms, p99 {p99:.2f} ms "
+        f"({result['under_ingest_requests']} requests; target p99 <= {TARGET_P99_MS:.0f} ms: {met})"
+    )
+    if result["under_ingest_lag_events"]:
+        say(
+            f"  the aggregator did not keep up: {result['under_ingest_lag_events']:,} events behind when the "
+            f"requests stopped, all counted {result['under_ingest_catch_up_s']:.1f} s later"
+        )
+    for name, ms in result["query_p99_under_ingest_by_endpoint_ms"].items():
+        say(f"    {name:14s} p99 {ms:7.2f} ms")
