@@ -148,6 +148,38 @@ async def _drive(
     return latencies, accepted, requests, errors
 
 
+def _thread_cpu(pid: int) -> dict[str, tuple[str, float]]:
+    """OS thread id -> (its name, CPU seconds so far), from /proc (Linux; empty elsewhere)."""
+    out: dict[str, tuple[str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[task.name] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _cpu_by_thread(pid: int, before: dict[str, tuple[str, float]], events: int) -> dict[str, float]:
+    """With ``BENCH_HTTP_PROFILE``: CPU µs per event of each group of threads while driven, named
+    by Python thread names (``py-spy dump``; the engine's and librdkafka's threads by their own)."""
+    if not os.environ.get("BENCH_HTTP_PROFILE"):
+        return {}
+    import re
+    from collections import Counter
+
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    dump = subprocess.run([spy, "dump", "-p", str(pid)], capture_output=True, text=True, timeout=60).stdout
+    python_names = {m[1]: m[2] for m in re.finditer(r'Thread (\d+) \(\w+\): "([^"]+)"', dump)}
+    groups: Counter[str] = Counter()
+    for tid, (name, cpu) in _thread_cpu(pid).items():
+        name = re.sub(r"(_\d+|-\d+)$", "", python_names.get(tid, name))  # asyncio_0, Thread-7: one group
+        groups[name] += (cpu - before.get(tid, (name, 0.0))[1]) / events * 1e6
+    return {n: v for n, v in groups.most_common() if v >= 0.5}
+
+
 def _cpu_s(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
@@ -254,18 +286,24 @@ def run_http_ingest(say: Callable[[str], None]) -> dict[str, Any]:
             spy = _profile(proc.pid, seconds)
             server = psutil.Process(proc.pid)
             cpu_before = _cpu_s(server)
+            threads_before = _thread_cpu(proc.pid)
             started = time.monotonic()
             latencies, accepted, requests, errors = asyncio.run(_drive(url, key, ws, clients, seconds))
             elapsed = time.monotonic() - started
             cpu_us = (_cpu_s(server) - cpu_before) / max(accepted, 1) * 1e6
             if spy is not None:
                 spy.wait(timeout=60)
+            by_thread = _cpu_by_thread(proc.pid, threads_before, max(accepted, 1))
             if errors:
                 say(f"  {len(errors)} failed request(s), first: {errors[0]}")
             rate = accepted / elapsed
             p50, p99 = _percentile(latencies, 0.5) * 1000, _percentile(latencies, 0.99) * 1000
             say(f"  accepted {accepted:,} events in {requests:,} requests: {rate:,.0f} events/s")
             say(f"  latency p50 {p50:.0f} ms, p99 {p99:.0f} ms; the process's CPU {cpu_us:.0f} µs per event")
+            if by_thread:
+                say(
+                    "  CPU µs per event by thread: " + ", ".join(f"{n} {v:.0f}" for n, v in by_thread.items())
+                )
             t0 = time.monotonic()
             while not _drained(bootstrap, topic, f"g-{topic}"):
                 if time.monotonic() - t0 > 300:
@@ -293,6 +331,7 @@ def run_http_ingest(say: Callable[[str], None]) -> dict[str, Any]:
         "http_ingest_counted": counted,
         # user+system CPU of the whole process (ingest and aggregator, every thread) while driven
         "http_ingest_cpu_us_per_event": cpu_us,
+        "http_ingest_cpu_us_per_event_by_thread": by_thread,
         "http_ingest_events": accepted,
         "http_ingest_failed_requests": len(errors),
     }
