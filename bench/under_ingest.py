@@ -116,11 +116,16 @@ async def measure(
         sent = int(orjson.loads((producer.stdout.read() if producer.stdout else b"") or b"{}").get("sent", 0))
         n = counted_when_sent = await asyncio.to_thread(counted)
         # every event counted in the end, however long the aggregator takes, as long as it moves
-        progressed = time.perf_counter()
-        while n < sent and time.perf_counter() - progressed < 60:
+        # (one batch may take minutes on a loaded machine: BENCH_UNDER_INGEST_PATIENCE_S)
+        patience = float(os.environ.get("BENCH_UNDER_INGEST_PATIENCE_S", "300"))
+        progressed = told = time.perf_counter()
+        while n < sent and time.perf_counter() - progressed < patience:
             await asyncio.sleep(0.5)
             if (now := await asyncio.to_thread(counted)) > n:
                 n, progressed = now, time.perf_counter()
+            if time.perf_counter() - told >= 30:
+                told = time.perf_counter()
+                say(f"  waiting for the aggregator: {n:,} of the {sent:,} events sent counted")
         catch_up_s = time.perf_counter() - sent_at
     finally:
         if producer is not None and producer.poll() is None:
@@ -133,7 +138,9 @@ async def measure(
         processor.close()  # (the engine's clients stay: the process ends with the benchmark)
     if n != sent:
         raise RuntimeError(
-            f"{n:,} events counted of the {sent:,} sent during the timed requests (none more for 60 s)"
+            f"{n:,} events counted of the {sent:,} sent during the timed requests (none more for "
+            f"{patience:.0f} s); the aggregator's stage seconds: {processor.timings}, "
+            f"stalled since {processor.stalled_since}: {processor.last_error}"
         )
     every = [ms for values in samples.values() for ms in values]
     if not every:
