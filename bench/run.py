@@ -3,6 +3,7 @@ last line is one JSON object (docs/performance.md lists the keys and the recorde
 
 Environment: BENCH_EVENTS (default 1,000,000), BENCH_QUERY_EVENTS (default 10,000,000),
 BENCH_SKIP_QUERY=1, BENCH_SKIP_UNDER_INGEST=1, BENCH_UNDER_INGEST_SECONDS (default 20),
+BENCH_UNDER_INGEST_PATIENCE_S (default 300),
 KAFKA_BOOTSTRAP_SERVERS (else a local broker is started on a free port). The broker stops only
 after the query benchmarks: the queries are timed again while the pipeline ingests.
 """
