@@ -247,11 +247,17 @@ class Batch:
 
     def parameters(self) -> dict[str, Any]:
         ends, total = [], 0
-        for n in self.counts:
+        starts, owners = [], []  # the first row of each message with events, and the message
+        for i, n in enumerate(self.counts):
+            if n:
+                starts.append(total)
+                owners.append(i)
             total += n
             ends.append(total)
         return {
             "ends": ends,
+            "starts": starts,
+            "owners": owners,
             "parts": list(self.partitions),
             "offs": list(self.offsets),
             "ts": list(self.timestamps_ms),
@@ -275,6 +281,8 @@ def check_select(stage: str) -> str:
         )
         cases.append(f"type = '{t.value}', {judged}")
     dcheck = f"multiIf({', '.join(cases)}, (toUInt8(0), ''))"
+    # A row's message: the last message starting at or before it (a running max over the rows in
+    # stage order; a search of ``ends`` per row cost O(messages) per event).
     # Three levels, each computing its columns once: an alias used several times in one level
     # may be evaluated again at each use (the regular expressions then ran ~20 times a row).
     return f"""
@@ -317,9 +325,9 @@ FROM (
                 toUInt32(rn - if(msg = 0, 0, {{ends:Array(UInt64)}}[msg])) AS pos,
                 {{keys:Array(String)}}[msg + 1] AS key
             FROM (
-                SELECT *, rowNumberInAllBlocks() AS rn,
-                    toUInt32(arrayFirstIndex(e -> e > rn, {{ends:Array(UInt64)}}) - 1) AS msg
-                FROM {stage}
+                SELECT *, toUInt32(max(transform(rn, {{starts:Array(UInt64)}}, {{owners:Array(UInt32)}},
+                    toUInt32(0))) OVER (ORDER BY rn ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) AS msg
+                FROM (SELECT *, rowNumberInAllBlocks() AS rn FROM {stage})
             )
         )
     )
