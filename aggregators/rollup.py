@@ -192,11 +192,12 @@ def gauge_values_check(catalog: Catalog, source: str, where: str) -> str | None:
     )
 
 
-def gauge_touched(meter: Meter, database: str, where: str) -> str:
-    """The series (tenant, subject) a set of raw rows touches, and the time span of their samples."""
+def gauge_touched(meter: Meter, source: str, where: str) -> str:
+    """The series (tenant, subject) a set of raw rows (of ``source``: ``events_raw``, or the
+    batch's new rows) touches, and the time span of their samples."""
     return (
         f"SELECT tenant, subject, toUnixTimestamp64Milli(min(time)), toUnixTimestamp64Milli(max(time)), "
-        f"max(src_offset) FROM {database}.{Table.EVENTS_RAW} "
+        f"max(src_offset) FROM {source} "
         f"WHERE type = '{meter.event_type.value}' AND {where} GROUP BY tenant, subject"
     )
 

@@ -71,6 +71,8 @@ class ClickHouseWriter:
         # per partition, the raw watermark the rollup stage was filled from the batch's new rows
         # above (``stage_new``); None when the stage holds anything else
         self._staged_since: dict[int, int] | None = None
+        # where ``_apply_gauges`` finds the series a batch touches (set by ``catch_up``)
+        self._touched_source = f"{database}.{Table.EVENTS_RAW}"
 
     # ---- the batch's stage (stage.py) -----------------------------------------------------------
 
@@ -281,6 +283,17 @@ class ClickHouseWriter:
             )
         ):
             self._fill_stage(periods, pending)
+        # likewise, the series the batch's gauge samples touch are read from its new rows when
+        # gauge_15m was up to date before the batch (the integrals themselves read events_raw:
+        # they need the samples of earlier batches)
+        gauges = pending.get(Table.GAUGE_15M)
+        self._touched_source = (
+            self._new
+            if staged is not None
+            and gauges
+            and all(p in staged and lo >= staged[p] for p, (lo, _) in gauges.by_partition.items())
+            else f"{self.db}.{Table.EVENTS_RAW}"
+        )
         for table, ranges in pending.items():
             done[table] = self._apply(table, ranges)
             self._checkpoint(CrashPoint.BETWEEN_DERIVED)
@@ -339,7 +352,7 @@ class ClickHouseWriter:
             top = NO_OFFSET
             for i, meter in enumerate(gauges):
                 touched = self.client.query(
-                    rollup.gauge_touched(meter, self.db, where), parameters=wparams
+                    rollup.gauge_touched(meter, self._touched_source, where), parameters=wparams
                 ).result_rows
                 if not touched:
                     continue
