@@ -256,12 +256,11 @@ GAUGE_COLUMNS = "tenant, meter, window_start, group_key, series, dims, integral,
 LIFECYCLE_TYPES: tuple[str, ...] = tuple(sorted(t.value for t in LIFECYCLE_KIND))
 
 
-def lifecycle_touched(database: str, where: str) -> str:
+def lifecycle_touched(source: str, where: str) -> str:
+    """The entities the lifecycle events of ``source`` (``events_raw``, or the batch's new rows)
+    matching ``where`` touch."""
     types = ", ".join(f"'{t}'" for t in LIFECYCLE_TYPES)
-    return (
-        f"SELECT DISTINCT tenant, type, subject FROM {database}.{Table.EVENTS_RAW} "
-        f"WHERE type IN ({types}) AND {where}"
-    )
+    return f"SELECT DISTINCT tenant, type, subject FROM {source} WHERE type IN ({types}) AND {where}"
 
 
 def lifecycle_events(database: str) -> str:

@@ -71,8 +71,8 @@ class ClickHouseWriter:
         # per partition, the raw watermark the rollup stage was filled from the batch's new rows
         # above (``stage_new``); None when the stage holds anything else
         self._staged_since: dict[int, int] | None = None
-        # where ``_apply_gauges`` finds the series a batch touches (set by ``catch_up``)
-        self._touched_source = f"{database}.{Table.EVENTS_RAW}"
+        # where ``_apply_gauges``/``_apply_entities`` find what a batch touches (set by ``catch_up``)
+        self._touched_source: dict[Table, str] = {}
 
     # ---- the batch's stage (stage.py) -----------------------------------------------------------
 
@@ -283,17 +283,17 @@ class ClickHouseWriter:
             )
         ):
             self._fill_stage(periods, pending)
-        # likewise, the series the batch's gauge samples touch are read from its new rows when
-        # gauge_15m was up to date before the batch (the integrals themselves read events_raw:
-        # they need the samples of earlier batches)
-        gauges = pending.get(Table.GAUGE_15M)
-        self._touched_source = (
-            self._new
+        # likewise, the series (entities) the batch's gauge samples (lifecycle events) touch are
+        # read from its new rows when gauge_15m (entities) was up to date before the batch; the
+        # integrals (states) themselves read events_raw: they need the events of earlier batches
+        self._touched_source = {
+            table: self._new
             if staged is not None
-            and gauges
-            and all(p in staged and lo >= staged[p] for p, (lo, _) in gauges.by_partition.items())
+            and all(p in staged and lo >= staged[p] for p, (lo, _) in pending[table].by_partition.items())
             else f"{self.db}.{Table.EVENTS_RAW}"
-        )
+            for table in (Table.GAUGE_15M, Table.ENTITIES)
+            if table in pending
+        }
         for table, ranges in pending.items():
             done[table] = self._apply(table, ranges)
             self._checkpoint(CrashPoint.BETWEEN_DERIVED)
@@ -352,7 +352,8 @@ class ClickHouseWriter:
             top = NO_OFFSET
             for i, meter in enumerate(gauges):
                 touched = self.client.query(
-                    rollup.gauge_touched(meter, self._touched_source, where), parameters=wparams
+                    rollup.gauge_touched(meter, self._touched_source[Table.GAUGE_15M], where),
+                    parameters=wparams,
                 ).result_rows
                 if not touched:
                     continue
@@ -383,7 +384,9 @@ class ClickHouseWriter:
 
     def _apply_entities(self, ranges: Ranges) -> int:
         where, params = ranges.sql()
-        touched = self.client.query(rollup.lifecycle_touched(self.db, where), parameters=params).result_rows
+        touched = self.client.query(
+            rollup.lifecycle_touched(self._touched_source[Table.ENTITIES], where), parameters=params
+        ).result_rows
         if not touched:
             return 0
         # entity -> partition it lives in (a tenant's events are all in one partition)
