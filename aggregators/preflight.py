@@ -13,6 +13,13 @@ anyone reads: ``events_raw`` is a Memory table emptied before each trial, every 
 Null table. A trial commits nothing, so it can be repeated at will and a crash during one
 changes nothing.
 
+Since issue 11 the processor's batches (``staged_refusals``) try here only what the batch's own
+statements cannot try before the raw insert: the lifecycle events (the entities statement), and
+every row when an operator changed a period table's or ``gauge_15m``'s value types. The usage
+events' conversions are tried by the statement that fills the rollup stage from the batch's new
+rows, run before the raw insert (processor.py, step 4; ``isolate`` bisects there too). Replays
+(``refusals``) still try every statement here.
+
 When a trial fails with a data error (errors.py), ``isolate`` bisects the rows with further
 trials down to the events that fail on their own. The caller dead-letters those, with the
 engine's words as the reason, and writes the rest. A failure is blamed on the data only when it
