@@ -201,6 +201,46 @@ def test_the_issue_7_event_is_refused_before_the_raw_insert(
         assert counted(client, db, "A", table) == (Decimal("30"), 20), table
 
 
+@pytest.mark.clickhouse
+def test_a_refused_event_and_its_later_copy_are_both_refused(
+    clickhouse: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trial of the usage events runs on the batch's *new* rows (after dedupe): leaving the
+    refused event out makes its later copy in the batch the first occurrence, which must be
+    refused in turn (the trial repeats until the new rows pass), not stall the batch."""
+    client, db = clickhouse
+    events = [cpu(f"a-{i}", "A", 1.5) for i in range(20)]
+    events.insert(3, cpu("a-poison", "A", 1))  # pydantic decides it (see the test above)
+    events.insert(17, cpu("a-poison", "A", 1))  # a producer's retry, in a later message
+    real_decode = processor_module.decode_items
+
+    def crafted(*args: Any) -> Decoded:
+        decoded = real_decode(*args)
+        decoded.rows = [
+            r._replace(data=b'{"workstation_id":"ws-1","cpu_seconds":1e29}')
+            if r.event_id == "a-poison"
+            else r
+            for r in decoded.rows
+        ]
+        return decoded
+
+    monkeypatch.setattr(processor_module, "decode_items", crafted)
+    proc = make_processor(client, db)
+    try:
+        stats = proc.process(pack(events, 0, 0, per_message=5))
+    finally:
+        proc.close()
+    assert (stats.written, stats.refused, stats.duplicates) == (20, 2, 0)
+    dead = proc.dead_letters.rejects  # type: ignore[attr-defined]
+    assert [(d.code, d.offset, d.index) for d in dead] == [
+        ("storage_rejected", 0, 3),
+        ("storage_rejected", 3, 2),
+    ]
+    assert client.command(f"SELECT count() FROM {db}.events_raw WHERE event_id = 'a-poison'") == 0
+    for table in ("usage_15m", "usage_1h", "usage_1d", "usage_1mo"):
+        assert counted(client, db, "A", table) == (Decimal("30"), 20), table
+
+
 # ---- (a) through a raw Kafka producer and the real faust aggregator ------------------------------
 
 
