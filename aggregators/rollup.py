@@ -178,18 +178,18 @@ def period_from_stage(grain: Grain, database: str, stage: str, where: str) -> st
 
 def gauge_values_check(catalog: Catalog, source: str, where: str) -> str | None:
     """A query that converts every gauge value of the rows of ``source`` matching ``where`` as
-    ``gauge_select`` does, times the longest piece it multiplies one by (15 minutes, in ms):
-    raises the engine's error for a value ``gauge_select`` would refuse (the trial of the
-    batch's new rows, processor.py). None without gauges."""
+    ``gauge_select`` does: raises the engine's error for a value ``gauge_select`` would refuse
+    (the trial of the batch's new rows, processor.py). Its arithmetic after the conversion (value
+    times milliseconds) wraps without an error, like the sums. None without gauges."""
     gauges = [m for m in catalog.meters if m.is_gauge]
     if not gauges:
         return None
-    cases = ", ".join(f"type = '{m.event_type.value}', {_value_sql(m)}" for m in gauges)
-    types = ", ".join(sorted({f"'{m.event_type.value}'" for m in gauges}))
-    return (
-        f"SELECT count(), max(toDecimal128(v * toDecimal128(900000, 0), 9)) FROM (SELECT multiIf({cases}, "
-        f"toDecimal128(0, 9)) AS v FROM {source} WHERE type IN ({types}) AND {where})"
+    # one column per meter (a type may have several gauges), each converting only its type's rows
+    checks = ", ".join(
+        f"max(if(type = '{m.event_type.value}', {_value_sql(m)}, toDecimal128(0, 9)))" for m in gauges
     )
+    types = ", ".join(sorted({f"'{m.event_type.value}'" for m in gauges}))
+    return f"SELECT count(), {checks} FROM {source} WHERE type IN ({types}) AND {where}"
 
 
 def gauge_touched(meter: Meter, source: str, where: str) -> str:
