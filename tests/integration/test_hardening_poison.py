@@ -241,6 +241,45 @@ def test_a_refused_event_and_its_later_copy_are_both_refused(
         assert counted(client, db, "A", table) == (Decimal("30"), 20), table
 
 
+@pytest.mark.clickhouse
+def test_a_gauge_value_the_gauge_statement_refuses_is_refused_before_the_raw_insert(
+    clickhouse: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value of ``ci.step.memory`` (a gauge, and no other meter reads it) is converted only by
+    the gauge statement, which reads events_raw after the raw insert; the trial of the new rows
+    converts it first (rollup.gauge_values_check)."""
+    client, db = clickhouse
+
+    def mem(eid: str, i: int, mib: int, canonical: bool = True) -> dict[str, Any]:
+        data = {"contract_id": "c1", "workspace_id": "w1", "step_id": "s1", "memory_mib": mib}
+        if not canonical:  # fields out of order: pydantic decides it (see the first test)
+            data = {"memory_mib": mib, **{k: v for k, v in data.items() if k != "memory_mib"}}
+        return event(eid, "ci.step.memory", data, T0 + timedelta(seconds=10 * i), "A")
+
+    events = [mem(f"m-{i}", i, 512) for i in range(6)]
+    events[2] = mem("m-poison", 2, 512, canonical=False)
+    real_decode = processor_module.decode_items
+    poison = b'{"contract_id":"c1","workspace_id":"w1","step_id":"s1","memory_mib":1e30}'
+
+    def crafted(*args: Any) -> Decoded:
+        decoded = real_decode(*args)
+        decoded.rows = [r._replace(data=poison) if r.event_id == "m-poison" else r for r in decoded.rows]
+        return decoded
+
+    monkeypatch.setattr(processor_module, "decode_items", crafted)
+    proc = make_processor(client, db)
+    try:
+        stats = proc.process(pack(events, 0, 0, per_message=3))
+    finally:
+        proc.close()
+    assert (stats.written, stats.refused) == (5, 1)
+    [dead] = proc.dead_letters.rejects  # type: ignore[attr-defined]
+    assert (dead.code, dead.offset, dead.index) == ("storage_rejected", 0, 2)
+    assert dead.message.startswith("ARGUMENT_OUT_OF_BOUND (69): Decimal value is too big")
+    assert client.command(f"SELECT count() FROM {db}.events_raw WHERE event_id = 'm-poison'") == 0
+    assert client.command(f"SELECT sum(samples) FROM {db}.gauge_15m FINAL") == 5
+
+
 # ---- (a) through a raw Kafka producer and the real faust aggregator ------------------------------
 
 
