@@ -13,6 +13,13 @@ anyone reads: ``events_raw`` is a Memory table emptied before each trial, every 
 Null table. A trial commits nothing, so it can be repeated at will and a crash during one
 changes nothing.
 
+Since issue 11 the processor's batches (``staged_refusals``) try here only what the batch's own
+statements cannot try before the raw insert: the lifecycle events (the entities statement), and
+every row when an operator changed a period table's or ``gauge_15m``'s value types. The usage
+events' conversions are tried by the statement that fills the rollup stage from the batch's new
+rows, run before the raw insert (processor.py, step 4; ``isolate`` bisects there too). Replays
+(``refusals``) still try every statement here.
+
 When a trial fails with a data error (errors.py), ``isolate`` bisects the rows with further
 trials down to the events that fail on their own. The caller dead-letters those, with the
 engine's words as the reason, and writes the rest. A failure is blamed on the data only when it
@@ -114,6 +121,8 @@ class _TrialWriter(ClickHouseWriter):
     #: set by ``prepare``: the period tables take the stage's columns with the stage's types, so
     #: their statements convert nothing that could fail (and are left out of trials)
     periods_convert = True
+    #: likewise for ``gauge_15m`` (set by ``prepare``)
+    gauges_convert = True
 
     def prepare(self, source_db: str) -> None:
         """Clone the real tables' structure into the probe database."""
@@ -129,6 +138,17 @@ class _TrialWriter(ClickHouseWriter):
         self.client.command(rollup.stage_create(self._stage))
         self._stage_ready = True
         self.periods_convert = self._periods_convert()
+        self.gauges_convert = self._gauges_convert()
+
+    def _gauges_convert(self) -> bool:
+        """Whether ``gauge_15m`` stores its integral in another type than the gauge statement
+        computes (an operator changed it): then gauges are tried here, as before."""
+        rows = self.client.query(
+            "SELECT type FROM system.columns WHERE database = {db:String} AND table = {t:String} "
+            "AND name = 'integral'",
+            parameters={"db": self.db, "t": Table.GAUGE_15M.value},
+        ).result_rows
+        return any(_plain(str(t)) != "Decimal(38, 9)" for (t,) in rows)
 
     def _periods_convert(self) -> bool:
         stage_db, stage_name = self._stage.split(".", 1)
@@ -161,6 +181,8 @@ class _TrialWriter(ClickHouseWriter):
     def _apply(self, table: Table, ranges: Ranges) -> int:
         if table in _PERIODS and not self.periods_convert:
             return 0
+        if table is Table.GAUGE_15M and self.staged_only and not self.gauges_convert:
+            return 0  # the batch's gauge values are converted in its trial (writer.stage_new)
         if table is Table.GAUGE_15M and not self.types & {
             m.event_type for m in self.catalog.meters if m.is_gauge
         }:
@@ -172,9 +194,18 @@ class _TrialWriter(ClickHouseWriter):
     def _checkpoint(self, point: CrashPoint) -> None:
         return None
 
+    #: set by ``attempt_staged``: the rollup stage is left out of the trial (the processor fills
+    #: the real stage from the batch's new rows before the raw insert: that is its trial)
+    staged_only = False
+
+    def _fill_stage(self, periods: list[Table], pending: dict[Table, Ranges]) -> None:
+        if not self.staged_only:
+            super()._fill_stage(periods, pending)
+
     def attempt(self, rows: Sequence[RawRow], ingested_at: datetime) -> None:
         """Every statement the real writer would run for ``rows`` alone; raises what they raise."""
         self.forget()
+        self.staged_only = False
         self.types = frozenset(r.type for r in rows)
         self.client.command(f"TRUNCATE TABLE {self.db}.{Table.EVENTS_RAW}")
         self.insert_raw(rows, ingested_at)
@@ -184,22 +215,45 @@ class _TrialWriter(ClickHouseWriter):
         self, rows_table: str, keys: Sequence[tuple[int, int]] | None, ingested_at: datetime
     ) -> None:
         """The statements the real writer would run for the batch's judged rows (``rows_table``,
-        stage.py), or for those of them at ``keys`` (message, position); raises what they raise."""
+        stage.py), or for those of them at ``keys`` (message, position); raises what they raise.
+
+        Not the rollup stage nor the gauge values: the processor fills the stage from the batch's
+        new rows before the raw insert, and converts their gauge values, which is their trial
+        (``ClickHouseWriter.stage_new``); so unless a period table converts the stage's values
+        (``periods_convert``), only the lifecycle events (the entities statement) are tried
+        here, and the gauge events if ``gauge_15m`` was changed (``gauges_convert``)."""
         self.forget()
+        self.staged_only = not self.periods_convert
         self.client.command(f"TRUNCATE TABLE {self.db}.{Table.EVENTS_RAW}")
-        where = " WHERE ok" + (
-            "" if keys is None else " AND (msg, pos) IN {keys:Array(Tuple(UInt32, UInt32))}"
-        )
+        where = self.trial_filter(keys)
         self.client.command(
             f"INSERT INTO {self.db}.{Table.EVENTS_RAW} ({stage.RAW_COLUMNS}, ingested_at) "
-            f"SELECT {stage.RAW_COLUMNS}, {{now:DateTime64(3, 'UTC')}} FROM {rows_table}{where}",
-            parameters={"now": fmt_time(ingested_at), **({} if keys is None else {"keys": list(keys)})},
+            f"SELECT {stage.RAW_COLUMNS}, {{now:DateTime64(3, 'UTC')}} FROM {rows_table} WHERE {where}",
+            parameters={"now": fmt_time(ingested_at), **self.trial_parameters(keys)},
         )
         found = self.client.query(
             f"SELECT DISTINCT type, src_partition FROM {self.db}.{Table.EVENTS_RAW}"
         ).result_rows
         self.types = frozenset(EventType(str(t)) for t, _ in found if str(t) in _KNOWN)
         self.catch_up(sorted({int(p) for _, p in found}))
+
+    def trial_filter(self, keys: Sequence[tuple[int, int]] | None) -> str:
+        """The judged rows a staged trial takes (see ``attempt_staged``)."""
+        where = "ok"
+        if not self.periods_convert:
+            where += " AND type IN {trial_types:Array(String)}"
+        if keys is not None:
+            where += " AND (msg, pos) IN {keys:Array(Tuple(UInt32, UInt32))}"
+        return where
+
+    def trial_parameters(self, keys: Sequence[tuple[int, int]] | None) -> dict[str, object]:
+        out: dict[str, object] = {} if keys is None else {"keys": list(keys)}
+        if not self.periods_convert:
+            types = {t.value for t in LIFECYCLE_TYPES}
+            if self.gauges_convert:
+                types |= {m.event_type.value for m in self.catalog.meters if m.is_gauge}
+            out["trial_types"] = sorted(types)
+        return out
 
     def attempt_empty(self) -> None:
         """The derived statements over no rows at all."""
@@ -264,7 +318,8 @@ class Preflight:
         keys = [
             (int(m), int(p))
             for m, p in self.client.query(
-                f"SELECT msg, pos FROM {rows_table} WHERE ok ORDER BY msg, pos"
+                f"SELECT msg, pos FROM {rows_table} WHERE {self._probe.trial_filter(None)} ORDER BY msg, pos",
+                parameters=self._probe.trial_parameters(None),
             ).result_rows
         ]
         found = isolate(

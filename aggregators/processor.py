@@ -12,13 +12,19 @@ Python handles Kafka messages; ClickHouse handles events (stage.py). The steps, 
    written, so a rejected event is never lost, then to the ``rejections`` table (once per
    source position: aggregators/rejections.py).
    The stage tables are Memory tables of this process: nothing anyone reads;
-3b. the judged rows tried on probe tables that keep nothing (preflight.py, copied inside the
-   engine): events ClickHouse would refuse in a derived statement (a data error, not an outage)
-   are dead-lettered, flushed before anything is written;
-4. record the copies deduplication drops in ``event_duplicates`` (one INSERT ... SELECT),
-   then insert the new raw rows: one statement that drops duplicates (within the batch, then
-   an anti-join against ``events_raw``) and writes one part;
-5. bring every derived table up to the raw table (one statement per table);
+3b. the judged lifecycle events tried on probe tables that keep nothing (preflight.py, copied
+   inside the engine; every judged row when an operator changed a derived table's types):
+   events ClickHouse would refuse in a derived statement (a data error, not an outage) are
+   dead-lettered, flushed before anything is written;
+4. the batch's new events selected (dedupe: within the batch, then an anti-join against
+   ``events_raw``) into a Memory table of this process, and the rollup stage filled from them,
+   with their gauge values converted: the derived statements' conversions, run *before* the raw
+   insert, are the trial of the usage events (an event they refuse is isolated and
+   dead-lettered like in 3b); then the copies dedupe drops recorded in ``event_duplicates``, and
+   the new rows inserted into ``events_raw`` in one statement, one part;
+5. bring every derived table up to the raw table (one statement per table): the period tables
+   from the stage of step 4 when each was up to date before the batch, else (a crash, an
+   outage left one behind) from ``events_raw`` above its own watermark;
 6. record freshness. Only after ``process`` returns may the offsets be committed.
 
 ``process_with_retry`` retries a batch that fails for any other reason (an outage), with
@@ -46,7 +52,7 @@ from aggregators.decode import (
     decode_items,
     message_items,
 )
-from aggregators.errors import is_data_error, reason
+from aggregators.errors import NotTheData, is_data_error, reason
 from aggregators.faults import CrashPoint, checkpoint
 from aggregators.preflight import Preflight, isolate
 from aggregators.rollup import Ranges
@@ -59,7 +65,16 @@ from schemas.wire import is_control_lane
 log = logging.getLogger(__name__)
 
 #: the stages of a batch, as ``BatchProcessor.timings`` sums their seconds
-STAGES = ("prepare", "parse_validate", "fallback", "trial", "dedupe_raw_insert", "rollups", "freshness")
+STAGES = (
+    "prepare",
+    "parse_validate",
+    "fallback",
+    "trial",
+    "dedupe_stage",
+    "raw_insert",
+    "rollups",
+    "freshness",
+)
 
 
 class DeadLetterSink(Protocol):
@@ -173,19 +188,11 @@ class BatchProcessor:
         refused = self._stage(fresh, staged)
         python.extend(refused)
         counts = [0] * len(fresh)
+        refused_set = set(refused)
         for i in staged:
-            if i not in refused:
+            if i not in refused_set:
                 counts[i] = len(items[i])
-        flagged = self.writer.judge(
-            Batch(
-                counts,
-                [m.partition for m in fresh],
-                [m.offset for m in fresh],
-                [m.timestamp_ms for m in fresh],
-                [m.key.decode("utf-8", "replace") if m.key else "" for m in fresh],
-                [int(m.backfill) for m in fresh],
-            )
-        )
+        flagged = self.writer.judge(Batch.of(fresh, counts))
         t2 = time.perf_counter()
         timings["parse_validate"] += t2 - t1
         positions: dict[int, list[int]] = defaultdict(list)
@@ -210,6 +217,16 @@ class BatchProcessor:
         now = self.clock()
         excluded: list[tuple[int, int]] = []
         refusals = self.preflight.staged_refusals(self.writer.rows_table, now)
+        t3b = time.perf_counter()
+        timings["trial"] += t3b - t3
+
+        # 4. the new events (deduplicated: stage.new_insert), and the rollup stage filled from
+        # them: the statement catch_up would run on them after the raw insert, run before it
+        # instead, so it is their trial (refused events are isolated and left out, below)
+        excluded.extend(k for k, _ in refusals)
+        refusals.extend(self._new_rows(excluded, raw_wm))
+        t3c = time.perf_counter()
+        timings["dedupe_stage"] += t3c - t3b
         if refusals:
             refused_rejects = []
             for (mi, pos), why in refusals:
@@ -220,22 +237,17 @@ class BatchProcessor:
                 refused_rejects.append(
                     Reject(m.partition, m.offset, pos, RejectCode.STORAGE_REJECTED, why, items[mi][pos])
                 )
-                excluded.append((mi, pos))
             rejections.dead_letter(self.dead_letters, self.writer, refused_rejects, fresh, now)
             storage_rejects.extend(refused_rejects)
         stats.refused = len(storage_rejects)
-        t3b = time.perf_counter()
-        timings["trial"] += t3b - t3
-        t3 = t3b
 
-        # 4. the copies dedupe drops, recorded; then the new events into events_raw: one
-        # statement (dedupe inside it, stage.py)
+        # 4b. the copies dedupe drops, recorded; then the new events into events_raw: one statement
         self.writer.record_duplicates(now, excluded, [m.timestamp_ms for m in fresh])
         checkpoint(CrashPoint.BEFORE_RAW_INSERT)
-        self.writer.insert_new(now, excluded)
+        self.writer.insert_new(now)
         checkpoint(CrashPoint.AFTER_RAW_INSERT)
         t4 = time.perf_counter()
-        timings["dedupe_raw_insert"] += t4 - t3
+        timings["raw_insert"] += t4 - t3c
         ranges: dict[int, tuple[int, int]] = {}
         for m in fresh:
             lo, hi = ranges.get(m.partition, (m.offset - 1, m.offset))
@@ -273,6 +285,43 @@ class BatchProcessor:
         _record_freshness(written, fresh, refreshed)
         checkpoint(CrashPoint.AFTER_BATCH)
         return stats
+
+    def _new_rows(
+        self, excluded: list[tuple[int, int]], since: dict[int, int]
+    ) -> list[tuple[tuple[int, int], str]]:
+        """The batch's new events selected (``excluded`` left out) and the rollup stage filled
+        from them; returns the (message, position) of the events the stage's statement refuses
+        (a data error: a value ``toDecimal128`` cannot hold), with the engine's reason, after
+        leaving them out too (appended to ``excluded``).
+
+        Why this is a safe trial: it is the very statement (rollup.stage_insert) that fills the
+        stage from events_raw, over the very rows the raw insert then writes (``new``), and its
+        conversions are row by row (its sums wrap without an error); the period statements read
+        the stage's typed values and convert nothing (unless an operator changed a period table:
+        then the preflight tries them, preflight.py). So a refusal shows here, before anything
+        is written, and the stage it leaves serves the period tables (writer.catch_up)."""
+
+        def trial(keys: Sequence[tuple[int, int]] | None) -> BaseException | None:
+            try:
+                self.writer.stage_new(since, keys)
+            except Exception as exc:
+                if is_data_error(exc):
+                    return exc
+                raise
+            return None
+
+        refused: list[tuple[tuple[int, int], str]] = []
+        self.writer.select_new(excluded)
+        # Until the new rows pass: leaving a refused event out can make a later copy of it (same
+        # id, later in the batch) the first occurrence, which the next round refuses in turn.
+        while (first := trial(None)) is not None:
+            found = isolate(self.writer.new_keys(), trial, lambda: trial([]))
+            if not found:
+                raise NotTheData("the new events failed once, then passed", first)
+            refused.extend((key, reason(exc)) for key, exc in found)
+            excluded.extend(key for key, _ in found)
+            self.writer.select_new(excluded)
+        return refused
 
     def _stage(self, fresh: Sequence[SourceMessage], staged: list[int]) -> list[int]:
         """Parse the ``staged`` messages into the stage; returns those the engine cannot read

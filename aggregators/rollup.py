@@ -92,8 +92,8 @@ def _unique_sql(meter: Meter) -> str:
     return f"[JSONExtractString(data, '{meter.value}')]"
 
 
-def _meter_rows(catalog: Catalog, database: str, where: str) -> str:
-    """Raw rows matching ``where``, one output row per (event, meter reading it): a single scan
+def _meter_rows(catalog: Catalog, source: str, where: str) -> str:
+    """Raw rows (of ``source``: ``events_raw``, or the batch's new rows) matching ``where``, one output row per (event, meter reading it): a single scan
     of events_raw whatever the number of meters (``arrayJoin`` over the meters of its type)."""
     by_type: dict[str, list[str]] = {}
     for m in catalog.meters:
@@ -105,7 +105,7 @@ def _meter_rows(catalog: Catalog, database: str, where: str) -> str:
     types = ", ".join(f"'{t}'" for t in sorted(by_type))
     return (
         "SELECT tenant, time, src_partition, src_offset, m.1 AS meter, m.2 AS dims, m.3 AS v, m.4 AS ukeys "
-        f"FROM {database}.{Table.EVENTS_RAW} ARRAY JOIN multiIf({cases}, []) AS m "
+        f"FROM {source} ARRAY JOIN multiIf({cases}, []) AS m "
         f"WHERE type IN ({types}) AND {where}"
     )
 
@@ -126,7 +126,7 @@ def period_insert(catalog: Catalog, grain: Grain, database: str, where: str) -> 
         f"SELECT tenant, meter, {GRAIN_FN[grain]}(time) AS w, toJSONString(dims) AS group_key, src_partition, "
         "any(dims), sum(v), count(), min(v), max(v), argMaxState(v, (time, src_offset)), "
         "uniqExactMergeState(arrayReduce('uniqExactState', ukeys)), max(src_offset) "
-        f"FROM ({_meter_rows(catalog, database, where)}) "
+        f"FROM ({_meter_rows(catalog, f'{database}.{Table.EVENTS_RAW}', where)}) "
         "GROUP BY tenant, meter, w, group_key, src_partition"
     )
 
@@ -135,8 +135,10 @@ def period_insert(catalog: Catalog, grain: Grain, database: str, where: str) -> 
 # Parsing JSON is the expensive part. The live path aggregates a batch's raw rows once, at 15
 # minutes and per Kafka message (src_offset stays a key, so each period table can take exactly
 # the offsets above its own watermark), into a small per-process Memory table; each period table
-# is then one INSERT from it. The stage is a cache: it is emptied and rebuilt from events_raw
-# for every batch, so a crash leaves nothing in it that matters.
+# is then one INSERT from it. The stage is a cache: it is emptied and rebuilt for every batch,
+# so a crash leaves nothing in it that matters. On the normal path it is filled from the batch's
+# new rows before the raw insert (the trial of the conversions, processor.py); whenever a period
+# table is behind (after a crash, an outage), from events_raw.
 
 
 def stage_create(stage: str) -> str:
@@ -149,14 +151,16 @@ def stage_create(stage: str) -> str:
     )
 
 
-def stage_insert(catalog: Catalog, database: str, stage: str, where: str) -> str:
+def stage_insert(catalog: Catalog, source: str, stage: str, where: str) -> str:
+    """The rows of ``source`` (``events_raw``, or the batch's new rows before the raw insert,
+    which have its columns) matching ``where``, aggregated into the stage."""
     return (
         f"INSERT INTO {stage} (tenant, meter, window_start, group_key, src_partition, src_offset, dims, value_sum, "
         "value_count, value_min, value_max, value_latest, value_unique) "
         "SELECT tenant, meter, toStartOfFifteenMinutes(time) AS w, toJSONString(dims) AS group_key, src_partition, "
         "src_offset, any(dims), sum(v), count(), min(v), max(v), argMaxState(v, (time, src_offset)), "
         "uniqExactMergeState(arrayReduce('uniqExactState', ukeys)) "
-        f"FROM ({_meter_rows(catalog, database, where)}) "
+        f"FROM ({_meter_rows(catalog, source, where)}) "
         "GROUP BY tenant, meter, w, group_key, src_partition, src_offset"
     )
 
@@ -172,11 +176,28 @@ def period_from_stage(grain: Grain, database: str, stage: str, where: str) -> st
     )
 
 
-def gauge_touched(meter: Meter, database: str, where: str) -> str:
-    """The series (tenant, subject) a set of raw rows touches, and the time span of their samples."""
+def gauge_values_check(catalog: Catalog, source: str, where: str) -> str | None:
+    """A query that converts every gauge value of the rows of ``source`` matching ``where`` as
+    ``gauge_select`` does: raises the engine's error for a value ``gauge_select`` would refuse
+    (the trial of the batch's new rows, processor.py). Its arithmetic after the conversion (value
+    times milliseconds) wraps without an error, like the sums. None without gauges."""
+    gauges = [m for m in catalog.meters if m.is_gauge]
+    if not gauges:
+        return None
+    # one column per meter (a type may have several gauges), each converting only its type's rows
+    checks = ", ".join(
+        f"max(if(type = '{m.event_type.value}', {_value_sql(m)}, toDecimal128(0, 9)))" for m in gauges
+    )
+    types = ", ".join(sorted({f"'{m.event_type.value}'" for m in gauges}))
+    return f"SELECT count(), {checks} FROM {source} WHERE type IN ({types}) AND {where}"
+
+
+def gauge_touched(meter: Meter, source: str, where: str) -> str:
+    """The series (tenant, subject) a set of raw rows (of ``source``: ``events_raw``, or the
+    batch's new rows) touches, and the time span of their samples."""
     return (
         f"SELECT tenant, subject, toUnixTimestamp64Milli(min(time)), toUnixTimestamp64Milli(max(time)), "
-        f"max(src_offset) FROM {database}.{Table.EVENTS_RAW} "
+        f"max(src_offset) FROM {source} "
         f"WHERE type = '{meter.event_type.value}' AND {where} GROUP BY tenant, subject"
     )
 
@@ -235,12 +256,11 @@ GAUGE_COLUMNS = "tenant, meter, window_start, group_key, series, dims, integral,
 LIFECYCLE_TYPES: tuple[str, ...] = tuple(sorted(t.value for t in LIFECYCLE_KIND))
 
 
-def lifecycle_touched(database: str, where: str) -> str:
+def lifecycle_touched(source: str, where: str) -> str:
+    """The entities the lifecycle events of ``source`` (``events_raw``, or the batch's new rows)
+    matching ``where`` touch."""
     types = ", ".join(f"'{t}'" for t in LIFECYCLE_TYPES)
-    return (
-        f"SELECT DISTINCT tenant, type, subject FROM {database}.{Table.EVENTS_RAW} "
-        f"WHERE type IN ({types}) AND {where}"
-    )
+    return f"SELECT DISTINCT tenant, type, subject FROM {source} WHERE type IN ({types}) AND {where}"
 
 
 def lifecycle_events(database: str) -> str:

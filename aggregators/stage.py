@@ -18,8 +18,9 @@ does not accept is not rejected here: its position goes back to Python, where py
 and words the reject (aggregators/decode.py), or normalizes the event when it is valid after all.
 
 Accepted rows land in a second Memory table (``rows``) with the raw table's columns plus the
-message index and the position in it; ``raw_insert_select`` moves the first occurrence of every
-(tenant, event id) that ``events_raw`` does not hold yet into ``events_raw`` in one INSERT.
+message index and the position in it; ``new_insert`` keeps the first occurrence of every
+(tenant, event id) that ``events_raw`` does not hold yet in a third (``new``), which
+``raw_insert_select`` moves into ``events_raw`` in one INSERT.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 import annotated_types as at
 
+from aggregators.decode import SourceMessage
 from schemas.clickhouse import Table
 from schemas.events import DATA_MODELS, JSON_INTEGER, USAGE_TYPES, Data, EventType
 from schemas.validation import MAX_AGE, MAX_FUTURE
@@ -74,6 +76,20 @@ ONE_BLOCK: dict[str, Any] = {
     "max_insert_block_size": 1 << 40,
     "max_block_size": 1 << 20,
 }
+
+
+def with_settings(sql: str, settings: dict[str, Any]) -> str:
+    """``sql`` with ``settings`` as its trailing SETTINGS clause (they apply to the whole
+    statement, an INSERT ... SELECT's insert too). Not ``client.command(settings=...)``: the
+    embedded backend applies those with a SET per setting, a read of system.settings and a SET
+    back per setting, about 5 ms of CPU per statement."""
+    items = []
+    for k, v in settings.items():
+        if not k.replace("_", "").isalnum():
+            raise ValueError(f"bad setting name {k!r}")
+        value = str(v) if isinstance(v, int) else "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+        items.append(f"{k} = {value}")
+    return f"{sql}\nSETTINGS {', '.join(items)}" if items else sql
 
 
 def stage_create(name: str) -> str:
@@ -217,13 +233,31 @@ class Batch:
     keys: Sequence[str]  # the key's tenant, '' for none
     backfill: Sequence[int]
 
+    @classmethod
+    def of(cls, messages: Sequence[SourceMessage], counts: Sequence[int]) -> Batch:
+        """The batch of ``messages`` (in stage order), ``counts[i]`` events staged of the i-th."""
+        return cls(
+            counts,
+            [m.partition for m in messages],
+            [m.offset for m in messages],
+            [m.timestamp_ms for m in messages],
+            [m.key.decode("utf-8", "replace") if m.key else "" for m in messages],
+            [int(m.backfill) for m in messages],
+        )
+
     def parameters(self) -> dict[str, Any]:
         ends, total = [], 0
-        for n in self.counts:
+        starts, owners = [], []  # the first row of each message with events, and the message
+        for i, n in enumerate(self.counts):
+            if n:
+                starts.append(total)
+                owners.append(i)
             total += n
             ends.append(total)
         return {
             "ends": ends,
+            "starts": starts,
+            "owners": owners,
             "parts": list(self.partitions),
             "offs": list(self.offsets),
             "ts": list(self.timestamps_ms),
@@ -247,6 +281,8 @@ def check_select(stage: str) -> str:
         )
         cases.append(f"type = '{t.value}', {judged}")
     dcheck = f"multiIf({', '.join(cases)}, (toUInt8(0), ''))"
+    # A row's message: the last message starting at or before it (a running max over the rows in
+    # stage order; a search of ``ends`` per row cost O(messages) per event).
     # Three levels, each computing its columns once: an alias used several times in one level
     # may be evaluated again at each use (the regular expressions then ran ~20 times a row).
     return f"""
@@ -289,9 +325,9 @@ FROM (
                 toUInt32(rn - if(msg = 0, 0, {{ends:Array(UInt64)}}[msg])) AS pos,
                 {{keys:Array(String)}}[msg + 1] AS key
             FROM (
-                SELECT *, rowNumberInAllBlocks() AS rn,
-                    toUInt32(arrayFirstIndex(e -> e > rn, {{ends:Array(UInt64)}}) - 1) AS msg
-                FROM {stage}
+                SELECT *, toUInt32(max(transform(rn, {{starts:Array(UInt64)}}, {{owners:Array(UInt32)}},
+                    toUInt32(0))) OVER (ORDER BY rn ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) AS msg
+                FROM (SELECT *, rowNumberInAllBlocks() AS rn FROM {stage})
             )
         )
     )
@@ -309,15 +345,30 @@ def flagged_select(rows: str) -> str:
     return f"SELECT msg, pos FROM {rows} WHERE NOT ok ORDER BY msg, pos"
 
 
-def raw_insert_select(database: str, rows: str) -> str:
-    """The batch's new events into events_raw in one INSERT: the first occurrence (in the log's
-    order) of each (tenant, event id) of the batch that ``events_raw`` does not hold yet. The
-    anti-join reads only the batch's tenants (the table's primary key starts with the tenant)
-    and granules whose Bloom-filter index may hold one of the batch's ids."""
+NEW_COLUMNS = "msg UInt32, pos UInt32, " + ROW_COLUMNS.split(", ", 3)[3]
+
+
+def new_create(name: str) -> str:
+    """The batch's new rows (what the raw insert will write), with their message and position."""
+    return f"CREATE TABLE IF NOT EXISTS {name} ({NEW_COLUMNS}) ENGINE = Memory"
+
+
+def new_insert(database: str, rows: str, new: str) -> str:
+    """The batch's new events into the ``new`` table (emptied first): the first occurrence (in
+    the log's order) of each (tenant, event id) of the batch that ``events_raw`` does not hold
+    yet, rows at ``excluded`` (message, position) left out. The anti-join reads only the batch's
+    tenants (the table's primary key starts with the tenant) and granules whose Bloom-filter
+    index may hold one of the batch's ids.
+
+    Dedupe and raw insert are two statements now (the rollup stage is filled from ``new`` in
+    between, the trial of the derived statements' conversions, processor.py); no other process
+    writes the batch's partitions meanwhile (one owner per partition, and a tenant's events are
+    in one partition), and ``new`` is a Memory table of this process, so a crash between them is
+    a crash before the raw insert."""
     raw = f"{database}.{Table.EVENTS_RAW}"
     return f"""
-INSERT INTO {raw} ({RAW_COLUMNS}, ingested_at)
-SELECT {RAW_COLUMNS}, {{now:DateTime64(3, 'UTC')}}
+INSERT INTO {new} (msg, pos, {RAW_COLUMNS})
+SELECT msg, pos, {RAW_COLUMNS}
 FROM (
     SELECT * FROM {rows} WHERE ok AND (msg, pos) NOT IN {{excluded:Array(Tuple(UInt32, UInt32))}}
     ORDER BY msg, pos LIMIT 1 BY tenant, event_id
@@ -330,36 +381,39 @@ WHERE (tenant, event_id) NOT IN (
 """
 
 
-def _duplicates_select(database: str, rows: str) -> str:
-    raw = f"{database}.{Table.EVENTS_RAW}"
+def raw_insert_select(database: str, new: str) -> str:
+    """The batch's new rows (``new_insert``) into events_raw: one INSERT, one part."""
+    return (
+        f"INSERT INTO {database}.{Table.EVENTS_RAW} ({RAW_COLUMNS}, ingested_at) "
+        f"SELECT {RAW_COLUMNS}, {{now:DateTime64(3, 'UTC')}} FROM {new}"
+    )
+
+
+def _duplicates_select(rows: str, new: str) -> str:
+    # a judged row that is not new is a copy: of an earlier one of the batch, or of a stored one
     return f"""
 SELECT tenant, event_id, src_partition, src_offset, toUInt32(nth) AS nth,
     fromUnixTimestamp64Milli({{ts:Array(Int64)}}[msg + 1], 'UTC') AS received_at,
     {{now:DateTime64(3, 'UTC')}} AS dropped_at
 FROM (
     SELECT *,
-        row_number() OVER (PARTITION BY tenant, event_id, src_partition, src_offset ORDER BY pos) - 1 AS nth,
-        row_number() OVER (PARTITION BY tenant, event_id ORDER BY msg, pos) AS occurrence
+        row_number() OVER (PARTITION BY tenant, event_id, src_partition, src_offset ORDER BY pos) - 1 AS nth
     FROM {rows} WHERE ok AND (msg, pos) NOT IN {{excluded:Array(Tuple(UInt32, UInt32))}}
 )
-WHERE occurrence > 1 OR (tenant, event_id) IN (
-    SELECT tenant, event_id FROM {raw}
-    WHERE tenant IN (SELECT DISTINCT tenant FROM {rows} WHERE ok)
-      AND event_id IN (SELECT event_id FROM {rows} WHERE ok)
-)
+WHERE (msg, pos) NOT IN (SELECT msg, pos FROM {new})
 """
 
 
-def duplicates_token_select(database: str, rows: str) -> str:
+def duplicates_token_select(rows: str, new: str) -> str:
     """(copies, a hash of their positions): the insert deduplication token of
     ``duplicates_insert``, so that a batch re-processed after a crash writes them once."""
     return (
         "SELECT count(), hex(sipHash128(arraySort(groupArray((tenant, event_id, src_partition, "
-        f"src_offset, nth))))) FROM ({_duplicates_select(database, rows)})"
+        f"src_offset, nth))))) FROM ({_duplicates_select(rows, new)})"
     )
 
 
-def duplicates_insert(database: str, rows: str) -> str:
+def duplicates_insert(database: str, rows: str, new: str) -> str:
     """The copies the raw insert will drop, into ``event_duplicates`` (run *before* it): every
     judged row but the batch's first occurrence of a key ``events_raw`` does not hold; ``nth``
     ranks the copies of one id inside one message. Keyed on the position, with a token made of
@@ -367,7 +421,7 @@ def duplicates_insert(database: str, rows: str) -> str:
     return (
         f"INSERT INTO {database}.{Table.EVENT_DUPLICATES} "
         "(tenant, event_id, src_partition, src_offset, nth, received_at, dropped_at) "
-        + _duplicates_select(database, rows)
+        + _duplicates_select(rows, new)
     )
 
 

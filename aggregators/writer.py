@@ -66,7 +66,13 @@ class ClickHouseWriter:
         # the batch's events as they arrive, and the rows judged valid (stage.py)
         self._events = f"{database}.events_stage_{uuid.uuid4().hex[:12]}"
         self._rows = f"{database}.rows_stage_{uuid.uuid4().hex[:12]}"
+        self._new = f"{database}.new_stage_{uuid.uuid4().hex[:12]}"
         self._events_ready = False
+        # per partition, the raw watermark the rollup stage was filled from the batch's new rows
+        # above (``stage_new``); None when the stage holds anything else
+        self._staged_since: dict[int, int] | None = None
+        # where ``_apply_gauges``/``_apply_entities`` find what a batch touches (set by ``catch_up``)
+        self._touched_source: dict[Table, str] = {}
 
     # ---- the batch's stage (stage.py) -----------------------------------------------------------
 
@@ -74,6 +80,7 @@ class ClickHouseWriter:
         if not self._events_ready:
             self.client.command(stage.stage_create(self._events))
             self.client.command(stage.rows_create(self._rows))
+            self.client.command(stage.new_create(self._new))
             self._events_ready = True
 
     def stage_events(self, body: bytes) -> None:
@@ -93,7 +100,8 @@ class ClickHouseWriter:
         params = batch.parameters()
         self.client.command(f"TRUNCATE TABLE {self._rows}")
         self.client.command(
-            stage.rows_insert(self._rows, self._events), parameters=params, settings=stage.ONE_BLOCK
+            stage.with_settings(stage.rows_insert(self._rows, self._events), stage.ONE_BLOCK),
+            parameters=params,
         )
         flagged = self.client.query(stage.flagged_select(self._rows)).result_rows
         return [(int(m), int(p)) for m, p in flagged]
@@ -118,13 +126,52 @@ class ClickHouseWriter:
         self._ensure_events()
         return self._rows
 
-    def insert_new(self, ingested_at: datetime, excluded: Sequence[tuple[int, int]] = ()) -> None:
-        """The batch's new events into events_raw: one INSERT, one part, all rows or none;
+    def select_new(self, excluded: Sequence[tuple[int, int]] = ()) -> None:
+        """The batch's new events (deduplicated, stage.new_insert) into the ``new`` table;
         ``excluded``: (message, position) of rows left out (refused by the engine)."""
+        self._ensure_events()
+        self._staged_since = None
+        self.client.command(f"TRUNCATE TABLE {self._new}")
         self.client.command(
-            stage.raw_insert_select(self.db, self._rows),
-            parameters={"now": fmt_time(ingested_at), "excluded": list(excluded)},
-            settings=stage.ONE_BLOCK,
+            stage.with_settings(stage.new_insert(self.db, self._rows, self._new), stage.ONE_BLOCK),
+            parameters={"excluded": list(excluded)},
+        )
+
+    def new_keys(self) -> list[tuple[int, int]]:
+        """(message, position) of the batch's new events."""
+        rows = self.client.query(f"SELECT msg, pos FROM {self._new} ORDER BY msg, pos").result_rows
+        return [(int(m), int(p)) for m, p in rows]
+
+    def stage_new(self, since: dict[int, int], keys: Sequence[tuple[int, int]] | None = None) -> None:
+        """The rollup stage filled from the batch's new events (those at ``keys`` only, for a
+        trial), before the raw insert: the same statement ``catch_up`` runs on events_raw, so an
+        event whose value it refuses (a data error) is found before anything is written; and
+        the gauge values converted as the gauge statement converts them (rollup.gauge_values_check).
+        ``since``: the raw watermark per partition before the batch; ``catch_up`` then takes the
+        stage as it is for a period table whose pending range starts there."""
+        self._staged_since = None
+        if not self._stage_ready:
+            self.client.command(rollup.stage_create(self._stage))
+            self._stage_ready = True
+        self.client.command(f"TRUNCATE TABLE {self._stage}")
+        where, params = "1", {}
+        if keys is not None:
+            where, params = "(msg, pos) IN {keys:Array(Tuple(UInt32, UInt32))}", {"keys": list(keys)}
+        self.client.command(
+            rollup.stage_insert(self.catalog, self._new, self._stage, where), parameters=params
+        )
+        check = rollup.gauge_values_check(self.catalog, self._new, where)
+        if check is not None:
+            self.client.query(check, parameters=params)
+        if keys is None:
+            self._staged_since = dict(since)
+
+    def insert_new(self, ingested_at: datetime) -> None:
+        """The batch's new events (``select_new``) into events_raw: one INSERT, one part, all
+        rows or none."""
+        self.client.command(
+            stage.with_settings(stage.raw_insert_select(self.db, self._new), stage.ONE_BLOCK),
+            parameters={"now": fmt_time(ingested_at)},
         )
 
     def record_duplicates(
@@ -133,14 +180,18 @@ class ClickHouseWriter:
         """The judged rows the raw insert will drop as duplicates, into ``event_duplicates``."""
         params = {"now": fmt_time(now), "excluded": list(excluded), "ts": list(timestamps_ms)}
         [(count, digest)] = self.client.query(
-            stage.duplicates_token_select(self.db, self._rows), parameters=params, settings={"max_threads": 1}
+            stage.duplicates_token_select(self._rows, self._new),
+            parameters=params,
+            settings={"max_threads": 1},
         ).result_rows
         if not int(count):
             return
         self.client.command(
-            stage.duplicates_insert(self.db, self._rows),
+            stage.with_settings(
+                stage.duplicates_insert(self.db, self._rows, self._new),
+                {**stage.ONE_BLOCK, "insert_deduplication_token": f"dup-{digest}"},
+            ),
             parameters=params,
-            settings={**stage.ONE_BLOCK, "insert_deduplication_token": f"dup-{digest}"},
         )
 
     def written(self, ranges: Ranges) -> list[tuple[str, int, datetime, int, int, int]]:
@@ -176,6 +227,7 @@ class ClickHouseWriter:
 
     def forget(self, partitions: Iterable[int] | None = None) -> None:
         """Drop cached watermarks (after an error or when partitions move to another process)."""
+        self._staged_since = None
         for cache in self._wm.values():
             if partitions is None:
                 cache.clear()
@@ -217,8 +269,31 @@ class ClickHouseWriter:
                 pending[table] = ranges
         done: dict[Table, int] = {}
         periods = [t for t in pending if t in _GRAIN_OF]
-        if periods:
+        staged, self._staged_since = self._staged_since, None
+        # The stage filled from the batch's new rows (stage_new) holds exactly the raw rows above
+        # the raw watermark it was filled at; it serves a period table whose pending range starts
+        # there (the normal path: the table was up to date before the batch). A table behind
+        # (a crash, an outage: the recovery path) needs the stage from events_raw.
+        if periods and not (
+            staged is not None
+            and all(
+                p in staged and lo >= staged[p]
+                for t in periods
+                for p, (lo, _) in pending[t].by_partition.items()
+            )
+        ):
             self._fill_stage(periods, pending)
+        # likewise, the series (entities) the batch's gauge samples (lifecycle events) touch are
+        # read from its new rows when gauge_15m (entities) was up to date before the batch; the
+        # integrals (states) themselves read events_raw: they need the events of earlier batches
+        self._touched_source = {
+            table: self._new
+            if staged is not None
+            and all(p in staged and lo >= staged[p] for p, (lo, _) in pending[table].by_partition.items())
+            else f"{self.db}.{Table.EVENTS_RAW}"
+            for table in (Table.GAUGE_15M, Table.ENTITIES)
+            if table in pending
+        }
         for table, ranges in pending.items():
             done[table] = self._apply(table, ranges)
             self._checkpoint(CrashPoint.BETWEEN_DERIVED)
@@ -242,13 +317,14 @@ class ClickHouseWriter:
             self._stage_ready = True
         self.client.command(f"TRUNCATE TABLE {self._stage}")
         where, params = Ranges(union).sql()
-        self.client.command(rollup.stage_insert(self.catalog, self.db, self._stage, where), parameters=params)
+        source = f"{self.db}.{Table.EVENTS_RAW}"
+        self.client.command(rollup.stage_insert(self.catalog, source, self._stage, where), parameters=params)
 
     def _apply(self, table: Table, ranges: Ranges) -> int:
         if table in _GRAIN_OF:
             where, params = ranges.sql()
             sql = rollup.period_from_stage(_GRAIN_OF[table], self.db, self._stage, where)
-            self.client.command(sql, parameters=params, settings=_token(table.value, ranges))
+            self.client.command(stage.with_settings(sql, _token(table.value, ranges)), parameters=params)
             return 1
         if table is Table.GAUGE_15M:
             return self._apply_gauges(ranges)
@@ -262,6 +338,7 @@ class ClickHouseWriter:
             self.client.command(f"DROP TABLE IF EXISTS {self._events}")
             self.client.command(f"DROP TABLE IF EXISTS {self._rows}")
             self.client.command(f"DROP TABLE IF EXISTS {self._rows}_probe")
+            self.client.command(f"DROP TABLE IF EXISTS {self._new}")
             self._events_ready = False
 
     def _apply_gauges(self, ranges: Ranges) -> int:
@@ -275,7 +352,8 @@ class ClickHouseWriter:
             top = NO_OFFSET
             for i, meter in enumerate(gauges):
                 touched = self.client.query(
-                    rollup.gauge_touched(meter, self.db, where), parameters=wparams
+                    rollup.gauge_touched(meter, self._touched_source[Table.GAUGE_15M], where),
+                    parameters=wparams,
                 ).result_rows
                 if not touched:
                     continue
@@ -306,7 +384,9 @@ class ClickHouseWriter:
 
     def _apply_entities(self, ranges: Ranges) -> int:
         where, params = ranges.sql()
-        touched = self.client.query(rollup.lifecycle_touched(self.db, where), parameters=params).result_rows
+        touched = self.client.query(
+            rollup.lifecycle_touched(self._touched_source[Table.ENTITIES], where), parameters=params
+        ).result_rows
         if not touched:
             return 0
         # entity -> partition it lives in (a tenant's events are all in one partition)

@@ -163,6 +163,9 @@ def test_the_issue_7_event_is_refused_before_the_raw_insert(
         migrate(client, old_db)
         old = make_processor(client, old_db)
         monkeypatch.setattr(old.preflight, "staged_refusals", lambda rows, at: [])
+        # and no rollup stage from the new rows before the raw insert (its trial, processor.py):
+        # the stage is then filled from events_raw after it, as before
+        monkeypatch.setattr(old.writer, "stage_new", lambda since, keys=None: None)
         with pytest.raises(DatabaseError) as failure:
             old.process(pack(events, 0, 0, per_message=5))
         assert failure.value.code == 69 and "Decimal value is too big" in str(failure.value)
@@ -196,6 +199,85 @@ def test_the_issue_7_event_is_refused_before_the_raw_insert(
     assert recorded == [("A", "a-poison", "storage_rejected", "aggregator")]
     for table in ("usage_15m", "usage_1h", "usage_1d", "usage_1mo"):
         assert counted(client, db, "A", table) == (Decimal("30"), 20), table
+
+
+@pytest.mark.clickhouse
+def test_a_refused_event_and_its_later_copy_are_both_refused(
+    clickhouse: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trial of the usage events runs on the batch's *new* rows (after dedupe): leaving the
+    refused event out makes its later copy in the batch the first occurrence, which must be
+    refused in turn (the trial repeats until the new rows pass), not stall the batch."""
+    client, db = clickhouse
+    events = [cpu(f"a-{i}", "A", 1.5) for i in range(20)]
+    events.insert(3, cpu("a-poison", "A", 1))  # pydantic decides it (see the test above)
+    events.insert(17, cpu("a-poison", "A", 1))  # a producer's retry, in a later message
+    real_decode = processor_module.decode_items
+
+    def crafted(*args: Any) -> Decoded:
+        decoded = real_decode(*args)
+        decoded.rows = [
+            r._replace(data=b'{"workstation_id":"ws-1","cpu_seconds":1e29}')
+            if r.event_id == "a-poison"
+            else r
+            for r in decoded.rows
+        ]
+        return decoded
+
+    monkeypatch.setattr(processor_module, "decode_items", crafted)
+    proc = make_processor(client, db)
+    try:
+        stats = proc.process(pack(events, 0, 0, per_message=5))
+    finally:
+        proc.close()
+    assert (stats.written, stats.refused, stats.duplicates) == (20, 2, 0)
+    dead = proc.dead_letters.rejects  # type: ignore[attr-defined]
+    assert [(d.code, d.offset, d.index) for d in dead] == [
+        ("storage_rejected", 0, 3),
+        ("storage_rejected", 3, 2),
+    ]
+    assert client.command(f"SELECT count() FROM {db}.events_raw WHERE event_id = 'a-poison'") == 0
+    for table in ("usage_15m", "usage_1h", "usage_1d", "usage_1mo"):
+        assert counted(client, db, "A", table) == (Decimal("30"), 20), table
+
+
+@pytest.mark.clickhouse
+def test_a_gauge_value_the_gauge_statement_refuses_is_refused_before_the_raw_insert(
+    clickhouse: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value of ``ci.step.memory`` (a gauge, and no other meter reads it) is converted only by
+    the gauge statement, which reads events_raw after the raw insert; the trial of the new rows
+    converts it first (rollup.gauge_values_check)."""
+    client, db = clickhouse
+
+    def mem(eid: str, i: int, mib: int, canonical: bool = True) -> dict[str, Any]:
+        data = {"contract_id": "c1", "workspace_id": "w1", "step_id": "s1", "memory_mib": mib}
+        if not canonical:  # fields out of order: pydantic decides it (see the first test)
+            data = {"memory_mib": mib, **{k: v for k, v in data.items() if k != "memory_mib"}}
+        return event(eid, "ci.step.memory", data, T0 + timedelta(seconds=10 * i), "A")
+
+    events = [mem(f"m-{i}", i, 512) for i in range(6)]
+    events[2] = mem("m-poison", 2, 512, canonical=False)
+    real_decode = processor_module.decode_items
+    poison = b'{"contract_id":"c1","workspace_id":"w1","step_id":"s1","memory_mib":1e30}'
+
+    def crafted(*args: Any) -> Decoded:
+        decoded = real_decode(*args)
+        decoded.rows = [r._replace(data=poison) if r.event_id == "m-poison" else r for r in decoded.rows]
+        return decoded
+
+    monkeypatch.setattr(processor_module, "decode_items", crafted)
+    proc = make_processor(client, db)
+    try:
+        stats = proc.process(pack(events, 0, 0, per_message=3))
+    finally:
+        proc.close()
+    assert (stats.written, stats.refused) == (5, 1)
+    [dead] = proc.dead_letters.rejects  # type: ignore[attr-defined]
+    assert (dead.code, dead.offset, dead.index) == ("storage_rejected", 0, 2)
+    assert dead.message.startswith("ARGUMENT_OUT_OF_BOUND (69): Decimal value is too big")
+    assert client.command(f"SELECT count() FROM {db}.events_raw WHERE event_id = 'm-poison'") == 0
+    assert client.command(f"SELECT sum(samples) FROM {db}.gauge_15m FINAL") == 5
 
 
 # ---- (a) through a raw Kafka producer and the real faust aggregator ------------------------------

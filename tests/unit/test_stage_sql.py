@@ -792,16 +792,7 @@ def test_the_sql_path_is_never_more_lenient_than_pydantic(
     staged = list(range(len(msgs)))
     refused = proc._stage(msgs, staged)
     counts = [0 if i in refused else len(c[3]) for i, c in enumerate(cases)]
-    flagged = proc.writer.judge(
-        Batch(
-            counts,
-            [m.partition for m in msgs],
-            [m.offset for m in msgs],
-            [m.timestamp_ms for m in msgs],
-            [m.key.decode("utf-8", "replace") if m.key else "" for m in msgs],
-            [int(m.backfill) for m in msgs],
-        )
-    )
+    flagged = proc.writer.judge(Batch.of(msgs, counts))
     stored = _stored(client, proc.writer.rows_table)
     # none lost: every staged event is accepted or handed back, never both
     assert set(stored).isdisjoint(flagged)
