@@ -209,7 +209,7 @@ class AggregatorSettings(CommonSettings):
         default=0,
         ge=0,
         description="Kafka messages faust fetches ahead of the batch being taken (its "
-        "stream_buffer_maxsize; memory: this times the message size). 0: batch_max_messages.",
+        "stream_buffer_maxsize; memory: this times the message size). 0: faust's default, 4096.",
     )
     clickhouse_retry_max_s: float = Field(default=30.0, gt=0, description="Longest backoff between retries.")
     stall_timeout_s: float = Field(
@@ -232,9 +232,10 @@ class AggregatorSettings(CommonSettings):
     )
 
     def stream_buffer_maxsize(self) -> int:
-        """faust's buffer of fetched messages: bounded, or it holds 4,096 messages (~400 MiB of
-        500-event messages) whenever the aggregator is behind (docs/performance.md)."""
-        return self.stream_buffer_messages or self.batch_max_messages
+        """faust's buffer of fetched messages. Its default, 4,096, holds ~400 MiB of 500-event
+        messages whenever the aggregator is behind (docs/performance.md, "Bounded memory"); a
+        smaller one is not the default yet: the hand-back liveness test failed with 5 and 256."""
+        return self.stream_buffer_messages or 4096
 
     def aggregator_engine_settings(self) -> dict[str, int]:
         """The ClickHouse settings of the aggregator's client (deploy/runner.py, PartClients)."""
