@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -136,6 +137,7 @@ async def measure(
         dead_letters: Any = processor.dead_letters
         dead_letters.close()  # closed, or it keeps reconnecting once the broker stops
         processor.close()  # (the engine's clients stay: the process ends with the benchmark)
+        shutil.rmtree(settings.faust_data_dir, ignore_errors=True)
     if n != sent:
         raise RuntimeError(
             f"{n:,} events counted of the {sent:,} sent during the timed requests (none more for "
