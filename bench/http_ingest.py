@@ -252,7 +252,10 @@ def _profile(pid: int, seconds: float) -> subprocess.Popen[bytes] | None:
     )
 
 
-def run_http_ingest(say: Callable[[str], None]) -> dict[str, Any]:
+def run_http_ingest(say: Callable[[str], None], bootstrap: str | None = None) -> dict[str, Any]:
+    """``bootstrap``: a running broker to use (``make bench`` passes its own); else one is started."""
+    from contextlib import nullcontext
+
     from bench.run import broker
     from deploy.kafka.local_broker import find_free_port
 
@@ -262,7 +265,7 @@ def run_http_ingest(say: Callable[[str], None]) -> dict[str, Any]:
     topic = f"bench-http-{uuid.uuid4().hex[:8]}"
     port = find_free_port()
     url = f"http://127.0.0.1:{port}"
-    with broker() as bootstrap:
+    with nullcontext(bootstrap) if bootstrap else broker() as bootstrap:
         env = _env(tmp, bootstrap, port, topic)
         log = tmp / "run.log"
         with log.open("wb") as out:
