@@ -130,6 +130,22 @@ def rejected(code: str) -> float:
 
 # ---- the issue's own event, crafted past validation ---------------------------------------------
 
+ISSUE_7_DATA = b'{"workstation_id":"ws-1","cpu_seconds":1e29}'
+
+
+def craft(monkeypatch: pytest.MonkeyPatch, event_id: str, data: bytes) -> None:
+    """What decoding gave before the bounds: ``event_id``'s data replaced by ``data`` as a producer
+    wrote it. Only events pydantic decides (decode_items) go through here: the event must not be in
+    the normalized form the SQL path takes (stage.py)."""
+    real_decode = processor_module.decode_items
+
+    def crafted(*args: Any) -> Decoded:
+        decoded = real_decode(*args)
+        decoded.rows = [r._replace(data=data) if r.event_id == event_id else r for r in decoded.rows]
+        return decoded
+
+    monkeypatch.setattr(processor_module, "decode_items", crafted)
+
 
 @pytest.mark.clickhouse
 def test_the_issue_7_event_is_refused_before_the_raw_insert(
@@ -140,20 +156,7 @@ def test_the_issue_7_event_is_refused_before_the_raw_insert(
     # cpu_seconds 1 (an integer): valid, but not in the normalized form the SQL path takes
     # (stage.py), so pydantic decides it (decode_items), where the crafting happens
     events.insert(7, cpu("a-poison", "A", 1))
-    real_decode = processor_module.decode_items
-
-    def crafted(*args: Any) -> Decoded:
-        """What decoding gave before the bounds: the issue's number, as the producer wrote it."""
-        decoded = real_decode(*args)
-        decoded.rows = [
-            r._replace(data=b'{"workstation_id":"ws-1","cpu_seconds":1e29}')
-            if r.event_id == "a-poison"
-            else r
-            for r in decoded.rows
-        ]
-        return decoded
-
-    monkeypatch.setattr(processor_module, "decode_items", crafted)
+    craft(monkeypatch, "a-poison", ISSUE_7_DATA)
 
     # Before: without the preflight, the raw insert stores the row (data is text), then the
     # rollup stage refuses it, on every retry, forever.
@@ -212,19 +215,7 @@ def test_a_refused_event_and_its_later_copy_are_both_refused(
     events = [cpu(f"a-{i}", "A", 1.5) for i in range(20)]
     events.insert(3, cpu("a-poison", "A", 1))  # pydantic decides it (see the test above)
     events.insert(17, cpu("a-poison", "A", 1))  # a producer's retry, in a later message
-    real_decode = processor_module.decode_items
-
-    def crafted(*args: Any) -> Decoded:
-        decoded = real_decode(*args)
-        decoded.rows = [
-            r._replace(data=b'{"workstation_id":"ws-1","cpu_seconds":1e29}')
-            if r.event_id == "a-poison"
-            else r
-            for r in decoded.rows
-        ]
-        return decoded
-
-    monkeypatch.setattr(processor_module, "decode_items", crafted)
+    craft(monkeypatch, "a-poison", ISSUE_7_DATA)
     proc = make_processor(client, db)
     try:
         stats = proc.process(pack(events, 0, 0, per_message=5))
@@ -258,15 +249,9 @@ def test_a_gauge_value_the_gauge_statement_refuses_is_refused_before_the_raw_ins
 
     events = [mem(f"m-{i}", i, 512) for i in range(6)]
     events[2] = mem("m-poison", 2, 512, canonical=False)
-    real_decode = processor_module.decode_items
-    poison = b'{"contract_id":"c1","workspace_id":"w1","step_id":"s1","memory_mib":1e30}'
-
-    def crafted(*args: Any) -> Decoded:
-        decoded = real_decode(*args)
-        decoded.rows = [r._replace(data=poison) if r.event_id == "m-poison" else r for r in decoded.rows]
-        return decoded
-
-    monkeypatch.setattr(processor_module, "decode_items", crafted)
+    craft(
+        monkeypatch, "m-poison", b'{"contract_id":"c1","workspace_id":"w1","step_id":"s1","memory_mib":1e30}'
+    )
     proc = make_processor(client, db)
     try:
         stats = proc.process(pack(events, 0, 0, per_message=3))
