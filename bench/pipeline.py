@@ -209,26 +209,33 @@ class CommittedLag:
         self.consumer.close()
 
 
-async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> dict[str, Any]:
-    from aggregators.app import build_app
-    from deploy.runner import build_processor
+def bench_settings(bootstrap: str, topic: str, dsn: str, **more: Any) -> Any:
+    """The benchmarks' aggregator: its own topic and group, batches of 100 messages or 0.2 s."""
     from deploy.settings import RunSettings
-    from schemas.clickhouse import connect
-    from schemas.migrate import migrate
 
-    topic = f"bench-{uuid.uuid4().hex[:8]}"
-    from ingest.kafka_config import ensure_topics
-
-    settings = RunSettings(
-        clickhouse_dsn=f"chdb://{tempfile.mkdtemp(prefix='bench-chdb-')}",
+    return RunSettings(
+        clickhouse_dsn=dsn,
         kafka_bootstrap_servers=bootstrap,
         topic_events=topic,
         topic_dead_letter=f"{topic}.dlq",
         consumer_group=f"bench-{topic}",
         batch_max_messages=100,
         batch_within_s=0.2,
-        faust_data_dir=Path(tempfile.mkdtemp()),
+        faust_data_dir=Path(tempfile.mkdtemp(prefix="bench-faust-")),
+        **more,
     )
+
+
+async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> dict[str, Any]:
+    from aggregators.app import build_app
+    from deploy.runner import build_processor
+    from schemas.clickhouse import connect
+    from schemas.migrate import migrate
+
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    from ingest.kafka_config import ensure_topics
+
+    settings = bench_settings(bootstrap, topic, f"chdb://{tempfile.mkdtemp(prefix='bench-chdb-')}")
     ensure_topics(settings, bootstrap)
     client = connect(settings.clickhouse_dsn.get_secret_value(), settings.clickhouse_database)
     migrate(client, settings.clickhouse_database)

@@ -20,11 +20,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -56,26 +54,15 @@ async def measure(
     import httpx
 
     from aggregators.app import build_app
-    from bench.pipeline import _producer
+    from bench.pipeline import _producer, bench_settings
     from deploy.runner import build_processor
-    from deploy.settings import RunSettings
     from ingest.kafka_config import ensure_topics
     from schemas.clickhouse import connect_part
 
     topic = f"bench-ui-{uuid.uuid4().hex[:8]}"
-    settings = RunSettings(
-        clickhouse_dsn=dsn,
-        clickhouse_database=db,
-        kafka_bootstrap_servers=bootstrap,
-        topic_events=topic,
-        topic_dead_letter=f"{topic}.dlq",
-        consumer_group=f"bench-{topic}",
-        batch_max_messages=100,
-        batch_within_s=0.2,
-        faust_data_dir=Path(tempfile.mkdtemp(prefix="bench-ui-faust-")),
-    )
+    settings = bench_settings(bootstrap, topic, dsn, clickhouse_database=db)
     await asyncio.to_thread(ensure_topics, settings, bootstrap)
-    engine = settings.aggregator_engine_settings() if hasattr(settings, "aggregator_engine_settings") else {}
+    engine = settings.aggregator_engine_settings()
     aggregator_client = connect_part(dsn, db, engine)
     counter = connect_part(dsn, db)
     processor = build_processor(settings, aggregator_client, bootstrap)
