@@ -5,6 +5,7 @@ them, summed over the processors of the process; a processor gone is no longer c
 from __future__ import annotations
 
 import gc
+import weakref
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,8 +42,12 @@ def event(i: int) -> dict[str, Any]:
 
 
 @pytest.mark.clickhouse
-def test_a_scrape_reads_the_processors_stage_timings(clickhouse: tuple[Any, str]) -> None:
+def test_a_scrape_reads_the_processors_stage_timings(
+    clickhouse: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     client, db = clickhouse
+    # only this test's processors: others of the same worker process may still be alive
+    monkeypatch.setattr(metrics, "_stage_sources", weakref.WeakSet())
     processor = make_processor(client, db)
     metrics.watch_stages(processor)
     stats = processor.process(pack([event(i) for i in range(20)], 0, 0, per_message=10))
