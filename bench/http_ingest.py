@@ -23,6 +23,7 @@ requests a minute per key) is a per-key protection, not the ingest's capacity.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import shutil
 import signal
@@ -320,7 +321,10 @@ def run_http_ingest(say: Callable[[str], None], bootstrap: str | None = None) ->
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-    rows, ids, total = _count(tmp)
+    # in a process of its own: the embedded engine opens one data directory per process, and the
+    # caller (make bench) has its own open already
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        rows, ids, total = pool.apply(_count, (tmp,))
     counted = rows == ids == accepted and total == accepted * SECONDS_PER_RENDER
     say(
         f"  counted: {rows:,} rows, {ids:,} ids, {METER} {total:,.0f} "
