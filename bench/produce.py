@@ -29,7 +29,14 @@ TYPES = [
     ),
     (
         "gateway.request",
-        lambda i: {"workspace_id": f"w{i % 20}", "virtual_key_id": f"vk{i % 7}", "request_id": f"q{i}"},
+        # the optional fields written out as null, as the SDK writes them (metering_client.prepare)
+        lambda i: {
+            "workspace_id": f"w{i % 20}",
+            "virtual_key_id": f"vk{i % 7}",
+            "request_id": f"q{i}",
+            "model": None,
+            "status_code": None,
+        },
     ),
     (
         "ci.step.cpu",
