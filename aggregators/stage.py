@@ -25,6 +25,7 @@ message index and the position in it; ``new_insert`` keeps the first occurrence 
 
 from __future__ import annotations
 
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,6 +119,9 @@ class DataCheck:
     condition: str
     subject_group: int
     groups: int
+    #: SQL over the groups: the data's normalized text when the regex admitted an absent field
+    #: (pydantic writes it out as ``null``), ``''`` when the data text is already that text.
+    text: str = "''"
 
 
 def _constraints(metadata: list[Any]) -> list[Any]:
@@ -190,26 +194,47 @@ def _bounds(flat: list[Any], value: str, name: str) -> list[str]:
 
 def data_check(model: type[Data]) -> DataCheck | None:
     """The generated check of ``model``, or None when the SQL cannot express it (a model
-    validator, a list, a pattern of its own): pydantic then decides every event of the type."""
+    validator, a list, a pattern of its own): pydantic then decides every event of the type.
+
+    The fields in the model's order (pydantic's output order); an optional field (default None)
+    after the first may be absent, as pydantic allows: its group is then empty, and the stored
+    text is rebuilt from the groups with ``null`` in its place, as pydantic writes it. Other
+    orders are left to pydantic (it accepts them; the SQL is only stricter)."""
     if model.__pydantic_decorators__.model_validators:
         return None
     parts: list[str] = []
     conds: list[str] = []
+    pieces: list[str] = []  # the normalized text: literal pieces and group expressions
+    omittable = False
     subject = 0
     try:
         for i, (name, info) in enumerate(model.model_fields.items(), start=1):
             if not info.is_required() and info.default is not None:
                 return None  # a default other than None is written out by pydantic
-            regex, cond = _field(name, info.annotation, list(info.metadata), False, f"g[{i}]")
+            if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+                return None  # the name goes into the regex and SQL literals as is
+            g = f"g[{i}]"
+            regex, cond = _field(name, info.annotation, list(info.metadata), False, g)
+            sep = "," if i > 1 else ""
+            literal = f"'{sep}\"{name}\":'"
             if name == model.SUBJECT_FIELD:
                 subject = i
-            parts.append(f'"{name}":{regex}')
-            conds.append(cond)
+            if not info.is_required() and i > 1 and name != model.SUBJECT_FIELD:
+                omittable = True
+                parts.append(f'(?:{sep}"{name}":{regex})?')
+                conds.append(f"({g} = '' OR {cond})")
+                pieces += [literal, f"if({g} = '', 'null', {g})"]
+            else:
+                parts.append(f'{sep}"{name}":{regex}')
+                conds.append(cond)
+                pieces += [literal, g]
     except TypeError:
         return None
     if not subject:
         return None
-    return DataCheck("^\\{" + ",".join(parts) + "\\}$", " AND ".join(conds), subject, len(parts))
+    # char(123), char(125): braces in the query text could be read as parameter placeholders
+    text = f"concat(char(123), {', '.join(pieces)}, char(125))" if omittable else "''"
+    return DataCheck("^\\{" + "".join(parts) + "\\}$", " AND ".join(conds), subject, len(parts), text)
 
 
 CHECKS: dict[EventType, DataCheck] = {
@@ -277,10 +302,11 @@ def check_select(stage: str) -> str:
     for i, (t, c) in enumerate(CHECKS.items()):
         judged = (
             f"arrayMap(g -> (toUInt8(ifNull(length(g) = {c.groups} AND {c.condition}, 0)), "
-            f"g[{c.subject_group}]), [extractGroups(data, {{re_{i}:String}})])[1]"
+            f"g[{c.subject_group}], {c.text}), [extractGroups(data, {{re_{i}:String}})])[1]"
         )
         cases.append(f"type = '{t.value}', {judged}")
-    dcheck = f"multiIf({', '.join(cases)}, (toUInt8(0), ''))"
+    # (data ok, subject token, normalized data text or '' when it is the data text itself)
+    dcheck = f"multiIf({', '.join(cases)}, (toUInt8(0), '', ''))"
     # A row's message: the last message starting at or before it (a running max over the rows in
     # stage order; a search of ``ends`` per row cost O(messages) per event).
     # Three levels, each computing its columns once: an alias used several times in one level
@@ -290,7 +316,7 @@ SELECT
     ok, msg, pos, rtenant AS tenant, ifNull(id, '') AS event_id, ifNull(type, '') AS type,
     ifNull(source, '') AS source, subj AS subject,
     ifNull(parseDateTime64BestEffortOrNull(time, 3, 'UTC'), toDateTime64(0, 3, 'UTC')) AS time,
-    ifNull(data, '') AS data, src_partition, src_offset
+    if(dc.3 = '', ifNull(data, ''), dc.3) AS data, src_partition, src_offset
 FROM (
     SELECT *,
         toUInt8(ifNull((
