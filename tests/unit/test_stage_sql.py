@@ -950,16 +950,16 @@ GATEWAY_DATA = [
 ]
 
 
-@pytest.mark.clickhouse
-def test_absent_optional_fields_are_judged_in_sql(clickhouse: tuple[Any, str]) -> None:
-    """An optional field left out (pydantic: its default, None) is accepted by the SQL and
-    stored as pydantic stores it, byte for byte; the SQL is never more lenient than pydantic."""
-    client, db = clickhouse
+def _judge_each(
+    client: Any, db: str, etype: EventType, cases: list[tuple[str, bool]]
+) -> list[tuple[bytes, tuple[Any, ...] | None]]:
+    """Each (data text, whether the SQL takes it itself) as one event of its own message:
+    (event, what the SQL stored or None). Asserts the SQL's decision and that none is lost."""
     now = datetime.now(UTC)
     time = (now - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     items = [
-        f'{{"specversion":"1.0","id":"e{i}","source":"gw","type":"gateway.request","time":"{time}","data":{d}}}'.encode()
-        for i, (d, _) in enumerate(GATEWAY_DATA)
+        f'{{"specversion":"1.0","id":"e{i}","source":"s","type":"{etype.value}","time":"{time}","data":{d}}}'.encode()
+        for i, (d, _) in enumerate(cases)
     ]
     ts = int(now.timestamp() * 1000)
     proc = _processor(client, db)
@@ -971,14 +971,51 @@ def test_absent_optional_fields_are_judged_in_sql(clickhouse: tuple[Any, str]) -
     counts = [0 if i in refused else 1 for i in range(len(msgs))]
     flagged = set(proc.writer.judge(Batch.of(msgs, counts)))
     stored = _stored(client, proc.writer.rows_table)
-    for i, ((text, sql_takes), item) in enumerate(zip(GATEWAY_DATA, items, strict=True)):
+    out = []
+    for i, ((text, sql_takes), item) in enumerate(zip(cases, items, strict=True)):
         in_sql = (i, 0) in stored
         assert in_sql == sql_takes, (text, in_sql)
         assert in_sql or i in refused or (i, 0) in flagged, text  # none lost
-        if in_sql:
-            ev = _accepted_by_pydantic(item)
-            want = msgspec.json.encode(ev.data)
-            assert b'"model":' in want and b'"status_code":' in want  # written out, null if absent
-            assert stored[(i, 0)][6] == want, text
-            assert stored[(i, 0)][4] == "w1"  # the subject
-    assert len(stored) == sum(t for _, t in GATEWAY_DATA) == 7
+        if in_sql:  # pydantic accepts it, and stores the very same text
+            assert stored[(i, 0)][6] == msgspec.json.encode(_accepted_by_pydantic(item).data), text
+        out.append((item, stored.get((i, 0))))
+    return out
+
+
+@pytest.mark.clickhouse
+def test_absent_optional_fields_are_judged_in_sql(clickhouse: tuple[Any, str]) -> None:
+    """An optional field left out (pydantic: its default, None) is accepted by the SQL and
+    stored as pydantic stores it, byte for byte; the SQL is never more lenient than pydantic."""
+    judged = _judge_each(*clickhouse, EventType.GATEWAY_REQUEST, GATEWAY_DATA)
+    for _, row in judged:
+        if row is not None:
+            assert b'"model":' in row[6] and b'"status_code":' in row[6]  # written out, null if absent
+            assert row[4] == "w1"  # the subject
+    assert sum(row is not None for _, row in judged) == sum(t for _, t in GATEWAY_DATA) == 7
+
+
+# A float's text is taken by the SQL when it is Python's repr (what pydantic stores): no trailing
+# zero in the fraction but the one of ``.0``; pydantic takes the others too (and normalizes them).
+FLOAT_TEXTS = [
+    ("1.0", True),
+    ("0.0", True),
+    ("10.0", True),
+    ("1.5", True),
+    ("0.25", True),
+    ("100.01", True),
+    ("1.50", False),
+    ("1.00", False),
+    ("0.00", False),
+    ("0.10", False),
+    ("10.010", False),
+    ("1", False),
+    ("1.", False),
+    ("01.5", False),
+]
+
+
+@pytest.mark.clickhouse
+def test_float_texts_the_sql_takes_are_pythons_repr(clickhouse: tuple[Any, str]) -> None:
+    cases = [(f'{{"workstation_id":"ws1","cpu_seconds":{f}}}', ok) for f, ok in FLOAT_TEXTS]
+    judged = _judge_each(*clickhouse, EventType.WORKSTATION_CPU, cases)
+    assert sum(row is not None for _, row in judged) == 6
