@@ -230,6 +230,14 @@ class AggregatorSettings(CommonSettings):
     aggregator_max_memory_usage: int = Field(
         default=2 << 30, ge=0, description="max_memory_usage of one aggregator statement (bytes; 0: none)."
     )
+    aggregator_nice: int = Field(
+        default=19,
+        ge=0,
+        le=19,
+        description="Linux nice value of the engine threads of the aggregator's statements "
+        "(ClickHouse's os_thread_priority): the query API's reads go first on a busy CPU. Takes "
+        "effect only where the process has CAP_SYS_NICE (the engine ignores it otherwise). 0: off.",
+    )
 
     def stream_buffer_maxsize(self) -> int:
         """faust's buffer of fetched messages: twice the batch unless set. faust's own default,
@@ -242,7 +250,11 @@ class AggregatorSettings(CommonSettings):
     def aggregator_engine_settings(self) -> dict[str, int]:
         """The ClickHouse settings of the aggregator's client (deploy/runner.py, PartClients)."""
         threads = self.aggregator_max_threads or max(1, (os.cpu_count() or 2) - 1)
-        return {"max_threads": threads, "max_memory_usage": self.aggregator_max_memory_usage}
+        out = {"max_threads": threads, "max_memory_usage": self.aggregator_max_memory_usage}
+        if self.aggregator_nice:
+            # the old name of os_threads_nice_value_query: every ClickHouse the project runs on has it
+            out["os_thread_priority"] = self.aggregator_nice
+        return out
 
 
 class AdminTokenSettings(BaseSettings):
