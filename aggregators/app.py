@@ -84,7 +84,8 @@ def build_app(
     restarted (supervisor.py); without it, such a stall is only reported."""
     # Both cores: the next batch is parsed and judged while one is applied (processor.prepare),
     # on connections of its own (none on a server unless the caller gave them: deploy/runner.py).
-    processor.open_stagers()
+    if settings.prepare_ahead:
+        processor.open_stagers()
     app = faust.App(
         settings.consumer_group,
         broker=f"kafka://{bootstrap}",
@@ -172,7 +173,7 @@ def build_app(
 
     @app.agent(topics, concurrency=1, name="aggregate")
     async def aggregate(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        on_full = prepare_ahead if processor.prepares_ahead else None
+        on_full = prepare_ahead if settings.prepare_ahead and processor.prepares_ahead else None
         async for taken in take_applied(
             stream, settings.batch_max_messages, settings.batch_within_s, on_full
         ):

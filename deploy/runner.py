@@ -138,7 +138,7 @@ def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) ->
         settings.topic_control,
     )
     processor = BatchProcessor(writer, dlq)
-    if hasattr(settings, "clickhouse_dsn"):
+    if getattr(settings, "prepare_ahead", False) and hasattr(settings, "clickhouse_dsn"):
         # the stagers that prepare the next batch while one is applied: clients of their own,
         # with the aggregator's share of the engine (on a server too, unlike the default)
         dsn, database = settings.clickhouse_dsn.get_secret_value(), settings.clickhouse_database
