@@ -82,10 +82,6 @@ def build_app(
     """The faust app. ``watchdog`` (default: a new one with ``settings.stall_timeout_s``) judges
     the partitions' progress; ``restart`` is called when a stall needs the aggregator part
     restarted (supervisor.py); without it, such a stall is only reported."""
-    # Both cores: the next batch is parsed and judged while one is applied (processor.prepare),
-    # on connections of its own (none on a server unless the caller gave them: deploy/runner.py).
-    if settings.prepare_ahead:
-        processor.open_stagers()
     app = faust.App(
         settings.consumer_group,
         broker=f"kafka://{bootstrap}",
@@ -173,7 +169,10 @@ def build_app(
 
     @app.agent(topics, concurrency=1, name="aggregate")
     async def aggregate(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        on_full = prepare_ahead if settings.prepare_ahead and processor.prepares_ahead else None
+        # Both cores: the next batch is parsed and judged while one is applied (processor.prepare),
+        # on connections of its own (none on a server unless the caller opened them: deploy/runner.py).
+        ahead_on = settings.prepare_ahead and await asyncio.to_thread(processor.open_stagers)
+        on_full = prepare_ahead if ahead_on else None
         async for taken in take_applied(
             stream, settings.batch_max_messages, settings.batch_within_s, on_full
         ):

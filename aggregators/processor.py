@@ -178,6 +178,7 @@ class BatchProcessor:
                 stager.close()
             with contextlib.suppress(Exception):
                 stager.client.close()
+        self._stagers = []
 
     # ---- the batch ----------------------------------------------------------------------------
 
