@@ -141,7 +141,13 @@ def build_app(
         False if it could not (the partition was revoked meanwhile): sought again when owned."""
         consumer: Any = app.consumer
         try:
-            await consumer.seek_wait({tp: offset})
+            # Bounded: faust's seek_wait waits up to broker_request_timeout (90 s) for the new
+            # position, and the watchdog seeks from its check. After an agent crash with a
+            # bounded stream buffer the watchdog went silent for 90 s after its first seek, so
+            # the restart that heals that stall came too late (test_watchdog's crashed-agent test
+            # failed 2 of 4 runs before this bound, passed 9 of 9 after); a seek given up here is
+            # tried again (the rewind rule, or the watchdog's next action).
+            await asyncio.wait_for(consumer.seek_wait({tp: offset}), max(5.0, settings.stall_timeout_s))
         except Exception as exc:
             log.warning("could not seek %s back to offset %d: %r", tp, offset, exc)
             return False

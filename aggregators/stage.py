@@ -25,6 +25,7 @@ message index and the position in it; ``new_insert`` keeps the first occurrence 
 
 from __future__ import annotations
 
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,7 +105,11 @@ def rows_create(name: str) -> str:
 # ---- generated from the models -----------------------------------------------------------------
 
 _STR = r'("[^"\\\x00-\x1f]*")'  # a JSON string without escapes: its text is its value
-_FLOAT = r"((?:0|[1-9][0-9]{0,15})\.(?:[0-9]*[1-9]|0))"  # Python's repr of a float in [1e-4, 1e16)
+# Python's repr of a float in [1e-4, 1e16): its fraction is 0 or ends in a non-zero digit, which
+# the condition checks (``_FLOAT_FRACTION``): in the pattern, the rule made the regular expression
+# ambiguous one character ahead, and extracting its groups ~1.6 times dearer (docs/performance.md)
+_FLOAT = r"((?:0|[1-9][0-9]{0,15})\.[0-9]+)"
+_FLOAT_FRACTION = "(NOT endsWith({g}, '0') OR endsWith({g}, '.0'))"
 _INT = r"(0|[1-9][0-9]{0,18})"
 
 
@@ -118,6 +123,9 @@ class DataCheck:
     condition: str
     subject_group: int
     groups: int
+    #: SQL over the groups: the data's normalized text when the regex admitted an absent field
+    #: (pydantic writes it out as ``null``), ``''`` when the data text is already that text.
+    text: str = "''"
 
 
 def _constraints(metadata: list[Any]) -> list[Any]:
@@ -141,18 +149,23 @@ def _field(name: str, annotation: Any, metadata: list[Any], optional: bool, g: s
     conds: list[str] = []
     flat = _constraints(metadata)
     if annotation is str:
-        regex, value = _STR, f"substring({g}, 2, length({g}) - 2)"
+        # the group is the string's text in its quotes (two one-byte characters); the fewer and
+        # simpler the conditions, the cheaper the query is to analyse and to run
+        regex = _STR
         for m in flat:
-            if isinstance(m, at.MinLen):
-                conds.append(f"lengthUTF8({value}) >= {m.min_length}")
+            if isinstance(m, at.MinLen) and m.min_length == 1:
+                regex = _STR.replace("*", "+")
+            elif isinstance(m, at.MinLen):
+                conds.append(f"lengthUTF8({g}) >= {m.min_length + 2}")
             elif isinstance(m, at.MaxLen):
-                conds.append(f"lengthUTF8({value}) <= {m.max_length}")
+                conds.append(f"lengthUTF8({g}) <= {m.max_length + 2}")
             elif getattr(m, "pattern", None) == r"^[^\x00-\x1f]+$":
                 pass  # no control character: the regex admits none
             else:
                 raise TypeError(f"no SQL for constraint {m!r} of {name}")
     elif annotation is float:
         regex, value = _FLOAT, f"toFloat64OrNull({g})"
+        conds.append(_FLOAT_FRACTION.format(g=g))
         # at most 15 significant digits: the text is then the shortest that reads back as this
         # float, i.e. its normalized form (fixed notation between 1e-4 and 1e16)
         conds.append(f"length(trimLeft(replaceOne({g}, '.', ''), '0')) <= 15")
@@ -174,7 +187,8 @@ def _bounds(flat: list[Any], value: str, name: str) -> list[str]:
     out = []
     for m in flat:
         if isinstance(m, at.Ge):
-            out.append(f"{value} >= {m.ge!r}")
+            if not isinstance(m.ge, int | float) or m.ge > 0:  # the patterns admit no sign
+                out.append(f"{value} >= {m.ge!r}")
         elif isinstance(m, at.Le):
             out.append(f"{value} <= {m.le!r}")
         elif isinstance(m, at.Gt):
@@ -190,26 +204,49 @@ def _bounds(flat: list[Any], value: str, name: str) -> list[str]:
 
 def data_check(model: type[Data]) -> DataCheck | None:
     """The generated check of ``model``, or None when the SQL cannot express it (a model
-    validator, a list, a pattern of its own): pydantic then decides every event of the type."""
+    validator, a list, a pattern of its own): pydantic then decides every event of the type.
+
+    The fields in the model's order (pydantic's output order); an optional field (default None)
+    after the first may be absent, as pydantic allows: its group is then empty, and the stored
+    text is rebuilt from the groups with ``null`` in its place, as pydantic writes it. Other
+    orders are left to pydantic (it accepts them; the SQL is only stricter)."""
     if model.__pydantic_decorators__.model_validators:
         return None
     parts: list[str] = []
     conds: list[str] = []
+    pieces: list[str] = []  # the normalized text: literal pieces and group expressions
+    omitted: list[int] = []  # the groups of the fields that may be absent
     subject = 0
     try:
         for i, (name, info) in enumerate(model.model_fields.items(), start=1):
             if not info.is_required() and info.default is not None:
                 return None  # a default other than None is written out by pydantic
-            regex, cond = _field(name, info.annotation, list(info.metadata), False, f"g[{i}]")
+            if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+                return None  # the name goes into the regex and SQL literals as is
+            g = f"g[{i}]"
+            regex, cond = _field(name, info.annotation, list(info.metadata), False, g)
+            sep = "," if i > 1 else ""
+            literal = f"'{sep}\"{name}\":'"
             if name == model.SUBJECT_FIELD:
                 subject = i
-            parts.append(f'"{name}":{regex}')
-            conds.append(cond)
+            if not info.is_required() and i > 1 and name != model.SUBJECT_FIELD:
+                omitted.append(i)
+                parts.append(f'(?:{sep}"{name}":{regex})?')
+                conds.append(f"({g} = '' OR {cond})")
+                pieces += [literal, f"if({g} = '', 'null', {g})"]
+            else:
+                parts.append(f'{sep}"{name}":{regex}')
+                conds.append(cond)
+                pieces += [literal, g]
     except TypeError:
         return None
     if not subject:
         return None
-    return DataCheck("^\\{" + ",".join(parts) + "\\}$", " AND ".join(conds), subject, len(parts))
+    # char(123), char(125): braces in the query text could be read as parameter placeholders
+    # rebuilt only when a field is absent: a present one, null or not, is already pydantic's text
+    absent = " OR ".join(f"g[{i}] = ''" for i in omitted)
+    text = f"if({absent}, concat(char(123), {', '.join(pieces)}, char(125)), '')" if omitted else "''"
+    return DataCheck("^\\{" + "".join(parts) + "\\}$", " AND ".join(conds), subject, len(parts), text)
 
 
 CHECKS: dict[EventType, DataCheck] = {
@@ -277,10 +314,11 @@ def check_select(stage: str) -> str:
     for i, (t, c) in enumerate(CHECKS.items()):
         judged = (
             f"arrayMap(g -> (toUInt8(ifNull(length(g) = {c.groups} AND {c.condition}, 0)), "
-            f"g[{c.subject_group}]), [extractGroups(data, {{re_{i}:String}})])[1]"
+            f"g[{c.subject_group}], {c.text}), [extractGroups(data, {{re_{i}:String}})])[1]"
         )
         cases.append(f"type = '{t.value}', {judged}")
-    dcheck = f"multiIf({', '.join(cases)}, (toUInt8(0), ''))"
+    # (data ok, subject token, normalized data text or '' when it is the data text itself)
+    dcheck = f"multiIf({', '.join(cases)}, (toUInt8(0), '', ''))"
     # A row's message: the last message starting at or before it (a running max over the rows in
     # stage order; a search of ``ends`` per row cost O(messages) per event).
     # Three levels, each computing its columns once: an alias used several times in one level
@@ -290,7 +328,7 @@ SELECT
     ok, msg, pos, rtenant AS tenant, ifNull(id, '') AS event_id, ifNull(type, '') AS type,
     ifNull(source, '') AS source, subj AS subject,
     ifNull(parseDateTime64BestEffortOrNull(time, 3, 'UTC'), toDateTime64(0, 3, 'UTC')) AS time,
-    ifNull(data, '') AS data, src_partition, src_offset
+    if(dc.3 = '', ifNull(data, ''), dc.3) AS data, src_partition, src_offset
 FROM (
     SELECT *,
         toUInt8(ifNull((

@@ -164,3 +164,28 @@ def report(result: dict[str, Any], say: Callable[[str], None]) -> None:
         )
     for name, ms in result["query_p99_under_ingest_by_endpoint_ms"].items():
         say(f"    {name:14s} p99 {ms:7.2f} ms")
+
+
+def main(argv: list[str]) -> None:
+    """``python -m bench.under_ingest [WORLD_EVENTS] [RATE]``: this benchmark alone (with the idle
+    timings before it), on a world of ``WORLD_EVENTS`` raw events (default 2,000,000; 0 is the
+    smallest: tenant 0's 33 days and 6 hours of the others) at ``RATE`` events/s (default 13,000,
+    half the peak ``make bench`` measured); a broker of its own unless KAFKA_BOOTSTRAP_SERVERS."""
+    import sys
+
+    from bench.queries import run_queries
+    from bench.run import broker
+
+    events = int(argv[0]) if argv else 2_000_000
+    rate = float(argv[1]) if len(argv) > 1 else 13_000.0
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    with broker() as bootstrap:
+        q = run_queries(events, say, bootstrap, rate)
+    report(q["under_ingest"], say)
+    print(orjson.dumps({"idle_p50": q["p50"], "idle_p99": q["p99"], **q["under_ingest"]}).decode())
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

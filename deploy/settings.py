@@ -209,7 +209,7 @@ class AggregatorSettings(CommonSettings):
         default=0,
         ge=0,
         description="Kafka messages faust fetches ahead of the batch being taken (its "
-        "stream_buffer_maxsize; memory: this times the message size). 0: faust's default, 4096.",
+        "stream_buffer_maxsize; memory: about this times the message size). 0: twice batch_max_messages.",
     )
     clickhouse_retry_max_s: float = Field(default=30.0, gt=0, description="Longest backoff between retries.")
     prepare_ahead: bool = Field(
@@ -235,17 +235,31 @@ class AggregatorSettings(CommonSettings):
     aggregator_max_memory_usage: int = Field(
         default=2 << 30, ge=0, description="max_memory_usage of one aggregator statement (bytes; 0: none)."
     )
+    aggregator_nice: int = Field(
+        default=19,
+        ge=0,
+        le=19,
+        description="Linux nice value of the engine threads of the aggregator's statements "
+        "(ClickHouse's os_thread_priority): the query API's reads go first on a busy CPU. Takes "
+        "effect only where the process has CAP_SYS_NICE (the engine ignores it otherwise). 0: off.",
+    )
 
     def stream_buffer_maxsize(self) -> int:
-        """faust's buffer of fetched messages. Its default, 4,096, holds ~400 MiB of 500-event
-        messages whenever the aggregator is behind (docs/performance.md, "Bounded memory"); a
-        smaller one is not the default yet: the hand-back liveness test failed with 5 and 256."""
-        return self.stream_buffer_messages or 4096
+        """faust's buffer of fetched messages: twice the batch unless set. faust's own default,
+        4,096, held ~400 MiB of 500-event messages whenever the aggregator was behind and was most
+        of its RSS growth (docs/performance.md, "Bounded memory"). Twice the batch keeps the next
+        batch fetched while one is applied (faust pauses a partition's fetch at 80 % of the buffer
+        and resumes it once the buffer has drained), and bounds the read-ahead by what a batch is."""
+        return self.stream_buffer_messages or 2 * self.batch_max_messages
 
     def aggregator_engine_settings(self) -> dict[str, int]:
         """The ClickHouse settings of the aggregator's client (deploy/runner.py, PartClients)."""
         threads = self.aggregator_max_threads or max(1, (os.cpu_count() or 2) - 1)
-        return {"max_threads": threads, "max_memory_usage": self.aggregator_max_memory_usage}
+        out = {"max_threads": threads, "max_memory_usage": self.aggregator_max_memory_usage}
+        if self.aggregator_nice:
+            # the old name of os_threads_nice_value_query: every ClickHouse the project runs on has it
+            out["os_thread_priority"] = self.aggregator_nice
+        return out
 
 
 class AdminTokenSettings(BaseSettings):

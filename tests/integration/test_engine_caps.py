@@ -85,6 +85,6 @@ def test_faust_fetches_as_many_messages_ahead_as_set() -> None:
 
     settings = AggregatorSettings(batch_max_messages=200)
     app = build_app(settings, "127.0.0.1:9", processor=None)  # type: ignore[arg-type]
-    assert app.conf.stream_buffer_maxsize == 4096  # faust's default unless set
+    assert app.conf.stream_buffer_maxsize == 400  # twice the batch unless set (faust's own: 4,096)
     app = build_app(settings.model_copy(update={"stream_buffer_messages": 300}), "127.0.0.1:9", None)  # type: ignore[arg-type]
     assert app.conf.stream_buffer_maxsize == 300

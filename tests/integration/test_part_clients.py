@@ -53,6 +53,9 @@ def test_the_query_api_and_readyz_answer_while_the_aggregator_client_is_busy(
         assert len({id(clients.api), id(clients.aggregator), id(clients.health)}) == 3
         assert int(clients.aggregator.command("SELECT getSetting('max_threads')")) == 1
         assert int(clients.aggregator.command("SELECT getSetting('max_memory_usage')")) == 1 << 30
+        # the aggregator's engine threads yield the CPU to the reads (default nice 19)
+        assert int(clients.aggregator.command("SELECT getSetting('os_thread_priority')")) == 19
+        assert int(clients.api.command("SELECT getSetting('os_thread_priority')")) == 0
         app, closers = build_http_app(
             settings, clients.api, kafka_bootstrap, {Part.QUERY}, health_client=clients.health
         )
