@@ -28,7 +28,8 @@ import faust
 
 from aggregators import metrics
 from aggregators.decode import SourceMessage
-from aggregators.processor import BatchProcessor
+from aggregators.errors import reason
+from aggregators.processor import BatchProcessor, Prepared
 from aggregators.take import take_applied
 from aggregators.watchdog import Action, Observation, Watchdog, describe_troubles
 from deploy.settings import AggregatorSettings
@@ -152,9 +153,43 @@ def build_app(
             return False
         return True
 
+    def source(ev: Any) -> SourceMessage:
+        return SourceMessage(
+            partition=lane_of(ev),
+            offset=ev.message.offset,
+            # round, not int(): the float seconds faust gives must give back the exact
+            # millisecond the producer judged the event by
+            timestamp_ms=round(ev.message.timestamp * 1000),
+            key=ev.message.key,
+            value=ev.message.value,
+            headers=_headers(ev.message.headers),
+        )
+
+    def prepare_ahead(evs: list[Any]) -> tuple[list[SourceMessage], asyncio.Future[Prepared]]:
+        """A full batch, taken or not yet: parsed and judged in a thread of its own while the
+        batch before it is applied (processor.prepare). Used only if the loop below applies
+        every one of its events; awaited in any case before the next batch is applied."""
+        batch = [source(ev) for ev in evs]
+        stager = processor.next_stager()  # here, on the loop: in the order batches are applied
+        return batch, asyncio.ensure_future(asyncio.to_thread(processor.prepare, batch, stager))
+
     @app.agent(topics, concurrency=1, name="aggregate")
     async def aggregate(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        async for taken in take_applied(stream, settings.batch_max_messages, settings.batch_within_s):
+        # Both cores: the next batch is parsed and judged while one is applied (processor.prepare),
+        # on connections of its own (none on a server unless the caller opened them: deploy/runner.py).
+        ahead_on = settings.prepare_ahead and await asyncio.to_thread(processor.open_stagers)
+        on_full = prepare_ahead if ahead_on else None
+        async for taken in take_applied(
+            stream, settings.batch_max_messages, settings.batch_within_s, on_full
+        ):
+            ahead: Prepared | None = None
+            if taken.ahead is not None:
+                # Awaited whatever comes next: its stager may not prepare another batch before.
+                pre_batch, preparing = taken.ahead
+                try:
+                    ahead = await preparing
+                except Exception as exc:  # an outage: process_with_retry prepares it again
+                    log.info("preparing a batch ahead failed (%s); prepared when applied", reason(exc))
             await settled.wait()
             for tp, first in sorted(rewind.items()):
                 if tp not in sought and _lane(tp.topic, tp.partition, control) in owned:
@@ -199,19 +234,11 @@ def build_app(
             if not events:
                 yield None
                 continue
-            batch = [
-                SourceMessage(
-                    partition=lane_of(ev),
-                    offset=ev.message.offset,
-                    # round, not int(): the float seconds faust gives must give back the exact
-                    # millisecond the producer judged the event by
-                    timestamp_ms=round(ev.message.timestamp * 1000),
-                    key=ev.message.key,
-                    value=ev.message.value,
-                    headers=_headers(ev.message.headers),
-                )
-                for ev in events
-            ]
+            if ahead is not None and len(events) == len(taken.events):
+                batch = pre_batch  # every event of the batch prepared ahead is to be applied
+            else:
+                ahead = None
+                batch = [source(ev) for ev in events]
             # ClickHouse calls block; run them off the event loop so heartbeats keep flowing
             # while a batch waits out an outage.
             mine = {m.partition for m in batch}
@@ -223,7 +250,7 @@ def build_app(
                 in_flight_since[0] = asyncio.get_running_loop().time()
                 try:
                     stats = await asyncio.to_thread(
-                        processor.process_with_retry, batch, give_up, settings.clickhouse_retry_max_s
+                        processor.process_with_retry, batch, give_up, settings.clickhouse_retry_max_s, ahead
                     )
                 finally:
                     in_flight_since[0] = None

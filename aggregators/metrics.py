@@ -40,6 +40,10 @@ TENANT_FRESHNESS = Gauge(  # set where freshness is written: BatchProcessor.proc
     ["tenant"],
 )
 BATCHES = Counter("metering_batches_total", "Batches processed")
+BATCHES_PREPARED_AHEAD = Counter(
+    "metering_batches_prepared_ahead_total",
+    "Batches applied from a preparation made while the batch before was applied (both cores busy)",
+)
 INGEST_REQUESTS = Counter("metering_ingest_requests_total", "HTTP ingest requests", ["status"])
 
 

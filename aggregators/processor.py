@@ -27,6 +27,10 @@ Python handles Kafka messages; ClickHouse handles events (stage.py). The steps, 
    outage left one behind) from ``events_raw`` above its own watermark;
 6. record freshness. Only after ``process`` returns may the offsets be committed.
 
+Steps 2 and 3 write only this process's stage tables and depend on nothing stored, so the
+aggregator runs them for the next batch while this one is applied (``prepare``, on a stager of
+its own; aggregators/app.py): the engine's calls release the GIL, so both cores work.
+
 ``process_with_retry`` retries a batch that fails for any other reason (an outage), with
 backoff, for as long as it takes; meanwhile ``stalled_since`` and ``last_error`` say so (the
 aggregator health check reads them) and ``metering_aggregator_stalled_seconds_total`` counts.
@@ -34,13 +38,14 @@ aggregator health check reads them) and ``metering_aggregator_stalled_seconds_to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from aggregators import metrics, rejections
 from aggregators.decode import (
@@ -107,6 +112,19 @@ class BatchStats:
     tenants: set[str] = field(default_factory=set)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A batch parsed and judged (steps 2 and 3), nothing written: what ``process`` goes on from."""
+
+    messages: Sequence[SourceMessage]  # the batch, every message still to be applied when prepared
+    items: list[list[bytes]]  # per message, its events' raw bytes
+    rejects: list[Reject]  # messages rejected whole
+    python: list[int]  # messages pydantic decides whole
+    flagged: list[tuple[int, int]]  # (message, position) of the events the SQL did not accept
+    events: int
+    rows_table: str  # where the accepted events wait (the stager's rows table)
+
+
 class BatchProcessor:
     def __init__(
         self,
@@ -114,8 +132,15 @@ class BatchProcessor:
         dead_letters: DeadLetterSink,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         preflight: Preflight | None = None,
+        stagers: Sequence[ClickHouseWriter] = (),
     ) -> None:
         self.writer = writer
+        # writers of their own (each with its own client and stage tables) that prepare the
+        # next batches while ``writer`` applies one: ``prepare``
+        self._stagers = list(stagers)
+        self._next_stager = 0
+        #: batches applied from a preparation made ahead (``prepare``)
+        self.prepared_ahead = 0
         self.dead_letters = dead_letters
         self.clock = clock
         self.preflight = preflight or Preflight(writer)
@@ -148,53 +173,38 @@ class BatchProcessor:
     def close(self) -> None:
         self.preflight.close()
         self.writer.close()
+        for stager in self._stagers:  # their clients are theirs alone
+            with contextlib.suppress(Exception):
+                stager.close()
+            with contextlib.suppress(Exception):
+                stager.client.close()
+        self._stagers = []
 
     # ---- the batch ----------------------------------------------------------------------------
 
-    def process(self, messages: Sequence[SourceMessage]) -> BatchStats:
+    def process(self, messages: Sequence[SourceMessage], ahead: Prepared | None = None) -> BatchStats:
+        """Apply ``messages``; ``ahead``: their preparation (``prepare``), used when it
+        still holds (every message of it is still to be applied), else prepared again here."""
         stats = BatchStats(messages=len(messages))
         if not messages:
             return stats
         started = time.perf_counter()
         partitions = sorted({m.partition for m in messages})
         raw_wm = self.writer.watermarks(Table.EVENTS_RAW, partitions)
-        fresh = [m for m in messages if m.offset > raw_wm[m.partition]]
+        fresh: Sequence[SourceMessage] = [m for m in messages if m.offset > raw_wm[m.partition]]
         stats.skipped_messages = len(messages) - len(fresh)
         timings = self.timings
-
-        # 2. per message (Python): its events as raw bytes, or the reject of the whole message
-        t0 = time.perf_counter()
-        items: list[list[bytes]] = []
-        decoded = Decoded()
-        staged: list[int] = []  # indexes (in fresh) of the messages the engine parses
-        python: list[int] = []  # indexes of the messages pydantic decides whole
-        for i, m in enumerate(fresh):
-            its = message_items(m)
-            if isinstance(its, Reject):
-                decoded.rejects.append(its)
-                items.append([])
-                continue
-            items.append(its)
-            if is_control_lane(m.partition) or not _stageable(m.value, its):
-                python.append(i)
-            elif its:
-                staged.append(i)
-        stats.events = sum(len(x) for x in items) + sum(1 for r in decoded.rejects if r.index < 0)
-        t1 = time.perf_counter()
-        timings["prepare"] += t1 - t0
-
-        # 3. ClickHouse parses and judges the staged messages; what it refuses to read, or does
-        # not accept, pydantic decides (and words the reject)
-        refused = self._stage(fresh, staged)
-        python.extend(refused)
-        counts = [0] * len(fresh)
-        refused_set = set(refused)
-        for i in staged:
-            if i not in refused_set:
-                counts[i] = len(items[i])
-        flagged = self.writer.judge(Batch.of(fresh, counts))
+        if ahead is None or ahead.messages is not messages or len(fresh) != len(messages):
+            ahead = self._prepare(fresh, self.writer)  # its own stage tables
+        else:
+            self.prepared_ahead += 1
+            metrics.BATCHES_PREPARED_AHEAD.inc()
+        self.writer.read_rows_from(ahead.rows_table)
+        fresh = ahead.messages
+        items, python, flagged = ahead.items, ahead.python, ahead.flagged
+        decoded = Decoded(rejects=list(ahead.rejects))
+        stats.events = ahead.events
         t2 = time.perf_counter()
-        timings["parse_validate"] += t2 - t1
         positions: dict[int, list[int]] = defaultdict(list)
         for mi, pos in flagged:
             positions[mi].append(pos)
@@ -286,6 +296,86 @@ class BatchProcessor:
         checkpoint(CrashPoint.AFTER_BATCH)
         return stats
 
+    # ---- preparing a batch (steps 2 and 3): its own tables, no side effect -------------------
+
+    def open_stagers(self, connect: Callable[[], Any] | None = None) -> bool:
+        """Give this processor the two stagers ``prepare`` needs, each a writer with a
+        client of its own from ``connect`` (by default: another connection to the writer's
+        embedded engine; a ClickHouse server needs ``connect``). False when none can be made:
+        batches are then prepared by ``process`` itself, one after another."""
+        if self.prepares_ahead:
+            return True
+        if connect is None:
+            path = getattr(self.writer.client, "path", None)  # clickhouse-connect's chdb client
+            if not isinstance(path, str) or not path or path == ":memory:":
+                return False
+            database = self.writer.db
+
+            def connect() -> Any:
+                from schemas.clickhouse import connect_part
+
+                return connect_part(f"chdb://{path}", database)
+
+        self._stagers = [ClickHouseWriter(connect(), self.writer.db, self.writer.catalog) for _ in range(2)]
+        return True
+
+    @property
+    def prepares_ahead(self) -> bool:
+        """Whether ``prepare`` can run beside ``process`` (stagers of their own)."""
+        return len(self._stagers) >= 2
+
+    def next_stager(self) -> ClickHouseWriter:
+        """The stager to prepare the next batch ahead with (``prepare``). The caller takes them in
+        the order it applies the batches, and applies (or drops) each batch before preparing the
+        one two after it: a batch's rows are read from its stager's tables until it is applied."""
+        stager = self._stagers[self._next_stager % len(self._stagers)]
+        self._next_stager += 1
+        return stager
+
+    def prepare(self, messages: Sequence[SourceMessage], stager: ClickHouseWriter) -> Prepared:
+        """Steps 2 and 3 of ``messages`` on ``stager`` (``next_stager``): the batch after the one
+        ``process`` may be applying meanwhile, in another thread with another client (the
+        engine's calls release the GIL, so both cores work). Writes only the stager's tables of
+        this process; ``process(messages, ahead=...)`` goes on from it if every message is still
+        to be applied then."""
+        return self._prepare(messages, stager)
+
+    def _prepare(self, fresh: Sequence[SourceMessage], stager: ClickHouseWriter) -> Prepared:
+        timings = self.timings
+        # 2. per message (Python): its events as raw bytes, or the reject of the whole message
+        t0 = time.perf_counter()
+        items: list[list[bytes]] = []
+        decoded = Decoded()
+        staged: list[int] = []  # indexes (in fresh) of the messages the engine parses
+        python: list[int] = []  # indexes of the messages pydantic decides whole
+        for i, m in enumerate(fresh):
+            its = message_items(m)
+            if isinstance(its, Reject):
+                decoded.rejects.append(its)
+                items.append([])
+                continue
+            items.append(its)
+            if is_control_lane(m.partition) or not _stageable(m.value, its):
+                python.append(i)
+            elif its:
+                staged.append(i)
+        events = sum(len(x) for x in items) + sum(1 for r in decoded.rejects if r.index < 0)
+        t1 = time.perf_counter()
+        timings["prepare"] += t1 - t0
+
+        # 3. ClickHouse parses and judges the staged messages; what it refuses to read, or does
+        # not accept, pydantic decides (and words the reject)
+        refused = self._stage(fresh, staged, stager)
+        python.extend(refused)
+        counts = [0] * len(fresh)
+        refused_set = set(refused)
+        for i in staged:
+            if i not in refused_set:
+                counts[i] = len(items[i])
+        flagged = stager.judge(Batch.of(fresh, counts))
+        timings["parse_validate"] += time.perf_counter() - t1
+        return Prepared(fresh, items, decoded.rejects, python, flagged, events, stager.own_rows_table)
+
     def _new_rows(
         self, excluded: list[tuple[int, int]], since: dict[int, int]
     ) -> list[tuple[tuple[int, int], str]]:
@@ -323,17 +413,20 @@ class BatchProcessor:
             self.writer.select_new(excluded)
         return refused
 
-    def _stage(self, fresh: Sequence[SourceMessage], staged: list[int]) -> list[int]:
-        """Parse the ``staged`` messages into the stage; returns those the engine cannot read
-        (found by bisecting: a data error that an event of one message reproduces on its own),
-        which are left out of the stage."""
+    def _stage(
+        self, fresh: Sequence[SourceMessage], staged: list[int], stager: ClickHouseWriter | None = None
+    ) -> list[int]:
+        """Parse the ``staged`` messages into the stage of ``stager`` (default: the writer's);
+        returns those the engine cannot read (found by bisecting: a data error that an event of
+        one message reproduces on its own), which are left out of the stage."""
+        into = stager or self.writer
 
         def body(idx: Sequence[int]) -> bytes:
             return b",".join(_inner(fresh[i].value) for i in idx)
 
         def trial(idx: Sequence[int]) -> BaseException | None:
             try:
-                self.writer.stage_events(body(idx))
+                into.stage_events(body(idx))
             except Exception as exc:
                 if is_data_error(exc):
                     return exc
@@ -347,7 +440,7 @@ class BatchProcessor:
         for i, exc in bad:
             log.info("message %d/%d left to pydantic: %s", fresh[i].partition, fresh[i].offset, reason(exc))
         rest = [i for i in staged if i not in set(out)]
-        self.writer.stage_events(body(rest))
+        into.stage_events(body(rest))
         return out
 
     def _add_rows(self, accepted: list[tuple[int, RawRow]], fresh: Sequence[SourceMessage]) -> list[Reject]:
@@ -403,6 +496,7 @@ class BatchProcessor:
         messages: Sequence[SourceMessage],
         should_stop: Callable[[], bool] = lambda: False,
         max_backoff_s: float = 30.0,
+        ahead: Prepared | None = None,
     ) -> BatchStats | None:
         """``process`` until it succeeds; None if and only if the batch was NOT applied (a stop
         was asked while it was failing), so its offsets must not be committed.
@@ -411,16 +505,18 @@ class BatchProcessor:
         losing it; each retry starts from the watermarks re-read from ClickHouse, so a statement
         that landed before the error is not repeated. Events ClickHouse refuses because of their
         data never get here: ``process`` dead-letters them (``_add_rows``). While a batch is
-        stalled, ``stalled_since``/``last_error`` say so and the stall metrics count."""
+        stalled, ``stalled_since``/``last_error`` say so and the stall metrics count.
+        ``ahead``: the batch's preparation (``prepare``), for the first try only."""
         delay = 0.2
         while True:
             try:
-                stats = self.process(messages)
+                stats = self.process(messages, ahead)
             except Exception as exc:  # the engine's and the driver's errors have no common base
                 metrics.CLICKHOUSE_ERRORS.inc()
                 self._stalled(exc)
                 log.warning("applying batch failed (%s); retrying in %.1fs", self.last_error, delay)
                 self.writer.forget()
+                ahead = None  # prepared again from the watermarks the retry reads
                 if self._wait(delay, should_stop):
                     # Given up (a stop, or the batch's partitions went to another process): this
                     # processor no longer waits on anything, so it reports no stall.

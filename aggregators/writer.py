@@ -65,7 +65,10 @@ class ClickHouseWriter:
         self._stage_ready = False
         # the batch's events as they arrive, and the rows judged valid (stage.py)
         self._events = f"{database}.events_stage_{uuid.uuid4().hex[:12]}"
-        self._rows = f"{database}.rows_stage_{uuid.uuid4().hex[:12]}"
+        self._own_rows = f"{database}.rows_stage_{uuid.uuid4().hex[:12]}"
+        # the rows table the batch being applied reads: this writer's own, or the one of the
+        # writer that prepared the batch ahead (processor.prepare, ``read_rows_from``)
+        self._rows = self._own_rows
         self._new = f"{database}.new_stage_{uuid.uuid4().hex[:12]}"
         self._events_ready = False
         # per partition, the raw watermark the rollup stage was filled from the batch's new rows
@@ -79,7 +82,7 @@ class ClickHouseWriter:
     def _ensure_events(self) -> None:
         if not self._events_ready:
             self.client.command(stage.stage_create(self._events))
-            self.client.command(stage.rows_create(self._rows))
+            self.client.command(stage.rows_create(self._own_rows))
             self.client.command(stage.new_create(self._new))
             self._events_ready = True
 
@@ -98,12 +101,12 @@ class ClickHouseWriter:
         the (message, position) of every other staged event, for pydantic to decide."""
         self._ensure_events()
         params = batch.parameters()
-        self.client.command(f"TRUNCATE TABLE {self._rows}")
+        self.client.command(f"TRUNCATE TABLE {self._own_rows}")
         self.client.command(
-            stage.with_settings(stage.rows_insert(self._rows, self._events), stage.ONE_BLOCK),
+            stage.with_settings(stage.rows_insert(self._own_rows, self._events), stage.ONE_BLOCK),
             parameters=params,
         )
-        flagged = self.client.query(stage.flagged_select(self._rows)).result_rows
+        flagged = self.client.query(stage.flagged_select(self._own_rows)).result_rows
         return [(int(m), int(p)) for m, p in flagged]
 
     def add_rows(self, rows: Sequence[tuple[int, RawRow]], probe: bool = False) -> None:
@@ -113,7 +116,7 @@ class ClickHouseWriter:
         self._ensure_events()
         table = self._rows
         if probe:
-            table = f"{self._rows}_probe"
+            table = f"{self._own_rows}_probe"
             self.client.command(stage.rows_create(table))
             self.client.command(f"TRUNCATE TABLE {table}")
         if rows:
@@ -123,8 +126,21 @@ class ClickHouseWriter:
 
     @property
     def rows_table(self) -> str:
+        """The rows table of the batch being applied (``read_rows_from``)."""
         self._ensure_events()
         return self._rows
+
+    @property
+    def own_rows_table(self) -> str:
+        """This writer's rows table, which ``judge`` fills."""
+        self._ensure_events()
+        return self._own_rows
+
+    def read_rows_from(self, table: str) -> None:
+        """The batch to apply was judged into ``table`` (this writer's or a stager's): the
+        statements that follow (``add_rows``, ``select_new``, ``record_duplicates``) read it."""
+        self._ensure_events()
+        self._rows = table
 
     def select_new(self, excluded: Sequence[tuple[int, int]] = ()) -> None:
         """The batch's new events (deduplicated, stage.new_insert) into the ``new`` table;
@@ -336,8 +352,8 @@ class ClickHouseWriter:
             self._stage_ready = False
         if self._events_ready:
             self.client.command(f"DROP TABLE IF EXISTS {self._events}")
-            self.client.command(f"DROP TABLE IF EXISTS {self._rows}")
-            self.client.command(f"DROP TABLE IF EXISTS {self._rows}_probe")
+            self.client.command(f"DROP TABLE IF EXISTS {self._own_rows}")
+            self.client.command(f"DROP TABLE IF EXISTS {self._own_rows}_probe")
             self.client.command(f"DROP TABLE IF EXISTS {self._new}")
             self._events_ready = False
 

@@ -227,6 +227,7 @@ def bench_settings(bootstrap: str, topic: str, dsn: str, **more: Any) -> Any:
 
 
 async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> dict[str, Any]:
+    from aggregators import metrics
     from aggregators.app import build_app
     from deploy.runner import build_processor
     from schemas.clickhouse import connect
@@ -265,6 +266,7 @@ async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> d
         patience = max(900.0, events / 2000)
         clock.idle()
         stages_before, cpu_before = clock.snapshot(), cpu_seconds(proc)
+        batches_before, ahead_before = metrics.BATCHES._value.get(), processor.prepared_ahead
         started = time.perf_counter()
         producer = _producer(bootstrap, topic, events, 0, per_message, "t")
         rss_samples = []
@@ -279,6 +281,11 @@ async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> d
         e2e_seconds = time.perf_counter() - started
         cpu_e2e = cpu_seconds(proc) - cpu_before
         stages = StageClock.per_event(stages_before, clock.snapshot(), events)
+        # batches applied, and of them those parsed and judged while the one before was applied
+        batches = (
+            int(metrics.BATCHES._value.get() - batches_before),
+            processor.prepared_ahead - ahead_before,
+        )
         producer.wait()
         produced = orjson.loads(producer.stdout.read() or b"{}") if producer.stdout else {}
         e2e_rate = events / e2e_seconds
@@ -375,6 +382,8 @@ async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> d
         "e2e_events_per_s": e2e_rate,
         "aggregator_cpu_us_per_event": round(cpu_e2e / events * 1e6, 2),
         "stage_us_per_event": stages,
+        "batches": batches[0],
+        "batches_prepared_ahead": batches[1],
         "duplicate_events_per_s": events / duplicate_seconds,
         "duplicate_cpu_us_per_event": round(duplicate_cpu / events * 1e6, 2),
         "duplicate_stage_us_per_event": duplicate_stages,

@@ -101,6 +101,10 @@ def main() -> None:
         )
         say(stages_line("where the time goes (wall µs per event)", p["stage_us_per_event"]))
         say(
+            f"  batches: {p['batches']:,}, of which {p['batches_prepared_ahead']:,} prepared while the one "
+            "before was applied (METERING_PREPARE_AHEAD)"
+        )
+        say(
             f"  the same events again (duplicates): {p['duplicate_events_per_s']:,.0f} events/s, "
             f"{p['duplicate_cpu_us_per_event']:.2f} µs CPU per event; period tables unchanged"
         )

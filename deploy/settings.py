@@ -212,6 +212,11 @@ class AggregatorSettings(CommonSettings):
         "stream_buffer_maxsize; memory: about this times the message size). 0: twice batch_max_messages.",
     )
     clickhouse_retry_max_s: float = Field(default=30.0, gt=0, description="Longest backoff between retries.")
+    prepare_ahead: bool = Field(
+        default=True,
+        description="Parse and judge the next batch in another thread (with ClickHouse connections of "
+        "its own) while one is applied: both cores busy. Off: one batch at a time, one connection.",
+    )
     stall_timeout_s: float = Field(
         default=30.0,
         gt=0,

@@ -30,6 +30,11 @@ class RemoteProcessor:
     """What ``build_app`` needs of a processor, carried out by the test process."""
 
     stalled_since = None
+    # the test process applies one batch at a time; no preparing ahead across the connection
+    prepares_ahead = False
+
+    def open_stagers(self, connect: Any = None) -> bool:
+        return False
 
     def __init__(self, address: tuple[str, int], authkey: bytes) -> None:
         self._conn = Client(address, authkey=authkey)
@@ -47,7 +52,11 @@ class RemoteProcessor:
         self._call("revoke", list(partitions))
 
     def process_with_retry(
-        self, messages: Sequence[Any], should_stop: Callable[[], bool], max_backoff_s: float
+        self,
+        messages: Sequence[Any],
+        should_stop: Callable[[], bool],
+        max_backoff_s: float,
+        ahead: Any = None,
     ) -> Any:
         return True if self._call("apply", list(messages)) else None
 

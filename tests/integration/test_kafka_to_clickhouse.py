@@ -61,7 +61,9 @@ def test_ten_thousand_events_exact_count_and_sum(kafka_bootstrap: str, topic: st
                 tenant,
             )
         )
-    produce_batches(kafka_bootstrap, topic, events)
+    # 500 messages: a backlog of full batches (50 messages), each prepared while the one before
+    # is applied (processor.prepare: both cores busy)
+    produce_batches(kafka_bootstrap, topic, events, per_message=20)
     processor = make_processor(client, db)
 
     async def scenario() -> int:
@@ -69,6 +71,7 @@ def test_ten_thousand_events_exact_count_and_sum(kafka_bootstrap: str, topic: st
             return await _wait_count(client, db, 10_000)
 
     assert asyncio.run(scenario()) == 10_000
+    assert processor.prepared_ahead > 0
     total = client.query(
         f"SELECT sum(value_sum), sum(value_count) FROM {db}.usage_1mo WHERE meter = 'workstation_cpu_seconds'"
     ).result_rows[0]

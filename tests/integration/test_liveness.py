@@ -107,7 +107,7 @@ def test_partitions_handed_back_are_resumed_when_faust_seeks_to_committed_offset
     apply = proc_a.process_with_retry
     batches = {"a": 0}
 
-    def slow_apply(messages: Any, give_up: Any, max_backoff_s: float) -> Any:
+    def slow_apply(messages: Any, give_up: Any, max_backoff_s: float, *ahead: Any) -> Any:
         # After its first batch, A's batches wait (as if ClickHouse were down) until their
         # partitions are revoked when B joins (the batch is given up: A will read it again from
         # its first offset) or until the test lets them through.
@@ -117,7 +117,7 @@ def test_partitions_handed_back_are_resumed_when_faust_seeks_to_committed_offset
                 return None
             time.sleep(0.05)
         batches["a"] += 1
-        return apply(messages, give_up, max_backoff_s)
+        return apply(messages, give_up, max_backoff_s, *ahead)
 
     proc_a.process_with_retry = slow_apply  # type: ignore[method-assign]
     proc_b = make_processor(client, db)

@@ -193,7 +193,7 @@ class FlakyProcessor(BatchProcessor):
         self.failures = failures
         self.preflight = SimpleNamespace(reset=lambda: None)  # type: ignore[assignment]
 
-    def process(self, messages: Any) -> Any:
+    def process(self, messages: Any, ahead: Any = None) -> Any:
         if self.failures:
             raise self.failures.pop(0)
         return "applied"
