@@ -280,6 +280,7 @@ class BatchProcessor:
         refreshed = self.clock()
         self.writer.touch_freshness(last_time, refreshed)
         stats.tenants = set(last_time)
+        self.writer.release_batch()
         timings["freshness"] += time.perf_counter() - t5
 
         metrics.BATCHES.inc()

@@ -107,7 +107,16 @@ class ClickHouseWriter:
             parameters=params,
         )
         flagged = self.client.query(stage.flagged_select(self._own_rows)).result_rows
+        # the parsed events are in the rows table now: not kept in memory until the next batch
+        self.client.command(f"TRUNCATE TABLE {self._events}")
         return [(int(m), int(p)) for m, p in flagged]
+
+    def release_batch(self) -> None:
+        """The batch is applied: its rows and new rows are not kept in memory until the next
+        (with a batch prepared ahead, two batches' tables would be held otherwise)."""
+        if self._events_ready:
+            self.client.command(f"TRUNCATE TABLE {self._rows}")
+            self.client.command(f"TRUNCATE TABLE {self._new}")
 
     def add_rows(self, rows: Sequence[tuple[int, RawRow]], probe: bool = False) -> None:
         """Rows pydantic accepted (message index, row) into the rows table, or with ``probe``
