@@ -427,8 +427,10 @@ def raw_insert_select(database: str, new: str) -> str:
     )
 
 
-def _duplicates_select(rows: str, new: str) -> str:
-    # a judged row that is not new is a copy: of an earlier one of the batch, or of a stored one
+def _duplicates_select(database: str, rows: str, new: str) -> str:
+    # a judged row that is not new is a copy: of an earlier one of the batch, or of a stored one;
+    # one already recorded (a batch re-processed after a crash, cut differently: its token then
+    # differs) is left out, looked up by the table's key
     return f"""
 SELECT tenant, event_id, src_partition, src_offset, toUInt32(nth) AS nth,
     fromUnixTimestamp64Milli({{ts:Array(Int64)}}[msg + 1], 'UTC') AS received_at,
@@ -439,15 +441,20 @@ FROM (
     FROM {rows} WHERE ok AND (msg, pos) NOT IN {{excluded:Array(Tuple(UInt32, UInt32))}}
 )
 WHERE (msg, pos) NOT IN (SELECT msg, pos FROM {new})
+    AND (tenant, event_id, src_partition, src_offset, toUInt32(nth)) NOT IN (
+        SELECT tenant, event_id, src_partition, src_offset, nth
+        FROM {database}.{Table.EVENT_DUPLICATES}
+        WHERE (tenant, event_id) IN (SELECT tenant, event_id FROM {rows} WHERE ok)
+    )
 """
 
 
-def duplicates_token_select(rows: str, new: str) -> str:
+def duplicates_token_select(database: str, rows: str, new: str) -> str:
     """(copies, a hash of their positions): the insert deduplication token of
     ``duplicates_insert``, so that a batch re-processed after a crash writes them once."""
     return (
         "SELECT count(), hex(sipHash128(arraySort(groupArray((tenant, event_id, src_partition, "
-        f"src_offset, nth))))) FROM ({_duplicates_select(rows, new)})"
+        f"src_offset, nth))))) FROM ({_duplicates_select(database, rows, new)})"
     )
 
 
@@ -455,11 +462,11 @@ def duplicates_insert(database: str, rows: str, new: str) -> str:
     """The copies the raw insert will drop, into ``event_duplicates`` (run *before* it): every
     judged row but the batch's first occurrence of a key ``events_raw`` does not hold; ``nth``
     ranks the copies of one id inside one message. Keyed on the position, with a token made of
-    the positions (aggregators/rejections.py)."""
+    the positions, and none already recorded (aggregators/rejections.py)."""
     return (
         f"INSERT INTO {database}.{Table.EVENT_DUPLICATES} "
         "(tenant, event_id, src_partition, src_offset, nth, received_at, dropped_at) "
-        + _duplicates_select(rows, new)
+        + _duplicates_select(database, rows, new)
     )
 
 

@@ -205,7 +205,7 @@ class ClickHouseWriter:
         """The judged rows the raw insert will drop as duplicates, into ``event_duplicates``."""
         params = {"now": fmt_time(now), "excluded": list(excluded), "ts": list(timestamps_ms)}
         [(count, digest)] = self.client.query(
-            stage.duplicates_token_select(self._rows, self._new),
+            stage.duplicates_token_select(self.db, self._rows, self._new),
             parameters=params,
             settings={"max_threads": 1},
         ).result_rows

@@ -76,6 +76,45 @@ def test_a_batch_reprocessed_after_a_crash_records_its_rejections_once(clickhous
     assert _count(client, db, "events_raw") == 3
 
 
+class _Crash(Exception):
+    pass
+
+
+def test_copies_recorded_before_a_crash_are_not_recorded_again_by_a_batch_cut_otherwise(
+    clickhouse: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copies are recorded just before the raw insert; a crash in between leaves them, and
+    the batch read again after the restart is cut differently (it starts at the committed
+    offset, holds more messages): its insert token differs, yet no copy is recorded twice
+    (seen as doubled rows read without FINAL in the exactly-once SIGKILL test)."""
+    client, db = clickhouse
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    evs = [
+        event(
+            f"e{i % 4}", "egress.download", {"workspace_id": "w", "artifact_id": "a", "bytes": i}, now, "t1"
+        )
+        for i in range(12)
+    ]
+    messages = pack(evs, partition=0, start_offset=0, per_message=3)
+    first = make_processor(client, db)
+    real_insert = ClickHouseWriter.insert_new
+
+    def crash(self: ClickHouseWriter, *args: Any) -> None:
+        raise _Crash("killed between the copies' record and the raw insert")
+
+    monkeypatch.setattr(ClickHouseWriter, "insert_new", crash)
+    with pytest.raises(_Crash):
+        first.process(messages[:2])
+    recorded = _count(client, db, "event_duplicates")
+    assert recorded > 0 and _count(client, db, "events_raw") == 0
+    monkeypatch.setattr(ClickHouseWriter, "insert_new", real_insert)
+    again = make_processor(client, db)
+    stats = again.process(messages)  # the whole batch: another cut, another token
+    assert stats.written == 4 and stats.duplicates == 8
+    assert _count(client, db, "event_duplicates") == 8  # not only collapsed by FINAL: once each
+    assert _count(client, db, "event_duplicates", final=True) == 8
+
+
 @pytest.mark.kafka
 def test_dead_letter_consumer_dedupes_by_source_header(
     clickhouse: tuple[Any, str], kafka_bootstrap: str, topic: str
