@@ -195,7 +195,7 @@ class BatchProcessor:
         stats.skipped_messages = len(messages) - len(fresh)
         timings = self.timings
         if ahead is None or ahead.messages is not messages or len(fresh) != len(messages):
-            ahead = self._prepare(fresh, self.writer)  # its own stage tables
+            ahead = self.prepare(fresh, self.writer)  # its own stage tables
         else:
             self.prepared_ahead += 1
             metrics.BATCHES_PREPARED_AHEAD.inc()
@@ -299,10 +299,16 @@ class BatchProcessor:
 
     # ---- preparing a batch (steps 2 and 3): its own tables, no side effect -------------------
 
-    def open_stagers(self, connect: Callable[[], Any] | None = None) -> bool:
-        """Give this processor the two stagers ``prepare`` needs, each a writer with a
-        client of its own from ``connect`` (by default: another connection to the writer's
-        embedded engine; a ClickHouse server needs ``connect``). False when none can be made:
+    def open_stagers(
+        self,
+        connect: Callable[[], Any] | None = None,
+        settings: dict[str, Any] | None = None,
+        caps: Any = None,
+    ) -> bool:
+        """Give this processor the two stagers ``prepare`` needs, each a writer with a client of
+        its own: from ``connect`` (a ClickHouse server), by default another connection to the
+        writer's embedded engine, with ``settings`` on every statement and the engine's ``caps``
+        (schemas.clickhouse.connect_part). False when none can be made (an engine in memory):
         batches are then prepared by ``process`` itself, one after another."""
         if self.prepares_ahead:
             return True
@@ -315,7 +321,7 @@ class BatchProcessor:
             def connect() -> Any:
                 from schemas.clickhouse import connect_part
 
-                return connect_part(f"chdb://{path}", database)
+                return connect_part(f"chdb://{path}", database, settings, engine=caps)
 
         self._stagers = [ClickHouseWriter(connect(), self.writer.db, self.writer.catalog) for _ in range(2)]
         return True
@@ -333,15 +339,13 @@ class BatchProcessor:
         self._next_stager += 1
         return stager
 
-    def prepare(self, messages: Sequence[SourceMessage], stager: ClickHouseWriter) -> Prepared:
-        """Steps 2 and 3 of ``messages`` on ``stager`` (``next_stager``): the batch after the one
+    def prepare(self, fresh: Sequence[SourceMessage], stager: ClickHouseWriter) -> Prepared:
+        """Steps 2 and 3 of ``fresh`` on ``stager``: ``self.writer`` when ``process`` prepares
+        its batch itself, else a stager (``next_stager``) preparing the batch after the one
         ``process`` may be applying meanwhile, in another thread with another client (the
         engine's calls release the GIL, so both cores work). Writes only the stager's tables of
         this process; ``process(messages, ahead=...)`` goes on from it if every message is still
         to be applied then."""
-        return self._prepare(messages, stager)
-
-    def _prepare(self, fresh: Sequence[SourceMessage], stager: ClickHouseWriter) -> Prepared:
         timings = self.timings
         # 2. per message (Python): its events as raw bytes, or the reject of the whole message
         t0 = time.perf_counter()

@@ -141,16 +141,15 @@ def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) ->
     if getattr(settings, "prepare_ahead", False) and hasattr(settings, "clickhouse_dsn"):
         # the stagers that prepare the next batch while one is applied: clients of their own,
         # with the aggregator's share of the engine (on a server too, unlike the default)
-        dsn, database = settings.clickhouse_dsn.get_secret_value(), settings.clickhouse_database
-        path = getattr(client, "path", None)  # a chdb client: the engine it is on (one per process)
-        if isinstance(path, str) and path:
-            dsn = f"chdb://{path}"
         engine = (
             settings.aggregator_engine_settings() if hasattr(settings, "aggregator_engine_settings") else {}
         )
         caps = settings.engine_caps() if hasattr(settings, "engine_caps") else None
-        if dsn != "chdb://:memory:":
-            processor.open_stagers(lambda: connect_part(dsn, database, engine, engine=caps))
+        connect = None  # a chdb client: more connections to the engine it is on (one per process)
+        if not isinstance(getattr(client, "path", None), str):
+            dsn, database = settings.clickhouse_dsn.get_secret_value(), settings.clickhouse_database
+            connect = lambda: connect_part(dsn, database, engine, engine=caps)  # noqa: E731
+        processor.open_stagers(connect, engine, caps)
     watch_stages(processor)  # metering_aggregator_stage_seconds_total{stage}
     return processor
 
