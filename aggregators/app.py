@@ -173,14 +173,24 @@ def build_app(
         stager = processor.next_stager()  # here, on the loop: in the order batches are applied
         return batch, asyncio.ensure_future(asyncio.to_thread(processor.prepare, batch, stager))
 
+    agents = [0]  # agents started (faust starts another when one crashes)
+
     @app.agent(topics, concurrency=1, name="aggregate")
     async def aggregate(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         # Both cores: the next batch is parsed and judged while one is applied (processor.prepare),
         # on connections of its own (none on a server unless the caller opened them: deploy/runner.py).
+        # An agent that crashed leaves its take buffer on the stream, and faust gives that stream
+        # to the agent it starts instead: only the newest agent's batches are prepared (and
+        # open_stagers waits for a preparation the one before left running).
+        agents[0] += 1
+        me = agents[0]
         ahead_on = settings.prepare_ahead and await asyncio.to_thread(processor.open_stagers)
-        on_full = prepare_ahead if ahead_on else None
+
+        def on_full(evs: list[Any]) -> Any:
+            return prepare_ahead(evs) if agents[0] == me else None
+
         async for taken in take_applied(
-            stream, settings.batch_max_messages, settings.batch_within_s, on_full
+            stream, settings.batch_max_messages, settings.batch_within_s, on_full if ahead_on else None
         ):
             ahead: Prepared | None = None
             if taken.ahead is not None:

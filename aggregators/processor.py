@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -139,6 +140,9 @@ class BatchProcessor:
         # next batches while ``writer`` applies one: ``prepare``
         self._stagers = list(stagers)
         self._next_stager = 0
+        # held by a preparation on a stager: an agent that crashed may leave one running, and the
+        # agent started after it waits for it (open_stagers) before preparing on the same tables
+        self._preparing = threading.Lock()
         #: batches applied from a preparation made ahead (``prepare``)
         self.prepared_ahead = 0
         self.dead_letters = dead_letters
@@ -309,7 +313,10 @@ class BatchProcessor:
         its own: from ``connect`` (a ClickHouse server), by default another connection to the
         writer's embedded engine, with ``settings`` on every statement and the engine's ``caps``
         (schemas.clickhouse.connect_part). False when none can be made (an engine in memory):
-        batches are then prepared by ``process`` itself, one after another."""
+        batches are then prepared by ``process`` itself, one after another. Called when an
+        agent starts: a preparation the agent before it left running is waited for first."""
+        with self._preparing:
+            pass
         if self.prepares_ahead:
             return True
         if connect is None:
@@ -346,6 +353,12 @@ class BatchProcessor:
         engine's calls release the GIL, so both cores work). Writes only the stager's tables of
         this process; ``process(messages, ahead=...)`` goes on from it if every message is still
         to be applied then."""
+        if stager is self.writer:
+            return self._prepare(fresh, stager)
+        with self._preparing:
+            return self._prepare(fresh, stager)
+
+    def _prepare(self, fresh: Sequence[SourceMessage], stager: ClickHouseWriter) -> Prepared:
         timings = self.timings
         # 2. per message (Python): its events as raw bytes, or the reject of the whole message
         t0 = time.perf_counter()

@@ -56,7 +56,6 @@ def take_applied(
 async def _take(
     stream: Any, max_: int, within: float, on_full: Callable[[list[Any]], Any] | None
 ) -> AsyncIterator[Taken]:
-    buffer: list[Any] = []
     events: list[Any] = []
     ahead: Any = None  # on_full's answer for the (full) buffer
     buffer_full = asyncio.Event()
@@ -69,12 +68,11 @@ async def _take(
     async def add_to_buffer(value: Any) -> Any:
         nonlocal ahead
         try:
-            buffer.append(value)
             event = stream.current_event
             if event is None:
                 raise RuntimeError("take buffer found current_event is None")
             events.append(event)
-            if len(buffer) >= max_:
+            if len(events) >= max_:
                 if on_full is not None:
                     ahead = on_full(list(events))
                 buffer_full.set()
@@ -95,13 +93,12 @@ async def _take(
     try:
         while not stream.should_stop:
             await stream.wait_for_stopped(buffer_full, timeout=within)
-            if not buffer:
+            if not events:
                 continue
             # Handed out, and the buffer emptied at once (no await in between): the next batch
             # fills while the caller applies this one.
             taken = Taken(list(events), ahead)
             ahead = None
-            buffer.clear()
             events.clear()
             buffer_full.clear()
             buffer_consumed.set()

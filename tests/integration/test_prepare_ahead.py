@@ -120,3 +120,37 @@ def test_a_preparation_that_no_longer_holds_is_not_used(clickhouse: tuple[Any, s
         proc.close()
     [(n,)] = client.query(f"SELECT count() FROM {db}.events_raw").result_rows
     assert n == 200
+
+
+def test_an_agent_starting_waits_for_a_preparation_the_one_before_left_running(
+    clickhouse: tuple[Any, str],
+) -> None:
+    """An agent that crashes may leave a preparation running in its thread; the agent faust
+    starts instead (open_stagers, aggregators/app.py) waits for it before preparing on the same
+    stage tables, so two preparations never write one stager's tables at once."""
+    client, db = clickhouse
+    msgs = pack(synthetic(100), 0, 0, per_message=50)
+    proc: BatchProcessor = make_processor(client, db)
+    assert proc.open_stagers()
+    stager = proc.next_stager()
+    judging, release = threading.Event(), threading.Event()
+    judge = stager.judge
+
+    def slow_judge(*args: Any) -> Any:
+        judging.set()
+        assert release.wait(60)
+        return judge(*args)
+
+    stager.judge = slow_judge  # type: ignore[method-assign]
+    try:
+        left, left_out = _in_thread(proc.prepare, msgs, stager)
+        assert judging.wait(60)
+        starting, started = _in_thread(proc.open_stagers)
+        starting.join(1.0)
+        assert starting.is_alive(), "the new agent did not wait for the preparation left running"
+        release.set()
+        assert _result(left, left_out).events == 100
+        assert _result(starting, started) is True
+    finally:
+        release.set()
+        proc.close()
