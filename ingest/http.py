@@ -63,9 +63,10 @@ from starlette.requests import ClientDisconnect
 from aggregators.rejections import Rejection
 from deploy.settings import IngestSettings
 from ingest.openapi import ingest_openapi
+from ingest.prepare_batch import prepare_events
 from ingest.rejections import IngestRejectionRecorder, ingest_rejections
 from ingest.scope import KeyScope, ScopeCheck, ScopeLookup, ScopeStore
-from ingest.sdk import InvalidEvent, UsageProducer, prepare_event
+from ingest.sdk import InvalidEvent, UsageProducer
 from query_api.credentials import CredentialStore, Principal, display_prefix
 from query_api.event_trace import KafkaScanner, Tracer
 from query_api.ratelimit import RateLimiter
@@ -411,6 +412,9 @@ def build_ingest_router(
         seen: set[str] = set()
         candidates: list[tuple[dict[str, Any], dict[str, Any]]] = []  # valid, first of their id
         in_scope = ScopeCheck(lambda: key_scope(principal))
+        # each event's checks in this order: size, shape, prepare_event's, scope; the first
+        # two here, prepare_event's for the rest in one batch (ingest/prepare_batch.py)
+        judged: list[tuple[dict[str, Any], Any]] = []  # (result, event passing size and shape)
         for index, item in enumerate(items):
             raw_id = item.get("id") if isinstance(item, dict) else None
             echo = raw_id if isinstance(raw_id, str) and len(raw_id) <= 256 else None
@@ -425,7 +429,15 @@ def build_ingest_router(
                     )
                 if not isinstance(item, dict):
                     raise InvalidEvent(RejectCode.INVALID_EVENT, "an event is a JSON object")
-                event = prepare_event(item, tenant, received_at=now)
+            except InvalidEvent as exc:
+                result.update(status="rejected", code=exc.code, message=exc.message)
+                continue
+            judged.append((result, item))
+        prepared = prepare_events([item for _, item in judged], tenant, received_at=now)
+        for (result, _), event in zip(judged, prepared, strict=True):
+            try:
+                if isinstance(event, InvalidEvent):
+                    raise event
                 in_scope.check(event)  # out_of_scope: a resource this key may not report for
             except InvalidEvent as exc:
                 result.update(status="rejected", code=exc.code, message=exc.message)
