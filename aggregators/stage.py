@@ -449,24 +449,51 @@ WHERE (msg, pos) NOT IN (SELECT msg, pos FROM {new})
 """
 
 
-def duplicates_token_select(database: str, rows: str, new: str) -> str:
+DUPLICATE_COLUMNS = "tenant, event_id, src_partition, src_offset, nth, received_at, dropped_at"
+
+
+def duplicates_create(name: str) -> str:
+    """The batch's copies, staged once (``duplicates_stage``): hashed for the insert token and
+    inserted from there, so the copies' query runs once."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {name} (tenant String, event_id String, src_partition Int32, "
+        "src_offset Int64, nth UInt32, received_at DateTime64(3, 'UTC'), dropped_at DateTime64(3, 'UTC')) "
+        "ENGINE = Memory"
+    )
+
+
+def copies_count_select(rows: str, new: str) -> str:
+    """How many judged rows (``excluded`` left out) are not new: 0 when the batch holds no copy,
+    and then the copies' query need not run."""
+    return (
+        f"SELECT (SELECT count() FROM {rows} WHERE ok AND (msg, pos) NOT IN "
+        "{excluded:Array(Tuple(UInt32, UInt32))}) - " + f"(SELECT count() FROM {new})"
+    )
+
+
+def duplicates_stage(database: str, rows: str, new: str, copies: str) -> str:
+    """The copies the raw insert will drop, none already recorded, into the ``copies`` table
+    (emptied first)."""
+    return f"INSERT INTO {copies} ({DUPLICATE_COLUMNS}) {_duplicates_select(database, rows, new)}"
+
+
+def duplicates_token_select(copies: str) -> str:
     """(copies, a hash of their positions): the insert deduplication token of
     ``duplicates_insert``, so that a batch re-processed after a crash writes them once."""
     return (
         "SELECT count(), hex(sipHash128(arraySort(groupArray((tenant, event_id, src_partition, "
-        f"src_offset, nth))))) FROM ({_duplicates_select(database, rows, new)})"
+        f"src_offset, nth))))) FROM {copies}"
     )
 
 
-def duplicates_insert(database: str, rows: str, new: str) -> str:
+def duplicates_insert(database: str, copies: str) -> str:
     """The copies the raw insert will drop, into ``event_duplicates`` (run *before* it): every
     judged row but the batch's first occurrence of a key ``events_raw`` does not hold; ``nth``
     ranks the copies of one id inside one message. Keyed on the position, with a token made of
     the positions, and none already recorded (aggregators/rejections.py)."""
     return (
-        f"INSERT INTO {database}.{Table.EVENT_DUPLICATES} "
-        "(tenant, event_id, src_partition, src_offset, nth, received_at, dropped_at) "
-        + _duplicates_select(database, rows, new)
+        f"INSERT INTO {database}.{Table.EVENT_DUPLICATES} ({DUPLICATE_COLUMNS}) "
+        f"SELECT {DUPLICATE_COLUMNS} FROM {copies}"
     )
 
 

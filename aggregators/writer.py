@@ -70,6 +70,8 @@ class ClickHouseWriter:
         # writer that prepared the batch ahead (processor.prepare, ``read_rows_from``)
         self._rows = self._own_rows
         self._new = f"{database}.new_stage_{uuid.uuid4().hex[:12]}"
+        # the batch's copies (record_duplicates): staged once, hashed and inserted from there
+        self._copies = f"{database}.copies_stage_{uuid.uuid4().hex[:12]}"
         self._events_ready = False
         # per partition, the raw watermark the rollup stage was filled from the batch's new rows
         # above (``stage_new``); None when the stage holds anything else
@@ -84,6 +86,7 @@ class ClickHouseWriter:
             self.client.command(stage.stage_create(self._events))
             self.client.command(stage.rows_create(self._own_rows))
             self.client.command(stage.new_create(self._new))
+            self.client.command(stage.duplicates_create(self._copies))
             self._events_ready = True
 
     def stage_events(self, body: bytes) -> None:
@@ -202,22 +205,32 @@ class ClickHouseWriter:
     def record_duplicates(
         self, now: datetime, excluded: Sequence[tuple[int, int]], timestamps_ms: Sequence[int]
     ) -> None:
-        """The judged rows the raw insert will drop as duplicates, into ``event_duplicates``."""
+        """The judged rows the raw insert will drop as duplicates, into ``event_duplicates``:
+        staged once (a Memory table of this process), hashed for the insert token and inserted
+        from the stage. A batch without copies (new rows = judged rows) runs one count only."""
+        self._ensure_events()
         params = {"now": fmt_time(now), "excluded": list(excluded), "ts": list(timestamps_ms)}
-        [(count, digest)] = self.client.query(
-            stage.duplicates_token_select(self.db, self._rows, self._new),
-            parameters=params,
-            settings={"max_threads": 1},
+        [(copies,)] = self.client.query(
+            stage.copies_count_select(self._rows, self._new), parameters=params
         ).result_rows
-        if not int(count):
+        if not int(copies):
             return
+        self.client.command(f"TRUNCATE TABLE {self._copies}")
         self.client.command(
             stage.with_settings(
-                stage.duplicates_insert(self.db, self._rows, self._new),
-                {**stage.ONE_BLOCK, "insert_deduplication_token": f"dup-{digest}"},
+                stage.duplicates_stage(self.db, self._rows, self._new, self._copies), {"max_threads": 1}
             ),
             parameters=params,
         )
+        [(count, digest)] = self.client.query(stage.duplicates_token_select(self._copies)).result_rows
+        if int(count):
+            self.client.command(
+                stage.with_settings(
+                    stage.duplicates_insert(self.db, self._copies),
+                    {**stage.ONE_BLOCK, "insert_deduplication_token": f"dup-{digest}"},
+                )
+            )
+        self.client.command(f"TRUNCATE TABLE {self._copies}")
 
     def written(self, ranges: Ranges) -> list[tuple[str, int, datetime, int, int, int]]:
         """(tenant, partition, last event time, min offset, max offset, rows) of what
@@ -364,6 +377,7 @@ class ClickHouseWriter:
             self.client.command(f"DROP TABLE IF EXISTS {self._own_rows}")
             self.client.command(f"DROP TABLE IF EXISTS {self._own_rows}_probe")
             self.client.command(f"DROP TABLE IF EXISTS {self._new}")
+            self.client.command(f"DROP TABLE IF EXISTS {self._copies}")
             self._events_ready = False
 
     def _apply_gauges(self, ranges: Ranges) -> int:

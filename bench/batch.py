@@ -1,7 +1,7 @@
 """One batch through the aggregator alone (no Kafka): where its time goes (per stage, and CPU µs
 per event of the process), and what the preflight trial (aggregators/preflight.py) costs.
 
-    PYTHONPATH=. .venv/bin/python -m bench.batch [EVENTS] [RUNS] [--omit-optional] [--judge]
+    PYTHONPATH=. .venv/bin/python -m bench.batch [EVENTS] [RUNS] [--omit-optional] [--judge] [--statements]
 
 Synthetic usage events of every type for 20 tenants (ingest/synth.py), packed 500 per Kafka
 message as the SDK packs them, handed to ``BatchProcessor.process`` in one call on a fresh
@@ -14,11 +14,16 @@ data fields (``gateway.request``'s ``model`` and ``status_code``) left out, as a
 than the SDK may send them (the SDK writes them out as null). ``--judge``: only the judging
 statement (aggregators/stage.py, ``writer.judge``) over one staged batch, RUNS times, and over an
 empty stage (what analysing the statement costs): CPU of the process, medians.
+``--statements``: every engine call of the runs with the trial (new events, then the same again
+as duplicates) timed on its own, CPU of the process (all threads: the engine's and Python's)
+around the call, summed per statement kind over the runs, printed as µs per event (chdb keeps
+no ``system.query_log``, so the call is the unit).
 """
 
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -69,6 +74,48 @@ def _events(n: int, omit_optional: bool = False) -> list[dict[str, Any]]:
 STAGE_SECONDS: dict[str, float] = dict.fromkeys(STAGES, 0.0)
 CPU: list[float] = []
 DUPLICATE_S: list[float] = []
+#: per statement kind: [calls, CPU s, wall s] (``--statements``), new events and duplicates apart
+STATEMENTS: dict[str, dict[str, list[float]]] = {"new": {}, "duplicates": {}}
+_PHASE = ["off"]
+
+
+def statement_kind(method: str, sql: str) -> str:
+    """A short name for a statement: its verb and the table it writes or reads, the per-process
+    suffixes and database names left out."""
+    text = " ".join(str(sql).split())
+    text = re.sub(r"\bbench_[0-9a-f]{10}_probe_[0-9a-f]{12}\.(\w+)", r"probe \1", text)
+    text = re.sub(r"\b(\w+?)_[0-9a-f]{12}(_probe)?\b", r"\1\2", text)  # rows_stage_<uuid> -> rows_stage
+    text = re.sub(r"\bbench_[0-9a-f]{10}\.", "", text)
+    if method == "raw_insert":
+        return f"raw_insert {text}"
+    m = re.match(r"(INSERT INTO (probe )?\S+|TRUNCATE TABLE (probe )?\S+|CREATE \w+|DROP \w+)", text)
+    if m:
+        return m.group(1)
+    m = re.search(r"\bFROM ((probe )?[A-Za-z_][\w.]*)", text)
+    return f"SELECT ... FROM {m.group(1) if m else '?'}" + (" (token)" if "sipHash128" in text else "")
+
+
+def _instrument(client: Any) -> None:
+    """Time every engine call of ``client`` into STATEMENTS (``--statements``)."""
+    for method in ("command", "query", "raw_insert"):
+        inner = getattr(client, method)
+
+        def timed(*args: Any, _inner: Any = inner, _method: str = method, **kwargs: Any) -> Any:
+            if _PHASE[0] == "off":
+                return _inner(*args, **kwargs)
+            cpu, wall = time.process_time(), time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                kind = statement_kind(
+                    _method, args[0] if args else kwargs.get("cmd", kwargs.get("query", ""))
+                )
+                acc = STATEMENTS[_PHASE[0]].setdefault(kind, [0, 0.0, 0.0])
+                acc[0] += 1
+                acc[1] += time.process_time() - cpu
+                acc[2] += time.perf_counter() - wall
+
+        setattr(client, method, timed)
 
 
 def one_run(client: Any, events: list[dict[str, Any]], preflight: bool) -> float:
@@ -80,7 +127,10 @@ def one_run(client: Any, events: list[dict[str, Any]], preflight: bool) -> float
         processor.preflight = _NoTrial()  # type: ignore[assignment]
     messages = pack(events, 0, 0, per_message=500)
     started, cpu = time.perf_counter(), time.process_time()
+    if preflight:
+        _PHASE[0] = "new"
     stats = processor.process(messages)
+    _PHASE[0] = "off"
     elapsed = time.perf_counter() - started
     if preflight:
         CPU.append(time.process_time() - cpu)
@@ -91,7 +141,9 @@ def one_run(client: Any, events: list[dict[str, Any]], preflight: bool) -> float
         # the same events again, later in the log (a producer's retry storm): all duplicates
         again = pack(events, 0, len(messages), per_message=500)
         started = time.perf_counter()
+        _PHASE[0] = "duplicates"
         stats = processor.process(again)
+        _PHASE[0] = "off"
         DUPLICATE_S.append(time.perf_counter() - started)
         assert stats.written == 0 and stats.duplicates == len(events), stats
     processor.writer.close()
@@ -131,10 +183,26 @@ def judge_only(client: Any, events: list[dict[str, Any]], runs: int) -> None:
     )
 
 
-def main(n: int = 50_000, runs: int = 3, omit_optional: bool = False, judge: bool = False) -> None:
+def print_statements(events: int, runs: int) -> None:
+    """The per-statement table (``--statements``): CPU µs per event, calls per batch."""
+    for phase, table in STATEMENTS.items():
+        total = sum(v[1] for v in table.values())
+        print(f"{phase}: engine calls, CPU µs per event (all threads), calls per batch, wall µs per event")
+        for kind, (calls, cpu, wall) in sorted(table.items(), key=lambda kv: -kv[1][1]):
+            print(
+                f"  {cpu / runs / events * 1e6:7.2f}  {calls / runs:5.1f}  {wall / runs / events * 1e6:7.2f}  {kind}"
+            )
+        print(f"  {total / runs / events * 1e6:7.2f}  in all")
+
+
+def main(
+    n: int = 50_000, runs: int = 3, omit_optional: bool = False, judge: bool = False, statements: bool = False
+) -> None:
     path = tempfile.mkdtemp(prefix="bench-batch-")
     try:
         client = connect(f"chdb://{path}", "default")
+        if statements:
+            _instrument(client)
         events = _events(n, omit_optional)
         if judge:
             return judge_only(client, events, runs)
@@ -142,6 +210,8 @@ def main(n: int = 50_000, runs: int = 3, omit_optional: bool = False, judge: boo
         CPU.clear()
         DUPLICATE_S.clear()
         STAGE_SECONDS.update(dict.fromkeys(STAGES, 0.0))
+        for table in STATEMENTS.values():
+            table.clear()
         times: dict[str, list[float]] = {"with_preflight": [], "without_preflight": []}
         for i in range(runs):
             for key, flag in (("without_preflight", False), ("with_preflight", True)):
@@ -168,6 +238,8 @@ def main(n: int = 50_000, runs: int = 3, omit_optional: bool = False, judge: boo
                 }
             ).decode()
         )
+        if statements:
+            print_statements(len(events), runs)
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -179,4 +251,5 @@ if __name__ == "__main__":
         args[1] if len(args) > 1 else 3,
         omit_optional="--omit-optional" in sys.argv,
         judge="--judge" in sys.argv,
+        statements="--statements" in sys.argv,
     )
