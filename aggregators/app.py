@@ -77,11 +77,12 @@ def build_app(
     bootstrap: str,
     processor: BatchProcessor,
     watchdog: Watchdog | None = None,
-    restart: Callable[[], None] | None = None,
+    restart: Callable[[str], None] | None = None,
 ) -> faust.App:
     """The faust app. ``watchdog`` (default: a new one with ``settings.stall_timeout_s``) judges
-    the partitions' progress; ``restart`` is called when a stall needs the aggregator part
-    restarted (supervisor.py); without it, such a stall is only reported."""
+    the partitions' progress; ``restart(why)`` is called when a stall, or the agent's death, needs
+    the aggregator part restarted (supervisor.py); without it, such a stall is only reported, and
+    the agent's death stops the app."""
     app = faust.App(
         settings.consumer_group,
         broker=f"kafka://{bootstrap}",
@@ -173,21 +174,35 @@ def build_app(
         stager = processor.next_stager()  # here, on the loop: in the order batches are applied
         return batch, asyncio.ensure_future(asyncio.to_thread(processor.prepare, batch, stager))
 
-    agents = [0]  # agents started (faust starts another when one crashes)
+    died: list[BaseException] = []  # why an agent of this app died, if one did
 
     @app.agent(topics, concurrency=1, name="aggregate")
     async def aggregate(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        # faust starts another agent when one dies, on the same stream. Not here: the dead one's
+        # take buffer (take.py) stays on that stream and hands it the messages after the batch
+        # that was never applied, and applying them would move the raw watermark past that batch
+        # (skipped, so lost, when it is read again). The part is restarted instead (everything
+        # read again from the committed offsets), and the new agent applies nothing meanwhile.
+        if died:
+            log.warning("the agent died (%r); applying nothing until the part restarts", died[0])
+            await stopping.wait()
+            return
+        try:
+            async for step in _aggregate(stream):
+                yield step
+        except Exception as exc:
+            died.append(exc)
+            if not must_restart(f"the agent died in a batch: {exc!r}"):
+                await app.crash(exc)  # no part to restart it: stop, do not go on in place
+            raise
+
+    async def _aggregate(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         # Both cores: the next batch is parsed and judged while one is applied (processor.prepare),
         # on connections of its own (none on a server unless the caller opened them: deploy/runner.py).
-        # An agent that crashed leaves its take buffer on the stream, and faust gives that stream
-        # to the agent it starts instead: only the newest agent's batches are prepared (and
-        # open_stagers waits for a preparation the one before left running).
-        agents[0] += 1
-        me = agents[0]
         ahead_on = settings.prepare_ahead and await asyncio.to_thread(processor.open_stagers)
 
         def on_full(evs: list[Any]) -> Any:
-            return prepare_ahead(evs) if agents[0] == me else None
+            return None if died else prepare_ahead(evs)  # a dead agent's batch is never applied
 
         async for taken in take_applied(
             stream, settings.batch_max_messages, settings.batch_within_s, on_full if ahead_on else None
@@ -386,7 +401,7 @@ def build_app(
     def must_restart(what: str) -> bool:
         if restart is not None:
             log.error("watchdog: %s; restarting the aggregator", what)
-            restart()
+            restart(what)
             return True
         log.error("watchdog: %s, and nothing here can restart the aggregator", what)
         return False

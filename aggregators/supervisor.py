@@ -37,14 +37,17 @@ class AggregatorPart:
         self._wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._restarting = False
+        self._why = ""  # why the restart asked for (or under way) is
 
     async def start(self) -> None:
         self.app = self._new_app()
         await self.app.start()
         self._task = asyncio.create_task(self._supervise())
 
-    def request_restart(self) -> None:
-        """Called on the event loop (by the watchdog task) when the app must be replaced."""
+    def request_restart(self, why: str = "a partition stayed stalled") -> None:
+        """Called on the event loop (by the watchdog task, or the agent when it died) when the app
+        must be replaced."""
+        self._why = why
         self._wanted.set()
 
     async def stop(self) -> None:
@@ -60,9 +63,7 @@ class AggregatorPart:
         while True:
             await self._wanted.wait()
             self._wanted.clear()
-            log.warning(
-                "restarting the aggregator part (restart %d): a partition stayed stalled", self.restarts + 1
-            )
+            log.warning("restarting the aggregator part (restart %d): %s", self.restarts + 1, self._why)
             self._restarting = True
             try:
                 if self.app is not None:
@@ -73,6 +74,7 @@ class AggregatorPart:
                 await self.app.start()
             finally:
                 self._restarting = False
+                self._why = ""
             log.warning("aggregator part restarted")
 
     def _new_app(self) -> faust.App:
@@ -93,6 +95,11 @@ class AggregatorPart:
     @property
     def crash_reason(self) -> Any:
         return getattr(self.app, "crash_reason", None)
+
+    @property
+    def restarting(self) -> str:
+        """Why the part is being restarted ("" when it is not)."""
+        return self._why if self._restarting or self._wanted.is_set() else ""
 
     @property
     def should_stop(self) -> bool:

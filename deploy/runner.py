@@ -170,6 +170,9 @@ def aggregator_check(faust_app: Any, processor: BatchProcessor | None = None) ->
                 f"stalled for {processor.stalled_seconds():.0f}s (since {since.isoformat(timespec='seconds')}), "
                 f"retrying: {processor.last_error}"
             )
+        restarting = getattr(faust_app, "restarting", "")
+        if isinstance(restarting, str) and restarting:
+            return Status.DEGRADED, f"restarting the aggregator: {restarting}"
         dog = getattr(faust_app, "metering_watchdog", None)
         stalls = dog.stalls() if isinstance(dog, Watchdog) else []
         if stalls:

@@ -260,3 +260,23 @@ def test_a_restart_starts_the_troubles_clocks_again() -> None:
     assert w.troubles() == {}
     clock.now += 2
     assert w.restart_due() == [Trouble.REBALANCE]
+
+
+def test_readyz_says_why_the_aggregator_part_restarts() -> None:
+    """The part asked to restart (by the watchdog, or by its agent that died in a batch) is
+    degraded with the reason until the new app runs."""
+    from types import SimpleNamespace
+
+    from aggregators.supervisor import AggregatorPart
+    from deploy.runner import aggregator_check
+    from deploy.settings import AggregatorSettings
+
+    part = AggregatorPart(AggregatorSettings(), "127.0.0.1:9", None)  # type: ignore[arg-type]
+    part.app = SimpleNamespace(crashed=False, should_stop=False)  # type: ignore[assignment]
+    check = aggregator_check(part)
+    assert part.restarting == ""
+    assert check()[0] is True
+    part.request_restart("the agent died in a batch: KeyError('x')")
+    status, detail = check()
+    assert str(status) == "degraded"
+    assert detail == "restarting the aggregator: the agent died in a batch: KeyError('x')"
