@@ -1,0 +1,156 @@
+"""Dedupe against a large raw table (issue 11, item 1): what finding a batch's new events costs
+when ``events_raw`` already holds 10M or 100M events spread over 35 days.
+
+    PYTHONPATH=. .venv/bin/python -m bench.dedupe [STORED ...] [--batch EVENTS] [--runs N]
+
+For each size (default 0, 10,000,000 and 100,000,000), a fresh database of the embedded engine
+is filled with STORED events of the same 20 tenants as the batches (ids of their own, times over
+the last 35 days, the partitions and offsets a log would give them), merged as the engine would
+merge them at rest (OPTIMIZE … FINAL). Then, alternately, N batches of EVENTS new events
+(``BatchProcessor.process``, what the aggregator does with a Kafka batch) and the same batch sent
+again (every event a duplicate: a producer's retry storm), and one batch whose events are copies
+of events stored 30 days ago (a replayed month). Printed per size: the dedupe stage's wall µs per
+event (the anti-join: ``stage.new_insert``, and the rollup stage filled from the new rows), the
+process's CPU µs per event over the whole batch, and a check that each batch was counted exactly
+(new: all written; duplicates: none written, all recorded as copies).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from aggregators.direct import make_processor, pack
+from bench.batch import _events
+from schemas.clickhouse import connect
+from schemas.migrate import migrate
+
+_CHUNK = 10_000_000  # rows per filling statement: bounded memory
+
+
+def _fill(client: Any, db: str, tenants: list[str], stored: int, partitions: int) -> float:
+    """``stored`` events of ``tenants`` into events_raw, as the log would have given them; the
+    seconds it took."""
+    started = time.perf_counter()
+    tlist = "[" + ",".join(f"'{t}'" for t in tenants) + "]"
+    span_ms = 35 * 86_400_000
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    for lo in range(0, stored, _CHUNK):
+        n = min(_CHUNK, stored - lo)
+        client.command(
+            f"""
+INSERT INTO {db}.events_raw
+    (tenant, event_id, type, source, subject, time, data, src_partition, src_offset, ingested_at)
+SELECT
+    {tlist}[1 + (number % {len(tenants)})],
+    concat('stored-', toString(number)),
+    'egress.bytes',
+    'bench',
+    concat('svc-', toString(number % 50)),
+    fromUnixTimestamp64Milli(toInt64({now_ms} - {span_ms} + intDiv(number * {span_ms}, {stored}))),
+    concat('{{"bytes":', toString(number % 100000), '}}'),
+    toInt32(number % {partitions}),
+    toInt64(intDiv(number, {partitions})),
+    fromUnixTimestamp64Milli(toInt64({now_ms} - {span_ms} + intDiv(number * {span_ms}, {stored})))
+FROM numbers({lo}, {n})
+"""
+        )
+    client.command(f"OPTIMIZE TABLE {db}.events_raw FINAL")
+    return time.perf_counter() - started
+
+
+def _run(path: str, stored: int, batch: int, runs: int) -> dict[str, Any]:
+    db = f"dd_{uuid.uuid4().hex[:8]}"  # one engine per process: a database per size
+    client = connect(f"chdb://{path}", db)
+    try:
+        migrate(client, db)
+        events = _events(batch * (runs + 1))
+        tenants = sorted({e["tenant"] for e in events})
+        partitions = 8
+        fill_s = _fill(client, db, tenants, stored, partitions) if stored else 0.0
+        proc = make_processor(client, db)
+        offset = stored // partitions + 1  # above every stored offset: nothing skipped as applied
+        new_us, dup_us, cpu_new, cpu_dup = [], [], [], []
+        exact = True
+        for r in range(runs):
+            evs = events[r * batch : (r + 1) * batch]
+            for phase in ("new", "duplicates"):
+                msgs = pack(evs, 0, offset)
+                offset += len(msgs)
+                before = proc.timings["dedupe_stage"]
+                cpu0 = time.process_time()
+                stats = proc.process(msgs)
+                cpu = (time.process_time() - cpu0) * 1e6 / len(evs)
+                stage = (proc.timings["dedupe_stage"] - before) * 1e6 / len(evs)
+                if phase == "new":
+                    new_us.append(stage)
+                    cpu_new.append(cpu)
+                    exact &= stats.written == len(evs)
+                else:
+                    dup_us.append(stage)
+                    cpu_dup.append(cpu)
+                    exact &= stats.written == 0 and stats.duplicates == len(evs)
+                if not exact:
+                    print(phase, stats, file=sys.stderr)
+        # a replayed month: copies of events stored 30 days ago (ids the batch cannot know)
+        replay_us = None
+        if stored:
+            rows = client.query(
+                f"SELECT tenant, event_id, time FROM {db}.events_raw "
+                f"WHERE time < now64(3) - INTERVAL 29 DAY ORDER BY time DESC LIMIT {batch}"
+            ).result_rows
+            old = events[runs * batch : runs * batch + len(rows)]
+            replayed = [
+                {**e, "tenant": t, "id": i, "time": ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"}
+                for e, (t, i, ts) in zip(old, rows, strict=True)
+            ]
+            msgs = pack(replayed, 1, offset)
+            before = proc.timings["dedupe_stage"]
+            stats = proc.process(msgs)
+            replay_us = (proc.timings["dedupe_stage"] - before) * 1e6 / len(replayed)
+            exact &= stats.written == 0 and stats.duplicates == len(replayed)
+            if not exact:
+                print("replayed month:", stats, file=sys.stderr)
+        proc.close()
+        return {
+            "stored": stored,
+            "fill_s": round(fill_s, 1),
+            "dedupe_new_us_per_event": round(statistics.median(new_us), 2),
+            "dedupe_duplicates_us_per_event": round(statistics.median(dup_us), 2),
+            "dedupe_replayed_month_us_per_event": None if replay_us is None else round(replay_us, 2),
+            "cpu_new_us_per_event": round(statistics.median(cpu_new), 2),
+            "cpu_duplicates_us_per_event": round(statistics.median(cpu_dup), 2),
+            "exact": exact,
+        }
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {db} SYNC")
+
+
+def main(argv: list[str]) -> None:
+    args = list(argv)
+    batch, runs = 20_000, 3
+    if "--batch" in args:
+        i = args.index("--batch")
+        batch = int(args[i + 1])
+        del args[i : i + 2]
+    if "--runs" in args:
+        i = args.index("--runs")
+        runs = int(args[i + 1])
+        del args[i : i + 2]
+    sizes = [int(a) for a in args] or [0, 10_000_000, 100_000_000]
+    path = tempfile.mkdtemp(prefix="bench-dedupe-")
+    try:
+        for stored in sizes:
+            print(_run(path, stored, batch, runs), flush=True)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
