@@ -18,6 +18,7 @@ requests a minute per key) is a per-key protection, not the ingest's capacity.
 
     python -m bench.http_ingest          # progress lines, then one JSON line
     python -m bench.http_ingest --wire   # item 4: JSON vs MessagePack, CPU per event
+    python -m bench.http_ingest --route  # the route alone in process (no broker): CPU per event
 """
 
 from __future__ import annotations
@@ -426,9 +427,121 @@ def wire_formats(say: Callable[[str], None], events: int = 100_000) -> dict[str,
     return out
 
 
+class _AckingKafka:
+    """Stands in for librdkafka in ``route_cpu``: takes every message and acknowledges it at the
+    next ``poll`` (which waits for work, as librdkafka's does, instead of spinning)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._pending: list[Any] = []
+        self._ready = threading.Condition()
+        self.values: list[bytes] = []
+
+    def produce(
+        self, topic: str, *, value: bytes, key: bytes, headers: Any, on_delivery: Any, timestamp: int = 0
+    ) -> None:
+        with self._ready:
+            self.values.append(value)
+            self._pending.append(on_delivery)
+            self._ready.notify()
+
+    def poll(self, timeout: float) -> int:
+        with self._ready:
+            if not self._pending:
+                self._ready.wait(timeout)
+            pending, self._pending = self._pending, []
+        for callback in pending:
+            callback(None, None)
+        return len(pending)
+
+    def flush(self, timeout: float) -> int:
+        self.poll(0)
+        return 0
+
+
+def route_cpu(say: Callable[[str], None], requests: int = 2000) -> dict[str, float]:
+    """CPU µs per event of ``POST /api/v1/events`` alone, in this process: the ingest router in a
+    bare FastAPI app driven through ASGI (no sockets, no HTTP parser), the real producer code
+    handing messages to a stand-in for librdkafka that acknowledges at once, keys and scopes from
+    memory. Sequential 100-event requests; user+system CPU of the process (every thread): a figure
+    other load on the machine disturbs little, unlike the rate of ``run_http_ingest``. Best of 3."""
+    import resource
+
+    from fastapi import FastAPI
+
+    from deploy.settings import CommonSettings, IngestSettings
+    from ingest.http import EVENTS_PATH, build_ingest_router
+    from ingest.scope import WORKSPACE_SCOPE, build_tenant_scope
+    from ingest.sdk import UsageProducer
+    from query_api.credentials import Principal
+    from schemas.events import EntityKind
+
+    class Keys:
+        def lookup(self, raw: str, kind: EntityKind) -> Principal | None:
+            return Principal(TENANT, kind, raw, "workspace", "w1", "", "", "active", None)
+
+    class Scopes:
+        def key_scope(self, principal: Principal) -> Any:
+            tenant = build_tenant_scope([(EntityKind.WORKSPACE.value, "w1", "", "", "", "")])
+            return tenant.for_key(WORKSPACE_SCOPE, "w1", "")
+
+    kafka = _AckingKafka()
+    producer = UsageProducer("unused:0", settings=CommonSettings(), topic="events", producer=kafka)
+    settings = IngestSettings(ingest_rate_limit_per_minute=100_000_000)
+    app = FastAPI()
+    app.include_router(
+        build_ingest_router(lambda: producer, lambda: Keys(), settings, get_scopes=lambda: Scopes())
+    )
+    at = (datetime.now(UTC) - timedelta(minutes=5)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    headers = {"Authorization": "Bearer k", "Content-Type": "application/cloudevents-batch+json"}
+
+    def body(i: int) -> bytes:
+        return orjson.dumps(
+            [
+                {
+                    "specversion": "1.0",
+                    "id": f"r{i}-{j}",
+                    "source": "bench",
+                    "type": "render.completed",
+                    "time": at,
+                    "data": {"workspace_id": "w1", "render_id": f"r{i}-{j}", "output_duration_seconds": 30},
+                }
+                for j in range(BATCH)
+            ]
+        )
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    async def drive(first: int) -> float:
+        bodies = [body(first + i) for i in range(requests)]  # built before the clock starts
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench", headers=headers) as client:
+            c0 = cpu()
+            for b in bodies:
+                r = await client.post(EVENTS_PATH, content=b)
+                if r.status_code != 202 or r.json()["accepted"] != BATCH:
+                    raise RuntimeError(f"not all accepted: {r.status_code} {r.text[:300]}")
+            return cpu() - c0
+
+    try:
+        best = min(asyncio.run(drive(n * requests)) for n in range(3))
+    finally:
+        producer.close(timeout=5)
+    out = {"http_ingest_route_cpu_us_per_event": best / (requests * BATCH) * 1e6}
+    say(f"  the route alone: {out['http_ingest_route_cpu_us_per_event']:.1f} µs CPU per event (best of 3)")
+    return out
+
+
 def main() -> None:
     from bench.run import say
 
+    if "--route" in sys.argv[1:]:
+        say("the ingest route alone, in process: CPU per event…")
+        print(orjson.dumps(route_cpu(say)).decode(), flush=True)
+        return
     if "--wire" in sys.argv[1:]:
         say("wire formats: CPU per event, JSON vs MessagePack…")
         print(orjson.dumps(wire_formats(say)).decode(), flush=True)

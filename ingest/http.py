@@ -134,11 +134,14 @@ class RecentIds:
 
     def add_all(self, keys: Iterable[tuple[str, str]]) -> None:
         with self._lock:
+            ids = self._ids
             for key in keys:
-                self._ids[key] = None
-                self._ids.move_to_end(key)
-            while len(self._ids) > self._capacity:
-                self._ids.popitem(last=False)
+                if key in ids:  # rare: a new key is appended at the end by the assignment
+                    ids.move_to_end(key)
+                else:
+                    ids[key] = None
+            for _ in range(len(ids) - self._capacity):
+                ids.popitem(last=False)
 
 
 # ---- request handling -------------------------------------------------------------------------
@@ -554,9 +557,9 @@ def build_ingest_router(
                 recent.add_all((tenant, str(e["id"])) for e in accepted)
         except _HttpError as err:
             return error_response(err.status, err.code, err.message, err.details, err.headers)
-        counts = {
-            s: sum(1 for r in results if r["status"] == s) for s in ("accepted", "duplicate", "rejected")
-        }
+        counts = dict.fromkeys(("accepted", "duplicate", "rejected"), 0)
+        for r in results:
+            counts[r["status"]] += 1
         for status, n in counts.items():
             EVENTS_ANSWERED.labels(status).inc(n)
         body_out = {

@@ -163,3 +163,16 @@ def test_the_window_is_judged_by_the_instant_given() -> None:
     later = NOW - timedelta(milliseconds=1)
     assert _batched(items, "acme", later) == _alone(items, "acme", later)
     assert _batched(items, "acme", later)[0][0] == RejectCode.IN_FUTURE
+
+
+def test_recent_ids_forget_the_least_recently_delivered_first() -> None:
+    from ingest.http import RecentIds
+
+    recent = RecentIds(capacity=3)
+    recent.add_all([("t", "1"), ("t", "2"), ("t", "3")])
+    recent.add_all([("t", "1"), ("t", "4")])  # "1" delivered again: "2" is now the oldest
+    assert ("t", "1") in recent and ("t", "4") in recent and ("t", "3") in recent
+    assert ("t", "2") not in recent
+    assert recent.known("t", ["1", "2", "3", "9"]) == {"1", "3"}
+    recent.add_all([("u", str(i)) for i in range(10)])
+    assert [("u", str(i)) in recent for i in range(10)] == [False] * 7 + [True] * 3
