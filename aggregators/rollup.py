@@ -123,11 +123,11 @@ def period_insert(catalog: Catalog, grain: Grain, database: str, where: str) -> 
         return None
     return (
         f"INSERT INTO {database}.{GRAIN_TABLE[grain]} ({_PERIOD_COLUMNS}) "
-        f"SELECT tenant, meter, {GRAIN_FN[grain]}(time) AS w, toJSONString(dims) AS group_key, src_partition, "
-        "any(dims), sum(v), count(), min(v), max(v), argMaxState(v, (time, src_offset)), "
+        f"SELECT tenant, meter, {GRAIN_FN[grain]}(time) AS w, toJSONString(d) AS group_key, src_partition, "
+        "d, sum(v), count(), min(v), max(v), argMaxState(v, (time, src_offset)), "
         "uniqExactMergeState(arrayReduce('uniqExactState', ukeys)), max(src_offset) "
         f"FROM ({_meter_rows(catalog, f'{database}.{Table.EVENTS_RAW}', where)}) "
-        "GROUP BY tenant, meter, w, group_key, src_partition"
+        "GROUP BY tenant, meter, w, dims AS d, src_partition"
     )
 
 
@@ -153,15 +153,17 @@ def stage_create(stage: str) -> str:
 
 def stage_insert(catalog: Catalog, source: str, stage: str, where: str) -> str:
     """The rows of ``source`` (``events_raw``, or the batch's new rows before the raw insert,
-    which have its columns) matching ``where``, aggregated into the stage."""
+    which have its columns) matching ``where``, aggregated into the stage. Grouped by the
+    dimensions map itself and its JSON text (``group_key``) written once per group, not once per
+    row (the same groups and text; −15 % CPU of the statement, docs/performance.md)."""
     return (
         f"INSERT INTO {stage} (tenant, meter, window_start, group_key, src_partition, src_offset, dims, value_sum, "
         "value_count, value_min, value_max, value_latest, value_unique) "
-        "SELECT tenant, meter, toStartOfFifteenMinutes(time) AS w, toJSONString(dims) AS group_key, src_partition, "
-        "src_offset, any(dims), sum(v), count(), min(v), max(v), argMaxState(v, (time, src_offset)), "
+        "SELECT tenant, meter, toStartOfFifteenMinutes(time) AS w, toJSONString(d) AS group_key, src_partition, "
+        "src_offset, d, sum(v), count(), min(v), max(v), argMaxState(v, (time, src_offset)), "
         "uniqExactMergeState(arrayReduce('uniqExactState', ukeys)) "
         f"FROM ({_meter_rows(catalog, source, where)}) "
-        "GROUP BY tenant, meter, w, group_key, src_partition, src_offset"
+        "GROUP BY tenant, meter, w, dims AS d, src_partition, src_offset"
     )
 
 
