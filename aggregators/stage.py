@@ -327,7 +327,7 @@ def check_select(stage: str) -> str:
 SELECT
     ok, msg, pos, rtenant AS tenant, ifNull(id, '') AS event_id, ifNull(type, '') AS type,
     ifNull(source, '') AS source, subj AS subject,
-    ifNull(parseDateTime64BestEffortOrNull(time, 3, 'UTC'), toDateTime64(0, 3, 'UTC')) AS time,
+    ifNull(toDateTime64(t6, 3, 'UTC'), toDateTime64(0, 3, 'UTC')) AS time,
     if(dc.3 = '', ifNull(data, ''), dc.3) AS data, src_partition, src_offset
 FROM (
     SELECT *,
@@ -357,7 +357,11 @@ FROM (
             {{offs:Array(Int64)}}[msg + 1] AS src_offset,
             {{ts:Array(Int64)}}[msg + 1] * 1000 AS recv_us,
             {{bf:Array(UInt8)}}[msg + 1] AS backfill,
-            toUnixTimestamp64Micro(parseDateTime64BestEffortOrNull(time, 6, 'UTC')) AS et_us
+            -- the time parsed once: its millisecond value (the stored one) is the microsecond
+            -- value truncated, as parsing at scale 3 gives it for every time an accepted row can
+            -- hold (1970 to 2200; they differ before 1970 only)
+            parseDateTime64BestEffortOrNull(time, 6, 'UTC') AS t6,
+            toUnixTimestamp64Micro(t6) AS et_us
         FROM (
             SELECT *, {dcheck} AS dc,
                 toUInt32(rn - if(msg = 0, 0, {{ends:Array(UInt64)}}[msg])) AS pos,
