@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import threading
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import orjson
 from clickhouse_connect.driver.client import Client
 
+from query_api.lookup_cache import LookupCache
 from schemas.events import EntityKind
 
 LIVE_PREFIX = "fl_live_"
@@ -70,31 +69,19 @@ class Principal:
 
 class CredentialStore:
     """Resolves presented secrets to principals, with a short cache (revocations take effect
-    within ``ttl_s``)."""
+    within ``ttl_s``; a credential in use is reloaded in the background before that:
+    ``lookup_cache.py``)."""
 
     def __init__(self, client: Client, database: str, ttl_s: float = 2.0) -> None:
         self._client = client
         self._db = database
-        self._ttl = ttl_s
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
-        self._lock = threading.Lock()
+        self._cache = LookupCache(ttl_s, max_items=100_000, name="credential-refresh")
 
     def lookup(self, raw: str, kind: EntityKind) -> Principal | None:
         if not raw or len(raw) > 512:
             return None
         digest = hash_secret(raw)
-        key = f"{kind}:{digest}"
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit and now - hit[0] < self._ttl:
-                return hit[1]
-        principal = self._fetch(digest, kind)
-        with self._lock:
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-            self._cache[key] = (now, principal)
-        return principal
+        return self._cache.get(f"{kind}:{digest}", lambda: self._fetch(digest, kind))
 
     def _fetch(self, digest: str, kind: EntityKind) -> Principal | None:
         rows = self._client.query(

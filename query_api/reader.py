@@ -14,33 +14,31 @@ Rules every query here follows:
   materialized), one query per request, with the settings of ``_SMALL_READ``: in embedded
   ClickHouse every table read costs a few milliseconds of fixed work, whatever it reads.
 
-Entity lookups are cached for ``cache_ttl_s`` (the same short lifetime as credentials): they
-change rarely and a request needs several of them; usage is never cached.
+Entity lookups are cached for ``cache_ttl_s`` (the same short lifetime as credentials) and
+reloaded in the background before they expire (``lookup_cache.py``): they change rarely and a
+request needs several of them; usage is never cached.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
-from cachetools import TTLCache
 from clickhouse_connect.driver.client import Client
 
 from query_api.errors import StorageError
 from query_api.exact import finite_number, half_up, half_up_int, ratio
+from query_api.lookup_cache import LookupCache
 from query_api.periods import DateRange, Granularity, Period, Window, clamp_to_sql, split_months
 from schemas.clickhouse import Table
 from schemas.events import DATA_MODELS, EntityKind, membership_id
 from schemas.meters import Aggregation, Meter, default_catalog
-
-T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -190,33 +188,6 @@ def _rate(attrs: dict[str, Any], name: str, what: str) -> Decimal:
     return number
 
 
-class _TtlCache:
-    """Loaded values kept ``ttl_s`` seconds (cachetools' TTL cache: bounded, least recently
-    used out first); ``ttl_s <= 0`` caches nothing."""
-
-    def __init__(self, ttl_s: float, max_items: int = 50_000) -> None:
-        self._ttl = ttl_s
-        self._items: TTLCache[tuple[Any, ...], Any] | None = (
-            TTLCache(maxsize=max_items, ttl=ttl_s) if ttl_s > 0 else None
-        )
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[Any, ...], load: Callable[[], T]) -> T:
-        if self._items is None:
-            return load()
-        with self._lock:
-            hit = self._items.get(key, _MISSING)
-        if hit is not _MISSING:
-            return hit  # type: ignore[no-any-return]
-        value = load()
-        with self._lock:
-            self._items[key] = value
-        return value
-
-
-_MISSING = object()
-
-
 # ---- SQL fragments chosen by enums (never by user input) ------------------------------------------
 
 _PERIOD_VALUE = {
@@ -279,8 +250,8 @@ class Reader:
         check_catalog()
         self._client = client
         self._db = database
-        self._cache = _TtlCache(cache_ttl_s)
-        self._cache_forever = _TtlCache(float("inf"))
+        self._cache = LookupCache(cache_ttl_s, name="reader-refresh")
+        self._cache_forever = LookupCache(float("inf"))
 
     # ---- plumbing ------------------------------------------------------------------------------
 
