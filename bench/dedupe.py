@@ -1,7 +1,7 @@
 """Dedupe against a large raw table (issue 11, item 1): what finding a batch's new events costs
 when ``events_raw`` already holds 10M or 100M events spread over 35 days.
 
-    PYTHONPATH=. .venv/bin/python -m bench.dedupe [STORED ...] [--batch EVENTS] [--runs N]
+    PYTHONPATH=. .venv/bin/python -m bench.dedupe [STORED ...] [--batch EVENTS] [--runs N] [--structures]
 
 For each size (default 0, 10,000,000 and 100,000,000), a fresh database of the embedded engine
 is filled with STORED events of the same 20 tenants as the batches (ids of their own, times over
@@ -13,6 +13,10 @@ of events stored 30 days ago (a replayed month). Printed per size: the dedupe st
 event (the anti-join: ``stage.new_insert``, and the rollup stage filled from the new rows), the
 process's CPU µs per event over the whole batch, and a check that each batch was counted exactly
 (new: all written; duplicates: none written, all recorded as copies).
+
+``--structures``: the lookup statement alone, today's anti-join against events_raw beside a
+key-only table ordered by a hash of (tenant, event_id), on the same stored events, for a batch of
+new ids and a batch of ids stored anywhere in the 35 days (``_structures``).
 """
 
 from __future__ import annotations
@@ -107,7 +111,12 @@ def _run(path: str, stored: int, batch: int, runs: int) -> dict[str, Any]:
             ).result_rows
             old = events[runs * batch : runs * batch + len(rows)]
             replayed = [
-                {**e, "tenant": t, "id": i, "time": ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"}
+                {
+                    **e,
+                    "tenant": t,
+                    "id": i,
+                    "time": ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z",
+                }
                 for e, (t, i, ts) in zip(old, rows, strict=True)
             ]
             msgs = pack(replayed, 1, offset)
@@ -143,13 +152,89 @@ def main(argv: list[str]) -> None:
         i = args.index("--runs")
         runs = int(args[i + 1])
         del args[i : i + 2]
+    structures = "--structures" in args
+    if structures:
+        args.remove("--structures")
     sizes = [int(a) for a in args] or [0, 10_000_000, 100_000_000]
     path = tempfile.mkdtemp(prefix="bench-dedupe-")
     try:
         for stored in sizes:
-            print(_run(path, stored, batch, runs), flush=True)
+            if structures:
+                print(_structures(path, stored, batch, runs), flush=True)
+            else:
+                print(_run(path, stored, batch, runs), flush=True)
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- which structure finds a batch's copies cheapest (``--structures``) -----------------------
+
+
+def _structures(path: str, stored: int, batch: int, runs: int) -> dict[str, Any]:
+    """The lookup alone, on the same stored events: the anti-join the aggregator runs today
+    (events_raw, its tenant prefix and Bloom-filter index on event_id) against a key-only table
+    ordered by a 64-bit hash of (tenant, event_id) with small granules (a batch reads at most one
+    granule per key, whatever the size; matches checked on the key itself, so exact)."""
+    db = f"ds_{uuid.uuid4().hex[:8]}"
+    client = connect(f"chdb://{path}", db)
+    try:
+        migrate(client, db)
+        events = _events(1000)
+        tenants = sorted({e["tenant"] for e in events})
+        fill_s = _fill(client, db, tenants, stored, 8)
+        started = time.perf_counter()
+        client.command(
+            f"CREATE TABLE {db}.event_keys (h UInt64, tenant LowCardinality(String), event_id String) "
+            "ENGINE = MergeTree ORDER BY h SETTINGS index_granularity = 256"
+        )
+        client.command(
+            f"INSERT INTO {db}.event_keys SELECT sipHash64(tenant, event_id), tenant, event_id FROM {db}.events_raw"
+        )
+        client.command(f"OPTIMIZE TABLE {db}.event_keys FINAL")
+        keys_s = time.perf_counter() - started
+        client.command(f"CREATE TABLE {db}.b (tenant String, event_id String) ENGINE = Memory")
+        raw = f"{db}.events_raw"
+        queries = {
+            "anti_join_raw": (
+                f"SELECT count() FROM {db}.b WHERE (tenant, event_id) IN (SELECT tenant, event_id FROM {raw} "
+                f"WHERE tenant IN (SELECT DISTINCT tenant FROM {db}.b) AND event_id IN (SELECT event_id FROM {db}.b))"
+            ),
+            "hash_keys": (
+                f"SELECT count() FROM {db}.b WHERE (tenant, event_id) IN (SELECT tenant, event_id FROM "
+                f"{db}.event_keys WHERE h IN (SELECT sipHash64(tenant, event_id) FROM {db}.b))"
+            ),
+        }
+        out: dict[str, Any] = {"stored": stored, "fill_s": round(fill_s, 1), "keys_fill_s": round(keys_s, 1)}
+        for kind in ("new", "copies"):
+            for name, sql in queries.items():
+                walls, cpus = [], []
+                for r in range(runs):
+                    client.command(f"TRUNCATE TABLE {db}.b")
+                    if kind == "new":
+                        client.command(
+                            f"INSERT INTO {db}.b SELECT {_tenant_of(tenants)}, toString(generateUUIDv4()) "
+                            f"FROM numbers({batch})"
+                        )
+                    else:  # ids stored anywhere in the 35 days
+                        client.command(
+                            f"INSERT INTO {db}.b SELECT {_tenant_of(tenants, 'k')}, concat('stored-', toString(k)) "
+                            f"FROM (SELECT (cityHash64(number, {r}) % {stored}) AS k FROM numbers({batch}))"
+                        )
+                    cpu0, wall0 = time.process_time(), time.perf_counter()
+                    found = int(client.command(sql))
+                    walls.append((time.perf_counter() - wall0) * 1e6 / batch)
+                    cpus.append((time.process_time() - cpu0) * 1e6 / batch)
+                    assert found == (0 if kind == "new" else batch), (name, kind, found)
+                out[f"{name}_{kind}_wall_us"] = round(statistics.median(walls), 2)
+                out[f"{name}_{kind}_cpu_us"] = round(statistics.median(cpus), 2)
+        return out
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {db} SYNC")
+
+
+def _tenant_of(tenants: list[str], n: str = "number") -> str:
+    """The tenant ``_fill`` gave the stored event numbered ``n``."""
+    return "[" + ",".join(f"'{t}'" for t in tenants) + f"][1 + ({n} % {len(tenants)})]"
 
 
 if __name__ == "__main__":
