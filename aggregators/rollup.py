@@ -194,13 +194,15 @@ def gauge_values_check(catalog: Catalog, source: str, where: str) -> str | None:
     return f"SELECT count(), {checks} FROM {source} WHERE type IN ({types}) AND {where}"
 
 
-def gauge_touched(meter: Meter, source: str, where: str) -> str:
+def gauges_touched(meters: list[Meter], source: str, where: str) -> str:
     """The series (tenant, subject) a set of raw rows (of ``source``: ``events_raw``, or the
-    batch's new rows) touches, and the time span of their samples."""
+    batch's new rows) touches for each of the gauge ``meters``, and the time span of their
+    samples, in one statement: (type, tenant, subject, min time ms, max time ms, max offset)."""
+    types = ", ".join(sorted({f"'{m.event_type.value}'" for m in meters}))
     return (
-        f"SELECT tenant, subject, toUnixTimestamp64Milli(min(time)), toUnixTimestamp64Milli(max(time)), "
+        f"SELECT type, tenant, subject, toUnixTimestamp64Milli(min(time)), toUnixTimestamp64Milli(max(time)), "
         f"max(src_offset) FROM {source} "
-        f"WHERE type = '{meter.event_type.value}' AND {where} GROUP BY tenant, subject"
+        f"WHERE type IN ({types}) AND {where} GROUP BY type, tenant, subject"
     )
 
 
