@@ -83,6 +83,14 @@ class CredentialStore:
         digest = hash_secret(raw)
         return self._cache.get(f"{kind}:{digest}", lambda: self._fetch(digest, kind))
 
+    def cached(self, raw: str, kind: EntityKind) -> Any:
+        """``lookup``'s answer if it is kept young enough, else ``MISS``; never reads ClickHouse
+        on the calling thread (it may be the event loop)."""
+        if not raw or len(raw) > 512:
+            return None
+        digest = hash_secret(raw)
+        return self._cache.peek(f"{kind}:{digest}", lambda: self._fetch(digest, kind))
+
     def _fetch(self, digest: str, kind: EntityKind) -> Principal | None:
         rows = self._client.query(
             f"SELECT tenant, entity_id, secret_hash, status, workspace_id, email, expires_at, attrs "

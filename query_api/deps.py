@@ -16,18 +16,21 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, cast
 
 from clickhouse_connect.driver.client import Client
 from fastapi import Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.models import APIKey, APIKeyIn, HTTPBase
 from fastapi.security.base import SecurityBase
 
 from deploy.settings import QuerySettings
 from query_api.credentials import CredentialStore, Principal
 from query_api.errors import ApiError, ErrorCode, StorageError
+from query_api.lookup_cache import MISS
 from query_api.models import rfc3339_ms
 from query_api.ratelimit import RateLimiter, retry_after_header
 from query_api.reader import Reader
@@ -152,11 +155,35 @@ def _admit(services: Services, principal: Principal) -> Principal:
     return principal
 
 
-def _lookup(services: Services, raw: str, kind: EntityKind) -> Principal | None:
+class _NeedsStorage(Exception):
+    """Raised on the event loop when resolving the caller needs ClickHouse: resolve in a thread."""
+
+
+def _lookup(services: Services, raw: str, kind: EntityKind, on_loop: bool) -> Principal | None:
+    if on_loop:
+        cached = services.store.cached(raw, kind)
+        if cached is MISS:
+            raise _NeedsStorage
+        return cast(Principal | None, cached)
     try:
         return services.store.lookup(raw, kind)
     except Exception as exc:  # the store talks to ClickHouse
         raise StorageError(type(exc).__name__) from exc
+
+
+async def _resolve(services: Services, resolve: Callable[[bool], Principal]) -> Principal:
+    """``resolve(on_loop)``: on the event loop when it needs no I/O (the credential is cached and
+    the rate limits count in this process), else in the thread pool. Under load every hand-off to
+    a pool thread waits for a core (docs/performance.md, "Queries while ingesting"); a request
+    whose credential is cached then makes one hand-off (its handler's), not two.
+    ``resolve`` raises ``_NeedsStorage`` before anything else happens (no limit counted), so
+    running it again in a thread counts the request once."""
+    if services.limiter.in_memory and services.failures.in_memory:
+        try:
+            return resolve(True)
+        except _NeedsStorage:
+            pass
+    return await run_in_threadpool(resolve, False)
 
 
 def _scheme_value(header: str | None, schemes: tuple[str, ...]) -> str | None:
@@ -173,15 +200,19 @@ def _scheme_value(header: str | None, schemes: tuple[str, ...]) -> str | None:
 # ---- principals ---------------------------------------------------------------------------------
 
 
-def require_access_token(
+async def require_access_token(
     request: Request, services: ServicesDep, header: Annotated[str | None, Depends(access_token_scheme)]
 ) -> Principal:
     """A live access token (documents 000 and 002). Expired: 401 with code token_expired
     (``AUTH_TOKEN_EXPIRED`` in document 000)."""
+    return await _resolve(services, lambda on_loop: _access_token(services, request, header, on_loop))
+
+
+def _access_token(services: Services, request: Request, header: str | None, on_loop: bool) -> Principal:
     raw = _scheme_value(header, ("bearer",))
     if raw is None:
         raise _fail(services, request, _unauthorized("Missing bearer access token.", "Bearer"))
-    principal = _lookup(services, raw, EntityKind.ACCESS_TOKEN)
+    principal = _lookup(services, raw, EntityKind.ACCESS_TOKEN, on_loop)
     if principal is None or not principal.active:
         raise _fail(services, request, _unauthorized("Invalid access token.", "Bearer"))
     if principal.expired():
@@ -192,13 +223,13 @@ def require_access_token(
 
 
 def _workspace_key(
-    services: Services, request: Request, header: str | None, schemes: tuple[str, ...]
+    services: Services, request: Request, header: str | None, schemes: tuple[str, ...], on_loop: bool
 ) -> Principal:
     challenge = schemes[0].title()
     raw = _scheme_value(header, schemes)
     if raw is None:
         raise _fail(services, request, _unauthorized("Missing or invalid API key.", challenge))
-    principal = _lookup(services, raw, EntityKind.API_KEY)
+    principal = _lookup(services, raw, EntityKind.API_KEY, on_loop)
     # A member-scoped key does not open workspace APIs: same answer as an unknown key.
     if (
         principal is None
@@ -210,35 +241,43 @@ def _workspace_key(
     return _admit(services, principal)
 
 
-def require_workspace_key_bearer(
+async def require_workspace_key_bearer(
     request: Request, services: ServicesDep, header: Annotated[str | None, Depends(api_key_bearer_scheme)]
 ) -> Principal:
     """A workspace-scoped API key as ``Bearer`` (document 003, meter query)."""
-    return _workspace_key(services, request, header, ("bearer",))
+    return await _resolve(
+        services, lambda on_loop: _workspace_key(services, request, header, ("bearer",), on_loop)
+    )
 
 
-def require_workspace_key_token_or_bearer(
+async def require_workspace_key_token_or_bearer(
     request: Request,
     services: ServicesDep,
     header: Annotated[str | None, Depends(api_key_token_scheme)],
     _bearer: Annotated[str | None, Depends(api_key_bearer_scheme)],
 ) -> Principal:
     """A workspace-scoped API key as ``Token`` or ``Bearer`` (document 004)."""
-    return _workspace_key(services, request, header, ("token", "bearer"))
+    return await _resolve(
+        services, lambda on_loop: _workspace_key(services, request, header, ("token", "bearer"), on_loop)
+    )
 
 
-def require_member_key_basic(
+async def require_member_key_basic(
     request: Request, services: ServicesDep, header: Annotated[str | None, Depends(basic_scheme)]
 ) -> Principal:
     """HTTP Basic ``EMAIL:APIKEY`` (document 001): the key must be member-scoped and belong to
     the member whose email is given."""
+    return await _resolve(services, lambda on_loop: _member_key(services, request, header, on_loop))
+
+
+def _member_key(services: Services, request: Request, header: str | None, on_loop: bool) -> Principal:
     challenge = 'Basic realm="quota-usages"'
     raw = _scheme_value(header, ("basic",))
     creds = _decode_basic(raw) if raw is not None else None
     if creds is None:
         raise _fail(services, request, _unauthorized("Missing or malformed Basic credentials.", challenge))
     email, key = creds
-    principal = _lookup(services, key, EntityKind.API_KEY)
+    principal = _lookup(services, key, EntityKind.API_KEY, on_loop)
     if (
         principal is None
         or not principal.active

@@ -74,6 +74,8 @@ class RateLimiter:
             options |= {"socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S}
         # memory://: a storage of this limiter's own (two apps in one process never share counts)
         self._storage = storage_from_string(storage, **options)
+        #: counts kept in this process: ``acquire`` does no I/O (it may run on the event loop)
+        self.in_memory = scheme == "memory"
         self._limiter = MovingWindowRateLimiter(self._storage)
         self._item = RateLimitItemPerMinute(per_minute)
         self._name = name
