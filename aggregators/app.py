@@ -143,11 +143,12 @@ def build_app(
         consumer: Any = app.consumer
         try:
             # Bounded: faust's seek_wait waits up to broker_request_timeout (90 s) for the new
-            # position, and the watchdog seeks from its check. After an agent crash with a
-            # bounded stream buffer the watchdog went silent for 90 s after its first seek, so
-            # the restart that heals that stall came too late (test_watchdog's crashed-agent test
-            # failed 2 of 4 runs before this bound, passed 9 of 9 after); a seek given up here is
-            # tried again (the rewind rule, or the watchdog's next action).
+            # position, and the watchdog seeks from its check: unbounded, a stalled partition's
+            # seek kept the watchdog silent for 90 s, so the restart that heals the stall came
+            # too late. A seek given up here is tried again (the rewind rule, or the watchdog's
+            # next action). The consumer thread may still be waiting for that position, and its
+            # answers to the watchdog's offset requests wait behind it (they time out: "a
+            # consumer that does not answer", which restarts the part after the patience).
             await asyncio.wait_for(consumer.seek_wait({tp: offset}), max(5.0, settings.stall_timeout_s))
         except Exception as exc:
             log.warning("could not seek %s back to offset %d: %r", tp, offset, exc)
