@@ -176,3 +176,26 @@ def test_recent_ids_forget_the_least_recently_delivered_first() -> None:
     assert recent.known("t", ["1", "2", "3", "9"]) == {"1", "3"}
     recent.add_all([("u", str(i)) for i in range(10)])
     assert [("u", str(i)) in recent for i in range(10)] == [False] * 7 + [True] * 3
+
+
+def test_every_usage_type_is_prepared_in_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The synthetic world's usage (every usage type, optional fields set and absent), per
+    tenant: the same as prepare_event, and no event judged alone."""
+    import random
+
+    from ingest.synth import World, usage_events
+    from schemas.events import USAGE_TYPES
+
+    created = datetime(2026, 11, 1, tzinfo=UTC)
+    world = World.generate(seed=5, tenants=2, created_at=created)
+    start = NOW - timedelta(hours=1)
+    events = list(usage_events(world, start, start + timedelta(minutes=30), random.Random(5)))
+    assert {e["type"] for e in events} == {t.value for t in USAGE_TYPES}
+    by_tenant: dict[str, list[Any]] = {}
+    for e in events:
+        by_tenant.setdefault(e["tenant"], []).append(e)
+    expected = {t: _alone(items, t, NOW) for t, items in by_tenant.items()}
+    monkeypatch.setattr(prepare_batch, "prepare_event", lambda *a, **k: pytest.fail(f"judged alone: {a}"))
+    for tenant, items in by_tenant.items():
+        assert _batched(items, tenant, NOW) == expected[tenant]
+        assert all(isinstance(e, dict) for e in expected[tenant])
