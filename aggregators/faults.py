@@ -15,6 +15,8 @@ from enum import StrEnum
 class CrashPoint(StrEnum):
     ISOLATING = "isolating"  # between two trials of a bisect (preflight.py): nothing written yet
     BEFORE_RAW_INSERT = "before_raw_insert"
+    # the raw rows written, their keys not yet (event_keys catches up at the next batch)
+    RAW_BEFORE_KEYS = "raw_before_keys"
     AFTER_RAW_INSERT = "after_raw_insert"
     BETWEEN_DERIVED = "between_derived"
     AFTER_DERIVED = "after_derived"

@@ -16,12 +16,13 @@ Python handles Kafka messages; ClickHouse handles events (stage.py). The steps, 
    inside the engine; every judged row when an operator changed a derived table's types):
    events ClickHouse would refuse in a derived statement (a data error, not an outage) are
    dead-lettered, flushed before anything is written;
-4. the batch's new events selected (dedupe: within the batch, then an anti-join against
-   ``events_raw``) into a Memory table of this process, and the rollup stage filled from them,
+4. the batch's new events selected (dedupe: within the batch, then a lookup of their keys in
+   ``event_keys``, brought up to ``events_raw`` first if a crash left it behind) into a Memory table of this process, and the rollup stage filled from them,
    with their gauge values converted: the derived statements' conversions, run *before* the raw
    insert, are the trial of the usage events (an event they refuse is isolated and
    dead-lettered like in 3b); then the copies dedupe drops recorded in ``event_duplicates``, and
-   the new rows inserted into ``events_raw`` in one statement, one part;
+   the new rows inserted into ``events_raw`` in one statement, one part, and their keys into
+   ``event_keys`` right after (one statement, one part);
 5. bring every derived table up to the raw table (one statement per table): the period tables
    from the stage of step 4 when each was up to date before the batch, else (a crash, an
    outage left one behind) from ``events_raw`` above its own watermark;
@@ -195,6 +196,9 @@ class BatchProcessor:
         started = time.perf_counter()
         partitions = sorted({m.partition for m in messages})
         raw_wm = self.writer.watermarks(Table.EVENTS_RAW, partitions)
+        # event_keys (the dedupe's lookup) up to events_raw: behind only after a crash between the
+        # raw insert and the keys insert (step 4b)
+        self.writer.keys_catch_up(raw_wm)
         fresh: Sequence[SourceMessage] = [m for m in messages if m.offset > raw_wm[m.partition]]
         stats.skipped_messages = len(messages) - len(fresh)
         timings = self.timings
@@ -259,6 +263,8 @@ class BatchProcessor:
         self.writer.record_duplicates(now, excluded, [m.timestamp_ms for m in fresh])
         checkpoint(CrashPoint.BEFORE_RAW_INSERT)
         self.writer.insert_new(now)
+        checkpoint(CrashPoint.RAW_BEFORE_KEYS)
+        self.writer.insert_keys(now)
         checkpoint(CrashPoint.AFTER_RAW_INSERT)
         t4 = time.perf_counter()
         timings["raw_insert"] += t4 - t3c

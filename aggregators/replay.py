@@ -251,12 +251,15 @@ def delete_raw_from(
         if int(row[2]):
             lo, hi = (x.replace(tzinfo=UTC) if x.tzinfo is None else x for x in row[:2])
             span = (min(lo, span[0]), max(hi, span[1])) if span else (lo, hi)
-    for p, off in start.items():
-        writer.client.command(
-            f"ALTER TABLE {writer.db}.{Table.EVENTS_RAW} DELETE WHERE src_partition = {{p:Int32}} AND src_offset >= {{o:Int64}}"
-            + (" AND tenant = {t:String}" if tenant else ""),
-            parameters={"p": p, "o": off, **({"t": tenant} if tenant else {})},
-            settings={"mutations_sync": 2},
-        )
+    # their keys too, first (keys within raw: docs/exactly-once.md); the aggregator's next batch
+    # of the partition inserts the keys of the rewritten rows (ClickHouseWriter.keys_catch_up)
+    for table in (Table.EVENT_KEYS, Table.EVENTS_RAW):
+        for p, off in start.items():
+            writer.client.command(
+                f"ALTER TABLE {writer.db}.{table} DELETE WHERE src_partition = {{p:Int32}} AND src_offset >= {{o:Int64}}"
+                + (" AND tenant = {t:String}" if tenant else ""),
+                parameters={"p": p, "o": off, **({"t": tenant} if tenant else {})},
+                settings={"mutations_sync": 2},
+            )
     writer.forget()
     return span

@@ -19,8 +19,9 @@ and words the reject (aggregators/decode.py), or normalizes the event when it is
 
 Accepted rows land in a second Memory table (``rows``) with the raw table's columns plus the
 message index and the position in it; ``new_insert`` keeps the first occurrence of every
-(tenant, event id) that ``events_raw`` does not hold yet in a third (``new``), which
-``raw_insert_select`` moves into ``events_raw`` in one INSERT.
+(tenant, event id) that ``events_raw`` does not hold yet (looked up in ``event_keys``) in a third
+(``new``), which ``raw_insert_select`` moves into ``events_raw`` in one INSERT and
+``keys_insert_select`` into ``event_keys`` right after.
 """
 
 from __future__ import annotations
@@ -398,16 +399,18 @@ def new_create(name: str) -> str:
 def new_insert(database: str, rows: str, new: str) -> str:
     """The batch's new events into the ``new`` table (emptied first): the first occurrence (in
     the log's order) of each (tenant, event id) of the batch that ``events_raw`` does not hold
-    yet, rows at ``excluded`` (message, position) left out. The anti-join reads only the batch's
-    tenants (the table's primary key starts with the tenant) and granules whose Bloom-filter
-    index may hold one of the batch's ids.
+    yet, rows at ``excluded`` (message, position) left out. Looked up in ``event_keys`` (every
+    key of events_raw, ordered by its 64-bit hash ``h``, small granules): the batch reads at most
+    one granule per key whatever the stored size, and a hash match is checked on the key itself,
+    so the lookup is exact. The writer brings event_keys up to events_raw for the batch's
+    partitions before this runs (``keys_catch_up``).
 
     Dedupe and raw insert are two statements now (the rollup stage is filled from ``new`` in
     between, the trial of the derived statements' conversions, processor.py); no other process
     writes the batch's partitions meanwhile (one owner per partition, and a tenant's events are
     in one partition), and ``new`` is a Memory table of this process, so a crash between them is
     a crash before the raw insert."""
-    raw = f"{database}.{Table.EVENTS_RAW}"
+    keys = f"{database}.{Table.EVENT_KEYS}"
     return f"""
 INSERT INTO {new} (msg, pos, {RAW_COLUMNS})
 SELECT msg, pos, {RAW_COLUMNS}
@@ -416,11 +419,43 @@ FROM (
     ORDER BY msg, pos LIMIT 1 BY tenant, event_id
 )
 WHERE (tenant, event_id) NOT IN (
-    SELECT tenant, event_id FROM {raw}
-    WHERE tenant IN (SELECT DISTINCT tenant FROM {rows} WHERE ok)
-      AND event_id IN (SELECT event_id FROM {rows} WHERE ok)
+    SELECT tenant, event_id FROM {keys}
+    WHERE h IN (SELECT sipHash64(tenant, event_id) FROM {rows} WHERE ok)
 )
 """
+
+
+KEY_COLUMNS = "h, tenant, event_id, src_partition, src_offset, ingested_at"
+
+
+def keys_insert_select(database: str, new: str) -> str:
+    """The keys of the batch's new rows into event_keys, right after the raw insert, from the
+    same ``new`` table and with the same ``ingested_at`` (one month partition: one part)."""
+    return (
+        f"INSERT INTO {database}.{Table.EVENT_KEYS} ({KEY_COLUMNS}) "
+        f"SELECT sipHash64(tenant, event_id), tenant, event_id, src_partition, src_offset, "
+        f"{{now:DateTime64(3, 'UTC')}} FROM {new}"
+    )
+
+
+def keys_months_select(database: str, where: str) -> str:
+    """(month of ingestion, rows, last ingested_at) of the raw rows in ``where`` (offset
+    ranges), oldest month first: one keys insert per month (one part each), and its token."""
+    return (
+        f"SELECT toYYYYMM(ingested_at) AS m, count(), toString(max(ingested_at)) "
+        f"FROM {database}.{Table.EVENTS_RAW} WHERE {where} GROUP BY m ORDER BY m"
+    )
+
+
+def keys_catch_up(database: str, where: str) -> str:
+    """The keys of the raw rows in ``where`` (per partition, offsets above event_keys'
+    watermark up to the raw one) of one month of ingestion ``{month:UInt32}`` into event_keys:
+    the keys a crash between the raw insert and the keys insert left out."""
+    return (
+        f"INSERT INTO {database}.{Table.EVENT_KEYS} ({KEY_COLUMNS}) "
+        f"SELECT sipHash64(tenant, event_id), tenant, event_id, src_partition, src_offset, ingested_at "
+        f"FROM {database}.{Table.EVENTS_RAW} WHERE ({where}) AND toYYYYMM(ingested_at) = {{month:UInt32}}"
+    )
 
 
 def raw_insert_select(database: str, new: str) -> str:

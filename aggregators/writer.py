@@ -202,6 +202,52 @@ class ClickHouseWriter:
             parameters={"now": fmt_time(ingested_at)},
         )
 
+    def insert_keys(self, ingested_at: datetime) -> None:
+        """The keys of the batch's new events (``select_new``) into event_keys, right after the
+        raw insert (``insert_new``), from the same rows: one INSERT, one part. A crash between
+        the two leaves event_keys behind events_raw, which ``keys_catch_up`` mends."""
+        self.client.command(
+            stage.with_settings(stage.keys_insert_select(self.db, self._new), stage.ONE_BLOCK),
+            parameters={"now": fmt_time(ingested_at)},
+        )
+        cache = self._wm[Table.EVENT_KEYS]
+        for p, hi in self.client.query(
+            f"SELECT src_partition, max(src_offset) FROM {self._new} GROUP BY src_partition"
+        ).result_rows:
+            if int(p) in cache and int(hi) > cache[int(p)]:
+                cache[int(p)] = int(hi)
+
+    def keys_catch_up(self, raw_wm: dict[int, int]) -> int:
+        """Bring event_keys up to events_raw for the partitions of ``raw_wm`` (their raw
+        watermarks), before the batch's lookup: the keys of the raw rows above event_keys'
+        watermark, which only a crash between the raw and the keys insert leaves out. Idempotent
+        by the watermark (re-read after any error). One statement per month of ingestion, oldest
+        first (one part each), with a token of the range and of the rows it reads. Returns the
+        number of statements run (0 on the normal path: one cached look-up)."""
+        keys_wm = self.watermarks(Table.EVENT_KEYS, raw_wm)
+        behind = Ranges({p: (keys_wm[p], raw_wm[p]) for p in raw_wm}).nonempty()
+        if not behind:
+            return 0
+        where, params = behind.sql()
+        spans = _token("keys", behind)["insert_deduplication_token"]
+        statements = 0
+        for month, count, last in self.client.query(
+            stage.keys_months_select(self.db, where), parameters=params
+        ).result_rows:
+            log.info("event_keys behind events_raw (%s): %d keys of month %s", spans, count, month)
+            token = f"{spans}:{month}:{count}:{last}"
+            self.client.command(
+                stage.with_settings(
+                    stage.keys_catch_up(self.db, where),
+                    {**stage.ONE_BLOCK, "insert_deduplication_token": token},
+                ),
+                parameters={**params, "month": int(month)},
+            )
+            statements += 1
+        for p, (_, hi) in behind.by_partition.items():
+            self._wm[Table.EVENT_KEYS][p] = hi
+        return statements
+
     def record_duplicates(
         self, now: datetime, excluded: Sequence[tuple[int, int]], timestamps_ms: Sequence[int]
     ) -> None:

@@ -37,6 +37,7 @@ class Table(StrEnum):
     TENANT_FRESHNESS = "tenant_freshness"
     REJECTIONS = "rejections"
     EVENT_DUPLICATES = "event_duplicates"
+    EVENT_KEYS = "event_keys"
     SCHEMA_MIGRATIONS = "schema_migrations"
 
 

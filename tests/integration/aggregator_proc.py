@@ -92,6 +92,11 @@ def dump(dsn: str) -> dict[str, Any]:
             "SELECT tenant, event_id, code, origin, src_partition, src_offset, src_index, received_at "
             "FROM metering.rejections ORDER BY src_partition, src_offset, src_index"
         ),
+        # the dedupe's lookup: one row per raw row (keys within raw), its hash that of its key
+        "event_keys": q(
+            "SELECT tenant, event_id, src_partition, src_offset, h = sipHash64(tenant, event_id) "
+            "FROM metering.event_keys ORDER BY tenant, event_id, src_partition, src_offset"
+        ),
         "event_duplicates": q(
             "SELECT tenant, event_id, src_partition, src_offset, nth, received_at "
             "FROM metering.event_duplicates ORDER BY src_partition, src_offset, tenant, event_id, nth"

@@ -1,0 +1,1 @@
+DROP TABLE IF EXISTS {db}.event_keys {on_cluster} SYNC
