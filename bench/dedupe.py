@@ -1,7 +1,8 @@
 """Dedupe against a large raw table (issue 11, item 1): what finding a batch's new events costs
 when ``events_raw`` already holds 10M or 100M events spread over 35 days.
 
-    PYTHONPATH=. .venv/bin/python -m bench.dedupe [STORED ...] [--batch EVENTS] [--runs N] [--structures]
+    PYTHONPATH=. .venv/bin/python -m bench.dedupe [STORED ...] [--batch EVENTS] [--runs N]
+        [--structures | --keys-only GRANULARITY:BLOCK]
 
 For each size (default 0, 10,000,000 and 100,000,000), a fresh database of the embedded engine
 is filled with STORED events of the same 20 tenants as the batches (ids of their own, times over
@@ -17,6 +18,9 @@ process's CPU µs per event over the whole batch, and a check that each batch wa
 ``--structures``: the lookup statement alone, today's anti-join against events_raw beside a
 key-only table ordered by a hash of (tenant, event_id), on the same stored events, for a batch of
 new ids and a batch of ids stored anywhere in the 35 days (``_structures``).
+
+``--keys-only 256:4096``: the event_keys lookup alone on a key-only table (no events_raw), its
+index granularity and compressed block size as given (``d``: the engine's default), ``_keys_only``.
 """
 
 from __future__ import annotations
@@ -166,11 +170,18 @@ def main(argv: list[str]) -> None:
     structures = "--structures" in args
     if structures:
         args.remove("--structures")
+    keys_only = None
+    if "--keys-only" in args:
+        i = args.index("--keys-only")
+        keys_only = args[i + 1]
+        del args[i : i + 2]
     sizes = [int(a) for a in args] or [0, 10_000_000, 100_000_000]
     path = tempfile.mkdtemp(prefix="bench-dedupe-")
     try:
         for stored in sizes:
-            if structures:
+            if keys_only:
+                print(_keys_only(path, stored, batch, runs, keys_only), flush=True)
+            elif structures:
                 print(_structures(path, stored, batch, runs), flush=True)
             else:
                 print(_run(path, stored, batch, runs), flush=True)
@@ -238,6 +249,74 @@ def _structures(path: str, stored: int, batch: int, runs: int) -> dict[str, Any]
                     assert found == (0 if kind == "new" else batch), (name, kind, found)
                 out[f"{name}_{kind}_wall_us"] = round(statistics.median(walls), 2)
                 out[f"{name}_{kind}_cpu_us"] = round(statistics.median(cpus), 2)
+        return out
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {db} SYNC")
+
+
+def _keys_only(path: str, stored: int, batch: int, runs: int, variant: str) -> dict[str, Any]:
+    """The event_keys lookup alone on a key-only table of ``stored`` keys (no events_raw: a
+    fill several times cheaper), ``variant`` = "GRANULARITY:BLOCK" (index_granularity, and the
+    compressed block size in bytes, "d" for the engine's default): what the granules and the
+    compressed blocks cost a batch of new ids and a batch of stored ids (``--keys-only``)."""
+    db = f"dk_{uuid.uuid4().hex[:8]}"
+    client = connect(f"chdb://{path}", db)
+    gran, block = variant.split(":")
+    extra = (
+        f", min_compress_block_size = {int(block)}, max_compress_block_size = {int(block)}"
+        if block != "d"
+        else ""
+    )
+    tl = "[" + ",".join(f"'tenant-{i}'" for i in range(20)) + "]"
+    try:
+        started = time.perf_counter()
+        client.command(
+            f"CREATE TABLE {db}.k (h UInt64, tenant LowCardinality(String), event_id String, src_partition Int32, "
+            "src_offset Int64, ingested_at DateTime64(3, 'UTC')) ENGINE = MergeTree PARTITION BY toYYYYMM(ingested_at) "
+            f"ORDER BY h SETTINGS index_granularity = {int(gran)}{extra}"
+        )
+        span_ms = 35 * 86_400_000
+        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        for lo in range(0, stored, _CHUNK):
+            n = min(_CHUNK, stored - lo)
+            client.command(
+                f"INSERT INTO {db}.k SELECT sipHash64(t, e), t, e, toInt32(number % 8), toInt64(intDiv(number, 8)), "
+                f"fromUnixTimestamp64Milli(toInt64({now_ms} - {span_ms} + intDiv(number * {span_ms}, {stored}))) "
+                f"FROM (SELECT number, {tl}[1 + number % 20] AS t, concat('stored-', toString(number)) AS e "
+                f"FROM numbers({lo}, {n}))"
+            )
+        client.command(f"OPTIMIZE TABLE {db}.k FINAL")
+        out: dict[str, Any] = {
+            "stored": stored,
+            "variant": variant,
+            "fill_s": round(time.perf_counter() - started, 1),
+        }
+        client.command(f"CREATE TABLE {db}.b (tenant String, event_id String, ok UInt8) ENGINE = Memory")
+        sql = (
+            f"SELECT count() FROM {db}.b WHERE ok AND (tenant, event_id) IN (SELECT tenant, event_id FROM {db}.k "
+            f"WHERE h IN (SELECT sipHash64(tenant, event_id) FROM {db}.b WHERE ok))"
+        )
+        for kind in ("new", "copies"):
+            walls, cpus = [], []
+            for r in range(runs):
+                client.command(f"TRUNCATE TABLE {db}.b")
+                if kind == "new":
+                    client.command(
+                        f"INSERT INTO {db}.b SELECT {tl}[1 + number % 20], toString(generateUUIDv4()), 1 "
+                        f"FROM numbers({batch})"
+                    )
+                else:
+                    client.command(
+                        f"INSERT INTO {db}.b SELECT {tl}[1 + k % 20], concat('stored-', toString(k)), 1 "
+                        f"FROM (SELECT cityHash64(number, {r}) % {stored} AS k FROM numbers({batch}))"
+                    )
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                found = int(str(client.command(sql)))
+                walls.append((time.perf_counter() - wall0) * 1e6 / batch)
+                cpus.append((time.process_time() - cpu0) * 1e6 / batch)
+                assert found == (0 if kind == "new" else batch), (kind, found)
+            out[f"{kind}_wall_us"] = round(statistics.median(walls), 2)
+            out[f"{kind}_cpu_us"] = round(statistics.median(cpus), 2)
         return out
     finally:
         client.command(f"DROP DATABASE IF EXISTS {db} SYNC")
