@@ -197,8 +197,12 @@ class BatchProcessor:
         partitions = sorted({m.partition for m in messages})
         raw_wm = self.writer.watermarks(Table.EVENTS_RAW, partitions)
         # event_keys (the dedupe's lookup) up to events_raw: behind only after a crash between the
-        # raw insert and the keys insert (step 4b)
-        self.writer.keys_catch_up(raw_wm)
+        # raw insert and the keys insert (step 4b). Every lane owned, not only the batch's: a
+        # tenant's lifecycle events are in a control lane, its usage events in a usage lane, and
+        # the lookup is by (tenant, event id) across lanes (cached watermarks: no query when up
+        # to date)
+        lanes = sorted(self.owned.union(partitions))
+        self.writer.keys_catch_up(self.writer.watermarks(Table.EVENTS_RAW, lanes))
         fresh: Sequence[SourceMessage] = [m for m in messages if m.offset > raw_wm[m.partition]]
         stats.skipped_messages = len(messages) - len(fresh)
         timings = self.timings
