@@ -235,13 +235,20 @@ _BUCKET = {
 #: - one thread: no hand-off between threads for a few granules;
 #: - no PREWHERE: its read steps cost more than they save on so few rows;
 #: - no projection analysis: the tables' only projection is the writer's watermark
-#:   (p_watermark), which never answers a query of the API.
-#: All three exist in every ClickHouse the project runs on (chdb, server 25.8): an unknown
+#:   (p_watermark), which never answers a query of the API;
+#: - the statement's threads at nice -5 (``os_thread_priority``, the old name of
+#:   ``os_threads_nice_value_query``; the aggregator's run at 19): under ingest a read spends most
+#:   of its time waiting for a core, behind the aggregator's Python threads, the merges and, on
+#:   one machine, the broker; at -5 it is served first (docs/performance.md, "Queries while
+#:   ingesting"). The engine needs CAP_SYS_NICE for it and runs the statement at nice 0 without
+#:   (checked: no error). The API's reads are few and short, so the aggregator keeps the rest.
+#: All four exist in every ClickHouse the project runs on (chdb, server 25.8): an unknown
 #: setting would fail the query.
 _SMALL_READ: dict[str, Any] = {
     "max_threads": 1,
     "optimize_move_to_prewhere": 0,
     "optimize_use_projections": 0,
+    "os_thread_priority": -5,
 }
 
 
