@@ -16,8 +16,9 @@ process's CPU µs per event over the whole batch, and a check that each batch wa
 (new: all written; duplicates: none written, all recorded as copies).
 
 ``--structures``: the lookup statement alone, today's anti-join against events_raw beside a
-key-only table ordered by a hash of (tenant, event_id), on the same stored events, for a batch of
-new ids and a batch of ids stored anywhere in the 35 days (``_structures``).
+key-only table ordered by a hash of (tenant, event_id) (default and small compressed blocks) and
+an EmbeddedRocksDB table keyed by tenant and id, on the same stored events, for a batch of new
+ids and a batch of ids stored anywhere in the 35 days (``_structures``).
 
 ``--keys-only 256:4096``: the event_keys lookup alone on a key-only table (no events_raw), its
 index granularity and compressed block size as given (``d``: the engine's default), ``_keys_only``.
@@ -214,6 +215,18 @@ def _structures(path: str, stored: int, batch: int, runs: int) -> dict[str, Any]
         )
         client.command(f"OPTIMIZE TABLE {db}.event_keys_s FINAL")
         keys_s = time.perf_counter() - started
+        # the same keys in small compressed blocks, and in RocksDB (point gets, Bloom filters)
+        client.command(
+            f"CREATE TABLE {db}.event_keys_small (h UInt64, tenant LowCardinality(String), event_id String) "
+            "ENGINE = MergeTree ORDER BY h SETTINGS index_granularity = 256, "
+            "min_compress_block_size = 1024, max_compress_block_size = 4096"
+        )
+        client.command(f"INSERT INTO {db}.event_keys_small SELECT * FROM {db}.event_keys_s")
+        client.command(f"OPTIMIZE TABLE {db}.event_keys_small FINAL")
+        client.command(f"CREATE TABLE {db}.event_keys_kv (k String) ENGINE = EmbeddedRocksDB PRIMARY KEY k")
+        client.command(
+            f"INSERT INTO {db}.event_keys_kv SELECT concat(tenant, char(0), event_id) FROM {db}.events_raw"
+        )
         client.command(f"CREATE TABLE {db}.b (tenant String, event_id String) ENGINE = Memory")
         raw = f"{db}.events_raw"
         queries = {
@@ -224,6 +237,14 @@ def _structures(path: str, stored: int, batch: int, runs: int) -> dict[str, Any]
             "hash_keys": (
                 f"SELECT count() FROM {db}.b WHERE (tenant, event_id) IN (SELECT tenant, event_id FROM "
                 f"{db}.event_keys_s WHERE h IN (SELECT sipHash64(tenant, event_id) FROM {db}.b))"
+            ),
+            "hash_keys_small_blocks": (
+                f"SELECT count() FROM {db}.b WHERE (tenant, event_id) IN (SELECT tenant, event_id FROM "
+                f"{db}.event_keys_small WHERE h IN (SELECT sipHash64(tenant, event_id) FROM {db}.b))"
+            ),
+            "rocksdb": (
+                f"SELECT count() FROM {db}.b WHERE concat(tenant, char(0), event_id) IN (SELECT k FROM "
+                f"{db}.event_keys_kv WHERE k IN (SELECT concat(tenant, char(0), event_id) FROM {db}.b))"
             ),
         }
         out: dict[str, Any] = {"stored": stored, "fill_s": round(fill_s, 1), "keys_fill_s": round(keys_s, 1)}

@@ -2,8 +2,10 @@
 and the admin API (``/admin/v1``, read-only, behind the admin token: ``routers/admin.py``).
 
 ``create_app`` is called by the process runner (``metering run`` / ``metering query-api``) with
-the process's one ClickHouse client; with embedded ClickHouse (chdb) that client is shared with
-the rest of the process, which is why the app never opens its own.
+the query API's ClickHouse client. Its lookups (credentials, entities, freshness: cached, and
+reloaded in the background before they expire) run on a client of their own, so that a reload
+never holds the lock the usage statements queue on: ``lookup_client``, or with embedded ClickHouse
+(chdb) a second connection handle on the process's one engine (``lookup_client_for``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from query_api.routers import (
     workspace_usage,
     workstations,
 )
+from schemas.clickhouse import connect_part
 
 DOCUMENTED_ROUTERS: tuple[APIRouter, ...] = (
     workspace_stats.router,  # 000
@@ -41,12 +44,28 @@ DOCUMENTED_ROUTERS: tuple[APIRouter, ...] = (
 )
 
 
+def lookup_client_for(client: Client, database: str) -> Client:
+    """A client for the API's lookups beside ``client``: with chdb, a connection handle of its own
+    on the same engine (one handle runs one statement at a time, behind a lock); a server's client
+    runs statements concurrently over its connection pool, so it serves both."""
+    path = getattr(client, "path", None)
+    if (
+        isinstance(path, str)
+        and path
+        and path != ":memory:"
+        and str(getattr(client, "uri", "")).startswith("chdb:")
+    ):
+        return connect_part(f"chdb://{path}", database)
+    return client
+
+
 def create_app(
     settings: QuerySettings,
     client: Client,
     *,
     extra_routers: Iterable[APIRouter] = (),
     include_query: bool = True,
+    lookup_client: Client | None = None,
 ) -> FastAPI:
     """The FastAPI app over ``client``. ``extra_routers`` (ingest, health, metrics) are mounted
     as given; error shapes of the documents apply to the documents' paths only.
@@ -70,11 +89,12 @@ def create_app(
         database = settings.clickhouse_database
         ttl = settings.query_cache_ttl_s
         limits_at = settings.rate_limit_storage.get_secret_value()  # memory:// or shared (Redis)
+        lookups = lookup_client or lookup_client_for(client, database)
         app.state.services = Services(
             settings=settings,
             client=client,
-            store=CredentialStore(client, database, ttl_s=ttl),
-            reader=Reader(client, database, cache_ttl_s=ttl),
+            store=CredentialStore(lookups, database, ttl_s=ttl),
+            reader=Reader(client, database, cache_ttl_s=ttl, lookup_client=lookups),
             limiter=RateLimiter(settings.query_rate_limit_per_minute, storage=limits_at, name="query"),
             failures=RateLimiter(
                 settings.query_rate_limit_per_minute, storage=limits_at, name="query-auth-failures"

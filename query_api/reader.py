@@ -235,20 +235,32 @@ _BUCKET = {
 #: - one thread: no hand-off between threads for a few granules;
 #: - no PREWHERE: its read steps cost more than they save on so few rows;
 #: - no projection analysis: the tables' only projection is the writer's watermark
-#:   (p_watermark), which never answers a query of the API.
-#: All three exist in every ClickHouse the project runs on (chdb, server 25.8): an unknown
+#:   (p_watermark), which never answers a query of the API;
+#: - the statement's threads at nice -5 (``os_thread_priority``, the old name of
+#:   ``os_threads_nice_value_query``; the aggregator's run at 19): under ingest a read spends most
+#:   of its time waiting for a core, behind the aggregator's Python threads, the merges and, on
+#:   one machine, the broker; at -5 it is served first (docs/performance.md, "Queries while
+#:   ingesting"). The engine needs CAP_SYS_NICE for it and runs the statement at nice 0 without
+#:   (checked: no error). The API's reads are few and short, so the aggregator keeps the rest.
+#: All four exist in every ClickHouse the project runs on (chdb, server 25.8): an unknown
 #: setting would fail the query.
 _SMALL_READ: dict[str, Any] = {
     "max_threads": 1,
     "optimize_move_to_prewhere": 0,
     "optimize_use_projections": 0,
+    "os_thread_priority": -5,
 }
 
 
 class Reader:
-    def __init__(self, client: Client, database: str, cache_ttl_s: float = 2.0) -> None:
+    def __init__(
+        self, client: Client, database: str, cache_ttl_s: float = 2.0, lookup_client: Client | None = None
+    ) -> None:
         check_catalog()
         self._client = client
+        # entity and freshness lookups (mostly reloaded in the background: lookup_cache.py) on a
+        # client of their own, so a reload never holds the lock the usage statements wait on
+        self._lookups = lookup_client or client
         self._db = database
         self._cache = LookupCache(cache_ttl_s, name="reader-refresh")
         self._cache_forever = LookupCache(float("inf"))
@@ -256,10 +268,14 @@ class Reader:
     # ---- plumbing ------------------------------------------------------------------------------
 
     def _rows(
-        self, sql: str, params: dict[str, Any], settings: dict[str, Any] | None = None
+        self,
+        sql: str,
+        params: dict[str, Any],
+        settings: dict[str, Any] | None = None,
+        client: Client | None = None,
     ) -> Sequence[Sequence[Any]]:
         try:
-            result = self._client.query(sql, parameters=params, settings=settings)
+            result = (client or self._client).query(sql, parameters=params, settings=settings)
         except Exception as exc:  # any driver/engine failure is a storage failure to the caller
             raise StorageError(type(exc).__name__) from exc
         return result.result_rows
@@ -267,11 +283,17 @@ class Reader:
     def _small(self, sql: str, params: dict[str, Any]) -> Sequence[Sequence[Any]]:
         return self._rows(sql, params, _SMALL_READ)
 
+    def _lookup(self, sql: str, params: dict[str, Any]) -> Sequence[Sequence[Any]]:
+        return self._rows(sql, params, _SMALL_READ, self._lookups)
+
     def time_zones(self) -> frozenset[str]:
         """Zones the engine knows (it computes local windows); read once per process."""
         return self._cache_forever.get(
             ("time_zones",),
-            lambda: frozenset(str(r[0]) for r in self._rows("SELECT time_zone FROM system.time_zones", {})),
+            lambda: frozenset(
+                str(r[0])
+                for r in self._rows("SELECT time_zone FROM system.time_zones", {}, None, self._lookups)
+            ),
         )
 
     # ---- entities (cached) ---------------------------------------------------------------------
@@ -281,7 +303,7 @@ class Reader:
         describes, so the stated time is never later than the data (the data may be newer)."""
 
         def load() -> datetime | None:
-            rows = self._small(
+            rows = self._lookup(
                 f"SELECT toUnixTimestamp64Milli(refreshed_at) FROM {self._db}.{Table.TENANT_FRESHNESS} FINAL "
                 "WHERE tenant = {tenant:String} ORDER BY refreshed_at DESC LIMIT 1",
                 {"tenant": tenant},
@@ -292,7 +314,7 @@ class Reader:
 
     def _workspace_rows(self, tenant: str, entity_id: str | None) -> list[Workspace]:
         where = " AND entity_id = {id:String}" if entity_id is not None else ""
-        rows = self._small(
+        rows = self._lookup(
             f"SELECT entity_id, name, parent_id, tier, contract_id, attrs FROM {self._db}.{Table.ENTITIES} FINAL "
             "WHERE tenant = {tenant:String} AND kind = {kind:String}" + where,
             {"tenant": tenant, "kind": EntityKind.WORKSPACE.value, "id": entity_id or ""},
@@ -330,7 +352,7 @@ class Reader:
 
     def contract_exists(self, tenant: str, contract_id: str) -> bool:
         def load() -> bool:
-            rows = self._small(
+            rows = self._lookup(
                 f"SELECT count() FROM {self._db}.{Table.ENTITIES} FINAL "
                 "WHERE tenant = {tenant:String} AND kind = {kind:String} AND entity_id = {id:String}",
                 {"tenant": tenant, "kind": EntityKind.CONTRACT.value, "id": contract_id},
@@ -341,7 +363,7 @@ class Reader:
 
     def is_active_member(self, tenant: str, workspace_id: str, member_id: str) -> bool:
         def load() -> bool:
-            rows = self._small(
+            rows = self._lookup(
                 f"SELECT status FROM {self._db}.{Table.ENTITIES} FINAL "
                 "WHERE tenant = {tenant:String} AND kind = {kind:String} AND entity_id = {id:String}",
                 {
@@ -360,7 +382,7 @@ class Reader:
         """Active member of any workspace of the contract."""
 
         def load() -> bool:
-            rows = self._small(
+            rows = self._lookup(
                 f"SELECT count() FROM {self._db}.{Table.ENTITIES} FINAL "
                 "WHERE tenant = {tenant:String} AND kind = {member:String} AND status = 'active' "
                 "AND entity_id IN ("
@@ -382,7 +404,7 @@ class Reader:
 
     def workstation(self, tenant: str, workstation_id: str) -> Workstation | None:
         def load() -> Workstation | None:
-            rows = self._small(
+            rows = self._lookup(
                 f"SELECT entity_id, name, attrs, toUnixTimestamp64Milli(updated_at) FROM {self._db}.{Table.ENTITIES} FINAL "
                 "WHERE tenant = {tenant:String} AND kind = {kind:String} AND entity_id = {id:String}",
                 {"tenant": tenant, "kind": EntityKind.WORKSTATION.value, "id": workstation_id},
