@@ -274,10 +274,22 @@ def build_app(
 
             async with in_flight:
                 in_flight_since[0] = asyncio.get_running_loop().time()
-                try:
-                    stats = await asyncio.to_thread(
+                applying = asyncio.ensure_future(
+                    asyncio.to_thread(
                         processor.process_with_retry, batch, give_up, settings.clickhouse_retry_max_s, ahead
                     )
+                )
+                try:
+                    stats = await asyncio.shield(applying)
+                except asyncio.CancelledError:
+                    # Cancelled (the app stops): the thread goes on with the batch. `in_flight`
+                    # stays held until it ends, so neither a revocation hands the partitions over
+                    # nor the caller closes the processor (its tables) under it; a batch waiting
+                    # out an outage gives up at once (give_up: stopping).
+                    await asyncio.wait({applying})
+                    if applying.done() and not applying.cancelled():
+                        applying.exception()  # retrieved: the stop is what is reported
+                    raise
                 finally:
                     in_flight_since[0] = None
             if stats is None:
