@@ -22,7 +22,7 @@ Python handles Kafka messages; ClickHouse handles events (stage.py). The steps, 
    insert, are the trial of the usage events (an event they refuse is isolated and
    dead-lettered like in 3b); then the copies dedupe drops recorded in ``event_duplicates``, and
    the new rows inserted into ``events_raw`` in one statement, one part, and their keys into
-   ``event_keys`` right after (one statement, one part);
+   ``event_keys`` (RocksDB: an upsert) right after, then ``event_key_watermarks`` moved;
 5. bring every derived table up to the raw table (one statement per table): the period tables
    from the stage of step 4 when each was up to date before the batch, else (a crash, an
    outage left one behind) from ``events_raw`` above its own watermark;

@@ -251,15 +251,30 @@ def delete_raw_from(
         if int(row[2]):
             lo, hi = (x.replace(tzinfo=UTC) if x.tzinfo is None else x for x in row[:2])
             span = (min(lo, span[0]), max(hi, span[1])) if span else (lo, hi)
-    # their keys too, first (keys within raw: docs/exactly-once.md); the aggregator's next batch
-    # of the partition inserts the keys of the rewritten rows (ClickHouseWriter.keys_catch_up)
-    for table in (Table.EVENT_KEYS, Table.EVENTS_RAW):
-        for p, off in start.items():
-            writer.client.command(
-                f"ALTER TABLE {writer.db}.{table} DELETE WHERE src_partition = {{p:Int32}} AND src_offset >= {{o:Int64}}"
-                + (" AND tenant = {t:String}" if tenant else ""),
-                parameters={"p": p, "o": off, **({"t": tenant} if tenant else {})},
-                settings={"mutations_sync": 2},
-            )
+    # their keys too, first (keys within raw: docs/exactly-once.md): the keys watermark lowered
+    # to the start, then the keys deleted in one statement (a RocksDB delete reads every key: no
+    # index but the key), then the raw rows. The aggregator's next batch of the partition inserts
+    # the keys of the rewritten rows (ClickHouseWriter.keys_catch_up, from the lowered watermark)
+    writer.keys_watermarks_lower(start)
+    parts = list(start.items())
+    if parts:
+        where = " OR ".join(
+            f"(src_partition = {{p{i}:Int32}} AND src_offset >= {{o{i}:Int64}})" for i in range(len(parts))
+        )
+        params: dict[str, Any] = {f"p{i}": p for i, (p, _) in enumerate(parts)}
+        params.update({f"o{i}": off for i, (_, off) in enumerate(parts)})
+        writer.client.command(
+            f"ALTER TABLE {writer.db}.{Table.EVENT_KEYS} DELETE WHERE ({where})"
+            + (" AND tenant = {t:String}" if tenant else ""),
+            parameters={**params, **({"t": tenant} if tenant else {})},
+            settings={"mutations_sync": 2},
+        )
+    for p, off in start.items():
+        writer.client.command(
+            f"ALTER TABLE {writer.db}.{Table.EVENTS_RAW} DELETE WHERE src_partition = {{p:Int32}} AND src_offset >= {{o:Int64}}"
+            + (" AND tenant = {t:String}" if tenant else ""),
+            parameters={"p": p, "o": off, **({"t": tenant} if tenant else {})},
+            settings={"mutations_sync": 2},
+        )
     writer.forget()
     return span

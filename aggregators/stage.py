@@ -400,10 +400,11 @@ def new_insert(database: str, rows: str, new: str) -> str:
     """The batch's new events into the ``new`` table (emptied first): the first occurrence (in
     the log's order) of each (tenant, event id) of the batch that ``events_raw`` does not hold
     yet, rows at ``excluded`` (message, position) left out. Looked up in ``event_keys`` (every
-    key of events_raw, ordered by its 64-bit hash ``h``, small granules): the batch reads at most
-    one granule per key whatever the stored size, and a hash match is checked on the key itself,
-    so the lookup is exact. The writer brings event_keys up to events_raw for the batch's
-    partitions before this runs (``keys_catch_up``).
+    key of events_raw, an EmbeddedRocksDB table whose primary key is (tenant, event_id)): the
+    inner ``(tenant, event_id) IN (...)`` on the primary key is a multi-get of the batch's keys,
+    not a scan, whatever the stored size; exact, the key being the pair itself. The writer
+    brings event_keys up to events_raw for the partitions owned before this runs
+    (``keys_catch_up``).
 
     Dedupe and raw insert are two statements now (the rollup stage is filled from ``new`` in
     between, the trial of the derived statements' conversions, processor.py); no other process
@@ -420,41 +421,42 @@ FROM (
 )
 WHERE (tenant, event_id) NOT IN (
     SELECT tenant, event_id FROM {keys}
-    WHERE h IN (SELECT sipHash64(tenant, event_id) FROM {rows} WHERE ok)
+    WHERE (tenant, event_id) IN (SELECT tenant, event_id FROM {rows} WHERE ok)
 )
 """
 
 
-KEY_COLUMNS = "h, tenant, event_id, src_partition, src_offset, ingested_at"
+KEY_COLUMNS = "tenant, event_id, src_partition, src_offset, ingested_at"
 
 
 def keys_insert_select(database: str, new: str) -> str:
     """The keys of the batch's new rows into event_keys, right after the raw insert, from the
-    same ``new`` table and with the same ``ingested_at`` (one month partition: one part)."""
+    same ``new`` table and with the same ``ingested_at``. An upsert: run twice, the same keys."""
     return (
         f"INSERT INTO {database}.{Table.EVENT_KEYS} ({KEY_COLUMNS}) "
-        f"SELECT sipHash64(tenant, event_id), tenant, event_id, src_partition, src_offset, "
-        f"{{now:DateTime64(3, 'UTC')}} FROM {new}"
+        f"SELECT tenant, event_id, src_partition, src_offset, {{now:DateTime64(3, 'UTC')}} FROM {new}"
     )
 
 
-def keys_months_select(database: str, where: str) -> str:
-    """(month of ingestion, rows, last ingested_at) of the raw rows in ``where`` (offset
-    ranges), oldest month first: one keys insert per month (one part each), and its token."""
+def keys_watermarks_insert(database: str, source: str, where: str = "1") -> str:
+    """event_key_watermarks moved to the last offset of each partition of ``source`` (the
+    batch's ``new`` table, or events_raw in ``where``), after its keys are in: an upsert by
+    partition. The offsets only grow here (a batch's rows are above its partitions' raw
+    watermark, which the keys watermark never passes); a replay lowers them
+    (``keys_watermarks_lower``)."""
     return (
-        f"SELECT toYYYYMM(ingested_at) AS m, count(), toString(max(ingested_at)) "
-        f"FROM {database}.{Table.EVENTS_RAW} WHERE {where} GROUP BY m ORDER BY m"
+        f"INSERT INTO {database}.{Table.EVENT_KEY_WATERMARKS} (src_partition, src_offset) "
+        f"SELECT src_partition, max(src_offset) FROM {source} WHERE {where} GROUP BY src_partition"
     )
 
 
 def keys_catch_up(database: str, where: str) -> str:
     """The keys of the raw rows in ``where`` (per partition, offsets above event_keys'
-    watermark up to the raw one) of one month of ingestion ``{month:UInt32}`` into event_keys:
-    the keys a crash between the raw insert and the keys insert left out."""
+    watermark up to the raw one) into event_keys: the keys a crash between the raw insert and
+    the keys watermark left out (some of them may be in already: an upsert overwrites them)."""
     return (
         f"INSERT INTO {database}.{Table.EVENT_KEYS} ({KEY_COLUMNS}) "
-        f"SELECT sipHash64(tenant, event_id), tenant, event_id, src_partition, src_offset, ingested_at "
-        f"FROM {database}.{Table.EVENTS_RAW} WHERE ({where}) AND toYYYYMM(ingested_at) = {{month:UInt32}}"
+        f"SELECT {KEY_COLUMNS} FROM {database}.{Table.EVENTS_RAW} WHERE {where}"
     )
 
 

@@ -204,13 +204,15 @@ class ClickHouseWriter:
 
     def insert_keys(self, ingested_at: datetime) -> None:
         """The keys of the batch's new events (``select_new``) into event_keys, right after the
-        raw insert (``insert_new``), from the same rows: one INSERT, one part. A crash between
-        the two leaves event_keys behind events_raw, which ``keys_catch_up`` mends."""
+        raw insert (``insert_new``), from the same rows; then event_key_watermarks moved to the
+        batch's last offset of each partition. A crash before the watermark moves leaves it
+        behind events_raw's, which ``keys_catch_up`` mends (the keys inserted again: an upsert)."""
         self.client.command(
             stage.with_settings(stage.keys_insert_select(self.db, self._new), stage.ONE_BLOCK),
             parameters={"now": fmt_time(ingested_at)},
         )
-        cache = self._wm[Table.EVENT_KEYS]
+        self.client.command(stage.keys_watermarks_insert(self.db, self._new))
+        cache = self._wm[Table.EVENT_KEY_WATERMARKS]
         for p, hi in self.client.query(
             f"SELECT src_partition, max(src_offset) FROM {self._new} GROUP BY src_partition"
         ).result_rows:
@@ -219,34 +221,39 @@ class ClickHouseWriter:
 
     def keys_catch_up(self, raw_wm: dict[int, int]) -> int:
         """Bring event_keys up to events_raw for the partitions of ``raw_wm`` (their raw
-        watermarks), before the batch's lookup: the keys of the raw rows above event_keys'
-        watermark, which only a crash between the raw and the keys insert leaves out. Idempotent
-        by the watermark (re-read after any error). One statement per month of ingestion, oldest
-        first (one part each), with a token of the range and of the rows it reads. Returns the
-        number of statements run (0 on the normal path: one cached look-up)."""
-        keys_wm = self.watermarks(Table.EVENT_KEYS, raw_wm)
+        watermarks), before the batch's lookup: the keys of the raw rows above the keys
+        watermark (event_key_watermarks), which only a crash between the raw insert and the keys
+        watermark (or a replay) leaves behind. Idempotent: the keys are upserted, then the
+        watermarks; after any error both are re-read. Returns the number of statements run (0
+        on the normal path: one cached look-up)."""
+        keys_wm = self.watermarks(Table.EVENT_KEY_WATERMARKS, raw_wm)
         behind = Ranges({p: (keys_wm[p], raw_wm[p]) for p in raw_wm}).nonempty()
         if not behind:
             return 0
         where, params = behind.sql()
-        spans = _token("keys", behind)["insert_deduplication_token"]
-        statements = 0
-        for month, count, last in self.client.query(
-            stage.keys_months_select(self.db, where), parameters=params
-        ).result_rows:
-            log.info("event_keys behind events_raw (%s): %d keys of month %s", spans, count, month)
-            token = f"{spans}:{month}:{count}:{last}"
-            self.client.command(
-                stage.with_settings(
-                    stage.keys_catch_up(self.db, where),
-                    {**stage.ONE_BLOCK, "insert_deduplication_token": token},
-                ),
-                parameters={**params, "month": int(month)},
-            )
-            statements += 1
+        log.info("event_keys behind events_raw: %s", behind.by_partition)
+        self.client.command(stage.keys_catch_up(self.db, where), parameters=params)
+        self.client.command(
+            stage.keys_watermarks_insert(self.db, f"{self.db}.{Table.EVENTS_RAW}", where),
+            parameters=params,
+        )
         for p, (_, hi) in behind.by_partition.items():
-            self._wm[Table.EVENT_KEYS][p] = hi
-        return statements
+            self._wm[Table.EVENT_KEY_WATERMARKS][p] = hi
+        return 2
+
+    def keys_watermarks_lower(self, start: dict[int, int]) -> None:
+        """A replay deletes raw rows (and their keys) from ``start`` on: the keys watermark of each
+        partition goes back to ``start - 1`` if it was above, so that the aggregator's next batch
+        inserts the keys of the rewritten rows (``keys_catch_up``). Before the deletes: a crash
+        after this leaves the watermark low, and a low watermark only costs keys inserted again."""
+        for p, off in start.items():
+            self.client.command(
+                f"INSERT INTO {self.db}.{Table.EVENT_KEY_WATERMARKS} (src_partition, src_offset) "
+                f"SELECT src_partition, least(src_offset, {{o:Int64}} - 1) "
+                f"FROM {self.db}.{Table.EVENT_KEY_WATERMARKS} WHERE src_partition = {{p:Int32}}",
+                parameters={"p": p, "o": off},
+            )
+        self.forget()
 
     def record_duplicates(
         self, now: datetime, excluded: Sequence[tuple[int, int]], timestamps_ms: Sequence[int]

@@ -43,9 +43,9 @@ from schemas.migrate import migrate
 _CHUNK = 10_000_000  # rows per filling statement: bounded memory
 
 
-def _fill(client: Any, db: str, tenants: list[str], stored: int, partitions: int) -> float:
-    """``stored`` events of ``tenants`` into events_raw, as the log would have given them; the
-    seconds it took."""
+def _fill(client: Any, db: str, tenants: list[str], stored: int, partitions: int) -> tuple[float, float]:
+    """``stored`` events of ``tenants`` into events_raw, as the log would have given them, and
+    their keys; the seconds it took, and the seconds of the keys (migration 0007's backfill)."""
     started = time.perf_counter()
     tlist = "[" + ",".join(f"'{t}'" for t in tenants) + "]"
     span_ms = 35 * 86_400_000
@@ -71,14 +71,17 @@ FROM numbers({lo}, {n})
 """
         )
     client.command(f"OPTIMIZE TABLE {db}.events_raw FINAL")
-    # their keys, as migration 0007 fills them for an existing deployment
+    # their keys and watermarks, as migration 0007 fills them for an existing deployment
+    keys_started = time.perf_counter()
     client.command(
-        f"INSERT INTO {db}.event_keys (h, tenant, event_id, src_partition, src_offset, ingested_at) "
-        f"SELECT sipHash64(tenant, event_id), tenant, event_id, src_partition, src_offset, ingested_at "
-        f"FROM {db}.events_raw"
+        f"INSERT INTO {db}.event_keys (tenant, event_id, src_partition, src_offset, ingested_at) "
+        f"SELECT tenant, event_id, src_partition, src_offset, ingested_at FROM {db}.events_raw"
     )
-    client.command(f"OPTIMIZE TABLE {db}.event_keys FINAL")
-    return time.perf_counter() - started
+    client.command(
+        f"INSERT INTO {db}.event_key_watermarks (src_partition, src_offset) "
+        f"SELECT src_partition, max(src_offset) FROM {db}.events_raw GROUP BY src_partition"
+    )
+    return time.perf_counter() - started, time.perf_counter() - keys_started
 
 
 def _run(path: str, stored: int, batch: int, runs: int) -> dict[str, Any]:
@@ -89,10 +92,19 @@ def _run(path: str, stored: int, batch: int, runs: int) -> dict[str, Any]:
         events = _events(batch * (runs + 1))
         tenants = sorted({e["tenant"] for e in events})
         partitions = 8
-        fill_s = _fill(client, db, tenants, stored, partitions) if stored else 0.0
+        fill_s, keys_fill_s = _fill(client, db, tenants, stored, partitions) if stored else (0.0, 0.0)
         proc = make_processor(client, db)
+        keys_s = [0.0]  # the keys insert alone (writer.insert_keys: the keys, then the watermarks)
+        insert_keys = proc.writer.insert_keys
+
+        def timed_insert_keys(now: datetime) -> None:
+            t0 = time.perf_counter()
+            insert_keys(now)
+            keys_s[0] += time.perf_counter() - t0
+
+        proc.writer.insert_keys = timed_insert_keys  # type: ignore[method-assign,assignment]
         offset = stored // partitions + 1  # above every stored offset: nothing skipped as applied
-        new_us, dup_us, cpu_new, cpu_dup, insert_us = [], [], [], [], []
+        new_us, dup_us, cpu_new, cpu_dup, insert_us, keys_us = [], [], [], [], [], []
         exact = True
         for r in range(runs):
             evs = events[r * batch : (r + 1) * batch]
@@ -101,6 +113,7 @@ def _run(path: str, stored: int, batch: int, runs: int) -> dict[str, Any]:
                 offset += len(msgs)
                 before = proc.timings["dedupe_stage"]
                 raw_before = proc.timings["raw_insert"]
+                keys_before = keys_s[0]
                 cpu0 = time.process_time()
                 stats = proc.process(msgs)
                 cpu = (time.process_time() - cpu0) * 1e6 / len(evs)
@@ -108,6 +121,7 @@ def _run(path: str, stored: int, batch: int, runs: int) -> dict[str, Any]:
                 if phase == "new":
                     # the raw insert and, since event_keys, the keys insert after it
                     insert_us.append((proc.timings["raw_insert"] - raw_before) * 1e6 / len(evs))
+                    keys_us.append((keys_s[0] - keys_before) * 1e6 / len(evs))
                     new_us.append(stage)
                     cpu_new.append(cpu)
                     exact &= stats.written == len(evs)
@@ -145,10 +159,12 @@ def _run(path: str, stored: int, batch: int, runs: int) -> dict[str, Any]:
         return {
             "stored": stored,
             "fill_s": round(fill_s, 1),
+            "keys_fill_s": round(keys_fill_s, 1),
             "dedupe_new_us_per_event": round(statistics.median(new_us), 2),
             "dedupe_duplicates_us_per_event": round(statistics.median(dup_us), 2),
             "dedupe_replayed_month_us_per_event": None if replay_us is None else round(replay_us, 2),
             "raw_and_keys_insert_new_us_per_event": round(statistics.median(insert_us), 2),
+            "keys_insert_new_us_per_event": round(statistics.median(keys_us), 2),
             "cpu_new_us_per_event": round(statistics.median(cpu_new), 2),
             "cpu_duplicates_us_per_event": round(statistics.median(cpu_dup), 2),
             "exact": exact,
@@ -204,7 +220,7 @@ def _structures(path: str, stored: int, batch: int, runs: int) -> dict[str, Any]
         migrate(client, db)
         events = _events(1000)
         tenants = sorted({e["tenant"] for e in events})
-        fill_s = _fill(client, db, tenants, stored, 8)
+        fill_s, _ = _fill(client, db, tenants, stored, 8)
         started = time.perf_counter()
         client.command(
             f"CREATE TABLE {db}.event_keys_s (h UInt64, tenant LowCardinality(String), event_id String) "

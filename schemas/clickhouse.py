@@ -38,6 +38,7 @@ class Table(StrEnum):
     REJECTIONS = "rejections"
     EVENT_DUPLICATES = "event_duplicates"
     EVENT_KEYS = "event_keys"
+    EVENT_KEY_WATERMARKS = "event_key_watermarks"
     SCHEMA_MIGRATIONS = "schema_migrations"
 
 

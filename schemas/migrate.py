@@ -2,7 +2,8 @@
 
 Applied migrations are recorded in ``schema_migrations``. The SQL is a template: ``{db}``,
 ``{on_cluster}`` and ``{{engine:Name(args)}}`` are filled from settings, so the same files create
-single-node tables here and ``Replicated*`` tables ``ON CLUSTER`` on a cluster. Nothing in a
+single-node tables here and ``Replicated*`` tables ``ON CLUSTER`` on a cluster
+(``EmbeddedRocksDB``, which has no replicated form, becomes ``ReplicatedReplacingMergeTree``). Nothing in a
 template comes from user input.
 """
 
@@ -51,6 +52,11 @@ def render(sql: str, database: str, cluster: str | None) -> list[str]:
 
     def engine(m: re.Match[str]) -> str:
         name, args = m.group(1), m.group(2)
+        if cluster and name == "EmbeddedRocksDB":
+            # RocksDB has no replicated form: each replica's keys would be its own. On a cluster
+            # a key-value table is a ReplicatedReplacingMergeTree with the same PRIMARY KEY (the
+            # same statements work on both: point lookups by key, an insert of a key overwrites)
+            name, args = "ReplacingMergeTree", None
         if cluster:
             path = f"'/clickhouse/tables/{{shard}}/{database}/{{uuid}}', '{{replica}}'"
             inner = f"{path}, {args}" if args else path

@@ -1,1 +1,2 @@
+DROP TABLE IF EXISTS {db}.event_key_watermarks {on_cluster} SYNC;
 DROP TABLE IF EXISTS {db}.event_keys {on_cluster} SYNC

@@ -92,10 +92,13 @@ def dump(dsn: str) -> dict[str, Any]:
             "SELECT tenant, event_id, code, origin, src_partition, src_offset, src_index, received_at "
             "FROM metering.rejections ORDER BY src_partition, src_offset, src_index"
         ),
-        # the dedupe's lookup: one row per raw row (keys within raw), its hash that of its key
+        # the dedupe's lookup: one row per raw row (keys within raw), and up to which offset
         "event_keys": q(
-            "SELECT tenant, event_id, src_partition, src_offset, h = sipHash64(tenant, event_id) "
+            "SELECT tenant, event_id, src_partition, src_offset "
             "FROM metering.event_keys ORDER BY tenant, event_id, src_partition, src_offset"
+        ),
+        "event_key_watermarks": q(
+            "SELECT src_partition, src_offset FROM metering.event_key_watermarks ORDER BY src_partition"
         ),
         "event_duplicates": q(
             "SELECT tenant, event_id, src_partition, src_offset, nth, received_at "

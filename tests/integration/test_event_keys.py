@@ -1,27 +1,36 @@
-"""event_keys, the dedupe's lookup (issue 11, item 1; docs/exactly-once.md, "Deduplication"):
-filled from events_raw by its migration, and caught up from it by the writer when a crash left it
-behind, exactly once whatever is repeated. The crash itself: tests/integration/test_exactly_once.py.
+"""event_keys, the dedupe's lookup (issue 11, item 1; docs/exactly-once.md, "Deduplication"): an
+EmbeddedRocksDB table keyed by (tenant, event_id), filled from events_raw by its migration, caught
+up from it by the writer when a crash left it behind, exactly once whatever is repeated; a key of
+one tenant never matches another tenant's event; the keys outlive the process. The crash itself:
+tests/integration/test_exactly_once.py.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from aggregators.direct import make_processor, pack
 from aggregators.writer import ClickHouseWriter
+from bench.batch import _events
 from schemas.meters import default_catalog
-from schemas.migrate import migrate
+from schemas.migrate import migrate, render
 
 pytestmark = pytest.mark.clickhouse
 
 
 def _raw(client: Any, db: str, partition: int, offsets: range, ingested_at: str) -> None:
-    """Raw rows of ``partition`` at ``offsets`` (two events per offset), ingested at ``ingested_at``."""
+    """Raw rows of ``partition`` at ``offsets`` (two events per offset, ids of their own: raw holds
+    a key once), ingested at ``ingested_at``."""
     client.command(
         f"INSERT INTO {db}.events_raw (tenant, event_id, type, source, subject, time, data, src_partition, "
         "src_offset, ingested_at) SELECT concat('t', toString(number % 3)), concat('e-', toString({p:Int32}), "
-        "'-', toString(number)), 'egress.download', 's', 'w', now64(3), '{}', {p:Int32}, "
+        "'-', toString(2 * {lo:Int64} + number)), 'egress.download', 's', 'w', now64(3), '{}', {p:Int32}, "
         "{lo:Int64} + intDiv(number, 2), toDateTime64({at:String}, 3, 'UTC') FROM numbers({n:UInt64})",
         parameters={"p": partition, "lo": offsets.start, "n": 2 * len(offsets), "at": ingested_at},
     )
@@ -37,40 +46,107 @@ def _keys(client: Any, db: str, table: str) -> list[tuple[Any, ...]]:
     ]
 
 
+def _key_wm(client: Any, db: str) -> dict[int, int]:
+    rows = client.query(f"SELECT src_partition, src_offset FROM {db}.event_key_watermarks").result_rows
+    return {int(p): int(o) for p, o in rows}
+
+
 def test_the_migration_fills_event_keys_from_events_raw(clickhouse: tuple[Any, str]) -> None:
     client, db = clickhouse
     _raw(client, db, 0, range(0, 50), "2026-10-31 23:59:00")
     _raw(client, db, 1, range(0, 30), "2026-11-01 00:01:00")
     assert migrate(client, db, target=6) == ["rolled back 0007_event_keys"]
     assert migrate(client, db) == ["applied 0007_event_keys"]
-    assert (
-        _keys(client, db, "event_keys") == _keys(client, db, "events_raw")
-        and len(_keys(client, db, "event_keys")) == 160
-    )
-    [(bad,)] = client.query(
-        f"SELECT countIf(h != sipHash64(tenant, event_id)) FROM {db}.event_keys"
+    [(engine,)] = client.query(
+        "SELECT engine FROM system.tables WHERE database = {d:String} AND name = 'event_keys'",
+        parameters={"d": db},
     ).result_rows
-    assert bad == 0
+    assert engine == "EmbeddedRocksDB"
+    keys = _keys(client, db, "event_keys")
+    assert keys == _keys(client, db, "events_raw") and len(keys) == 160
+    assert _key_wm(client, db) == {0: 49, 1: 29}
 
 
 def test_keys_catch_up_inserts_what_a_crash_left_out_once(clickhouse: tuple[Any, str]) -> None:
-    """event_keys behind events_raw on two partitions, over two months of ingestion: the catch-up
-    inserts exactly the missing keys (one statement per month of ingestion), and repeating it, with the
-    watermarks cached or re-read, inserts nothing more."""
+    """event_keys behind events_raw on two partitions (one partly: a crash after the keys insert,
+    before the watermark moved): the catch-up inserts exactly the missing keys, moves the
+    watermarks, and repeating it, with the watermarks cached or re-read, runs nothing more."""
     client, db = clickhouse
     _raw(client, db, 0, range(0, 10), "2026-10-31 23:59:00")
     client.command(
-        f"INSERT INTO {db}.event_keys SELECT sipHash64(tenant, event_id), tenant, event_id, src_partition, "
-        f"src_offset, ingested_at FROM {db}.events_raw"
+        f"INSERT INTO {db}.event_keys SELECT tenant, event_id, src_partition, src_offset, ingested_at "
+        f"FROM {db}.events_raw"
     )
+    client.command(f"INSERT INTO {db}.event_key_watermarks VALUES (0, 9)")
     _raw(client, db, 0, range(10, 20), "2026-10-31 23:59:30")  # a crash left these keys out
-    _raw(client, db, 0, range(20, 25), "2026-11-01 00:00:10")  # ...and these, next month
+    _raw(client, db, 0, range(20, 25), "2026-11-01 00:00:10")  # these keys in, the watermark not
+    client.command(
+        f"INSERT INTO {db}.event_keys SELECT tenant, event_id, src_partition, src_offset, ingested_at "
+        f"FROM {db}.events_raw WHERE src_offset >= 20"
+    )
     _raw(client, db, 1, range(0, 7), "2026-11-01 00:00:20")  # a partition without any key
     writer = ClickHouseWriter(client, db, default_catalog())
     raw_wm = {0: 24, 1: 6, 2: -1}
-    assert writer.keys_catch_up(raw_wm) == 2  # one per month of ingestion, both partitions in each
-    assert _keys(client, db, "event_keys") == _keys(client, db, "events_raw")
+    assert writer.keys_catch_up(raw_wm) == 2  # the keys, then the watermarks
+    assert _keys(client, db, "event_keys") == _keys(client, db, "events_raw")  # an upsert: no copy
+    assert _key_wm(client, db) == {0: 24, 1: 6}
     assert writer.keys_catch_up(raw_wm) == 0  # cached: one look-up, no statement
     writer.forget()
     assert writer.keys_catch_up(raw_wm) == 0  # re-read from the table: up to date
     assert _keys(client, db, "event_keys") == _keys(client, db, "events_raw")
+
+
+def test_a_key_of_one_tenant_never_matches_another_tenants_event(clickhouse: tuple[Any, str]) -> None:
+    """The same event id sent by two tenants is two events (the key is the pair); sent again by
+    either, a copy of that tenant's own."""
+    client, db = clickhouse
+    proc = make_processor(client, db)
+    try:
+        base = _events(1)[0]
+        a = {**base, "tenant": "tenant-a", "id": "same-id"}
+        b = {**base, "tenant": "tenant-b", "id": "same-id"}
+        assert proc.process(pack([a], 0, 0)).written == 1
+        stats = proc.process(pack([b], 0, 1))
+        assert (stats.written, stats.duplicates) == (1, 0)
+        stats = proc.process(pack([b, a], 0, 2))
+        assert (stats.written, stats.duplicates) == (0, 2)
+    finally:
+        proc.close()
+    assert sorted(r[0] for r in _keys(client, db, "event_keys")) == ["tenant-a", "tenant-b"]
+
+
+_REOPEN = """
+import sys
+from schemas.clickhouse import connect
+from schemas.migrate import migrate
+client = connect("chdb://" + sys.argv[1], "metering")
+if sys.argv[2] == "write":
+    migrate(client, "metering")
+    client.command("INSERT INTO metering.event_keys VALUES ('t', 'e-1', 0, 1, now64(3)), ('u', 'e-1', 0, 2, now64(3))")
+    client.command("INSERT INTO metering.event_key_watermarks VALUES (0, 2)")
+else:
+    print(client.query("SELECT tenant, event_id FROM metering.event_keys WHERE (tenant, event_id) IN "
+                       "(('t', 'e-1'), ('u', 'e-1'), ('t', 'e-2')) ORDER BY tenant").result_rows,
+          client.query("SELECT * FROM metering.event_key_watermarks").result_rows)
+"""
+
+
+def test_the_keys_outlive_the_process(tmp_path: Path) -> None:
+    """RocksDB keeps its files under the engine's data path: a process that opens the same path
+    later finds every key and watermark (the crash test does it after a SIGKILL)."""
+    run = [sys.executable, "-c", textwrap.dedent(_REOPEN), str(tmp_path / "ch")]
+    subprocess.run([*run, "write"], check=True, timeout=120)
+    out = subprocess.run([*run, "read"], check=True, timeout=120, capture_output=True, text=True).stdout
+    assert out.strip() == "[('t', 'e-1'), ('u', 'e-1')] [(0, 2)]"
+
+
+def test_on_a_cluster_the_key_tables_are_replicated() -> None:
+    """RocksDB has no replicated form: on a cluster the migration makes the key tables
+    ReplicatedReplacingMergeTree with the same primary key (the same statements work on both)."""
+    sql = Path("schemas/migrations/0007_event_keys.up.sql").read_text()
+    single = render(sql, "metering", None)
+    cluster = render(sql, "metering", "main")
+    assert sum("ENGINE = EmbeddedRocksDB" in s for s in single) == 2
+    assert sum("ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/" in s for s in cluster) == 2
+    assert all("ON CLUSTER 'main'" in s for s in cluster if s.startswith("CREATE"))
+    assert sum("PRIMARY KEY (tenant, event_id)" in s for s in cluster) == 1
