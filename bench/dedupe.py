@@ -20,8 +20,13 @@ key-only table ordered by a hash of (tenant, event_id) (default and small compre
 an EmbeddedRocksDB table keyed by tenant and id, on the same stored events, for a batch of new
 ids and a batch of ids stored anywhere in the 35 days (``_structures``).
 
-``--keys-only 256:4096``: the event_keys lookup alone on a key-only table (no events_raw), its
-index granularity and compressed block size as given (``d``: the engine's default), ``_keys_only``.
+``--keys-only 256:4096``: the lookup alone on a MergeTree key-only table ordered by a hash (what
+event_keys was before it moved to RocksDB; no events_raw), its index granularity and compressed
+block size as given (``d``: the engine's default), ``_keys_only``.
+
+The whole-batch run fills event_keys as migration 0007 does (the keys, their watermarks) and
+compacts RocksDB as at rest; it prints the keys insert alone (``keys_insert_new_us_per_event``)
+and the backfill's seconds (``keys_fill_s``).
 """
 
 from __future__ import annotations
