@@ -245,13 +245,26 @@ class ClickHouseWriter:
         """A replay deletes raw rows (and their keys) from ``start`` on: the keys watermark of each
         partition goes back to ``start - 1`` if it was above, so that the aggregator's next batch
         inserts the keys of the rewritten rows (``keys_catch_up``). Before the deletes: a crash
-        after this leaves the watermark low, and a low watermark only costs keys inserted again."""
+        after this leaves the watermark low, and a low watermark only costs keys inserted again.
+        The old value is deleted before the new one is inserted (on a cluster the table is a
+        ReplacingMergeTree, where a max over rows not merged yet would still see the old one); a
+        crash between the two leaves no watermark, which the catch-up reads as "no key yet"."""
+        table = f"{self.db}.{Table.EVENT_KEY_WATERMARKS}"
         for p, off in start.items():
+            [(count, old)] = self.client.query(
+                f"SELECT count(), max(src_offset) FROM {table} WHERE src_partition = {{p:Int32}}",
+                parameters={"p": p},
+            ).result_rows
+            if not int(count) or int(old) < off:
+                continue
             self.client.command(
-                f"INSERT INTO {self.db}.{Table.EVENT_KEY_WATERMARKS} (src_partition, src_offset) "
-                f"SELECT src_partition, least(src_offset, {{o:Int64}} - 1) "
-                f"FROM {self.db}.{Table.EVENT_KEY_WATERMARKS} WHERE src_partition = {{p:Int32}}",
-                parameters={"p": p, "o": off},
+                f"ALTER TABLE {table} DELETE WHERE src_partition = {{p:Int32}}",
+                parameters={"p": p},
+                settings={"mutations_sync": 2},
+            )
+            self.client.command(
+                f"INSERT INTO {table} (src_partition, src_offset) VALUES ({{p:Int32}}, {{o:Int64}})",
+                parameters={"p": p, "o": off - 1},
             )
         self.forget()
 

@@ -150,3 +150,16 @@ def test_on_a_cluster_the_key_tables_are_replicated() -> None:
     assert sum("ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/" in s for s in cluster) == 2
     assert all("ON CLUSTER 'main'" in s for s in cluster if s.startswith("CREATE"))
     assert sum("PRIMARY KEY (tenant, event_id)" in s for s in cluster) == 1
+
+
+def test_a_replay_lowers_the_keys_watermark_to_its_start(clickhouse: tuple[Any, str]) -> None:
+    """A replay from offset 20 of partition 0: the keys watermark goes back to 19 (the keys of
+    the rewritten rows are caught up from there); never up, and a partition without one stays
+    without."""
+    client, db = clickhouse
+    client.command(f"INSERT INTO {db}.event_key_watermarks VALUES (0, 24), (1, 6)")
+    writer = ClickHouseWriter(client, db, default_catalog())
+    writer.keys_watermarks_lower({0: 20, 1: 30, 2: 5})
+    assert _key_wm(client, db) == {0: 19, 1: 6}
+    writer.keys_watermarks_lower({0: 0})
+    assert _key_wm(client, db) == {0: -1, 1: 6}
