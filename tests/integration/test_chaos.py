@@ -143,10 +143,35 @@ async def _converged(client: Any, db: str, evs: list[dict], bootstrap: str, topi
         f"raw rows per lane {_per_lane(client, db)}; (committed, end) {_offsets(bootstrap, topic, group)}; "
         f"members {[describe_part(p) for p in _LIVE]}"
     )
+    if not ok:
+        seen += f"; waiting: {_where_waiting()}"
     assert raw == (len(evs), len(evs)), f"events_raw (rows, ids) {raw}, expected {len(evs)}; {seen}"
     for table in TABLES:
         assert _period(client, db, table) == _expected(evs), f"{table} differs from a clean pass; {seen}"
     assert caught_up(bootstrap, topic, group), f"a partition's committed offset is behind its log end; {seen}"
+
+
+def _ours(filename: str) -> bool:
+    return filename.startswith(str(ROOT)) and "site-packages" not in filename
+
+
+def _where_waiting() -> str:
+    """Where each thread and each pending task of this loop is, one frame each: enough to tell a
+    batch stuck in the engine from a rebalance handler waiting, or an agent gone."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    here = []
+    for ident, frame in sys._current_frames().items():
+        f: Any = frame
+        while f.f_back is not None and not _ours(f.f_code.co_filename):
+            f = f.f_back  # the innermost frame of this project's code, if any
+        f = f if _ours(f.f_code.co_filename) else frame
+        here.append(f"{names.get(ident, ident)}@{Path(f.f_code.co_filename).name}:{f.f_lineno}")
+    for task in asyncio.all_tasks():
+        stack = task.get_stack(limit=1)
+        if stack:
+            top = stack[0]
+            here.append(f"task@{Path(top.f_code.co_filename).name}:{top.f_lineno}:{top.f_code.co_name}")
+    return ", ".join(sorted(here))
 
 
 @contextlib.asynccontextmanager
