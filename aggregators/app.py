@@ -26,7 +26,7 @@ from typing import Any
 
 import faust
 
-from aggregators import metrics
+from aggregators import faust_mends, metrics
 from aggregators.decode import SourceMessage
 from aggregators.errors import reason
 from aggregators.processor import BatchProcessor, Prepared
@@ -34,6 +34,8 @@ from aggregators.take import take_applied
 from aggregators.watchdog import Action, Observation, Watchdog, describe_troubles
 from deploy.settings import AggregatorSettings
 from schemas.wire import control_lane
+
+faust_mends.apply()
 
 log = logging.getLogger(__name__)
 
