@@ -26,7 +26,7 @@ from typing import Any
 
 import faust
 
-from aggregators import metrics
+from aggregators import faust_mends, metrics
 from aggregators.decode import SourceMessage
 from aggregators.errors import reason
 from aggregators.processor import BatchProcessor, Prepared
@@ -34,6 +34,8 @@ from aggregators.take import take_applied
 from aggregators.watchdog import Action, Observation, Watchdog, describe_troubles
 from deploy.settings import AggregatorSettings
 from schemas.wire import control_lane
+
+faust_mends.apply()
 
 log = logging.getLogger(__name__)
 
@@ -412,11 +414,13 @@ def build_app(
                 log.exception("watchdog: check failed")
 
     def must_restart(what: str) -> bool:
+        """Ask for the part's restart (the watchdog, or the agent that died); False if there is
+        no part to restart (``build_app`` alone)."""
         if restart is not None:
-            log.error("watchdog: %s; restarting the aggregator", what)
+            log.error("%s; restarting the aggregator", what)
             restart(what)
             return True
-        log.error("watchdog: %s, and nothing here can restart the aggregator", what)
+        log.error("%s, and nothing here can restart the aggregator", what)
         return False
 
     async def _check() -> bool:
@@ -438,7 +442,9 @@ def build_app(
         else:
             seen = None  # a rebalance is under way: ownership is not known yet
         due = dog.restart_due()
-        if due and must_restart(describe_troubles({t: dog.troubles().get(t, 0.0) for t in due})):
+        if due and must_restart(
+            "watchdog: " + describe_troubles({t: dog.troubles().get(t, 0.0) for t in due})
+        ):
             return True
         if seen is None or not settled.is_set():
             return False  # a rebalance started meanwhile: what was seen may be out of date
@@ -450,7 +456,7 @@ def build_app(
             if stall.action is Action.RESEEK:
                 await reseek(tp, committed)
                 continue
-            if must_restart(f"{tp} still stalled ({stall.lag} behind, {stall.stalled_s:.0f}s)"):
+            if must_restart(f"watchdog: {tp} still stalled ({stall.lag} behind, {stall.stalled_s:.0f}s)"):
                 return True
             await reseek(tp, committed)  # nothing else to do here: seek it back again
         return False

@@ -74,7 +74,8 @@ class AggregatorPart:
                 await self.app.start()
             finally:
                 self._restarting = False
-                self._why = ""
+                if not self._wanted.is_set():  # else: the reason of the restart asked for meanwhile
+                    self._why = ""
             log.warning("aggregator part restarted")
 
     def _new_app(self) -> faust.App:

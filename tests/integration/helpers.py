@@ -103,6 +103,36 @@ async def running_faust(settings: Any, bootstrap: str, processor: Any) -> AsyncI
         await asyncio.sleep(0)
 
 
+@contextlib.asynccontextmanager
+async def running_part(settings: Any, bootstrap: str, processor: Any) -> AsyncIterator[Any]:
+    """The aggregator as ``metering run`` runs it: the faust app inside an ``AggregatorPart``,
+    which replaces the app when its watchdog or a dead agent asks (``part.app`` is the current
+    one). ``running_faust`` is the bare app, which nothing restarts."""
+    from aggregators.supervisor import AggregatorPart
+
+    part = AggregatorPart(settings, bootstrap, processor)
+    await part.start()
+    try:
+        yield part
+    finally:
+        await part.stop()
+        await asyncio.sleep(0)
+
+
+def describe_part(part: Any) -> str:
+    """What a failing liveness test should show of a member: its restarts and their cause, a
+    crash, its watchdog's troubles and stalls, whether it is rebalancing, what it owns."""
+    app = part.app
+    assignment = sorted(f"{tp.topic[-8:]}[{tp.partition}]" for tp in app.consumer.assignment()) if app else []
+    dog = part.metering_watchdog
+    return (
+        f"restarts={part.restarts} restarting={part.restarting!r} crashed={part.crashed} "
+        f"crash_reason={part.crash_reason!r} troubles={ {str(t): round(s, 1) for t, s in dog.troubles().items()} } "
+        f"stalls={[(s.lane, s.lag, round(s.stalled_s)) for s in dog.stalls()]} "
+        f"rebalancing={getattr(app, 'rebalancing', None)} assignment={assignment}"
+    )
+
+
 def consume_all(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[Any]:
     """Every message of ``topic`` and of its control topic as SourceMessages, each with its lane
     (control partitions as negative lanes, schemas/wire.py); a plain consumer, no group commits.

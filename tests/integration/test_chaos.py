@@ -7,7 +7,9 @@ behind: the group's committed offset is the log end on every partition, the cont
 included. ``METERING_CHAOS_CYCLES`` sets how many times the membership cycle 1 -> 2 -> 1 -> 3 -> 1
 runs (1 in ``make test``, 20 in ``make chaos``).
 
-Members are faust apps in this process (the embedded engine is locked to one process), except
+Members run in this process as ``metering run`` runs the aggregator (an AggregatorPart: the faust
+app, replaced when its watchdog or its dead agent asks; the embedded engine is locked to one
+process), except
 where a member must really be SIGKILLed or SIGSTOPped: that one is a process of its own
 (chaos_member.py) whose batches the test process applies on the shared engine, as a ClickHouse
 server would.
@@ -40,7 +42,7 @@ from aggregators.processor import BatchProcessor
 from deploy.kafka import local_broker
 from deploy.settings import AggregatorSettings
 from tests.integration.aggregator_proc import caught_up
-from tests.integration.helpers import egress_events, produce_batches, running_faust, until
+from tests.integration.helpers import describe_part, egress_events, produce_batches, running_part, until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow, pytest.mark.chaos]
 
@@ -62,6 +64,21 @@ def _settings(topic: str, group: str) -> AggregatorSettings:
         clickhouse_retry_max_s=1,
         stall_timeout_s=15,
     )
+
+
+_LIVE: list[Any] = []  # the members (AggregatorParts) running now, for a failure's message
+
+
+@contextlib.asynccontextmanager
+async def _member(settings: AggregatorSettings, bootstrap: str, processor: Any) -> AsyncIterator[Any]:
+    """One in-process member, run as ``metering run`` runs it (an AggregatorPart: restarted
+    when its watchdog or its dead agent asks), and shown in a failure's message."""
+    async with running_part(settings, bootstrap, processor) as part:
+        _LIVE.append(part)
+        try:
+            yield part
+        finally:
+            _LIVE.remove(part)
 
 
 async def _until(pred: Callable[[], Any], timeout: float = 90.0) -> bool:
@@ -122,11 +139,39 @@ async def _converged(client: Any, db: str, evs: list[dict], bootstrap: str, topi
     if ok:
         await asyncio.sleep(1.5)
     raw = _raw(client, db)
-    seen = f"raw rows per lane {_per_lane(client, db)}; (committed, end) {_offsets(bootstrap, topic, group)}"
+    seen = (
+        f"raw rows per lane {_per_lane(client, db)}; (committed, end) {_offsets(bootstrap, topic, group)}; "
+        f"members {[describe_part(p) for p in _LIVE]}"
+    )
+    if not ok:
+        seen += f"; waiting: {_where_waiting()}"
     assert raw == (len(evs), len(evs)), f"events_raw (rows, ids) {raw}, expected {len(evs)}; {seen}"
     for table in TABLES:
         assert _period(client, db, table) == _expected(evs), f"{table} differs from a clean pass; {seen}"
     assert caught_up(bootstrap, topic, group), f"a partition's committed offset is behind its log end; {seen}"
+
+
+def _ours(filename: str) -> bool:
+    return filename.startswith(str(ROOT)) and "site-packages" not in filename
+
+
+def _where_waiting() -> str:
+    """Where each thread and each pending task of this loop is, one frame each: enough to tell a
+    batch stuck in the engine from a rebalance handler waiting, or an agent gone."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    here = []
+    for ident, frame in sys._current_frames().items():
+        f: Any = frame
+        while f.f_back is not None and not _ours(f.f_code.co_filename):
+            f = f.f_back  # the innermost frame of this project's code, if any
+        f = f if _ours(f.f_code.co_filename) else frame
+        here.append(f"{names.get(ident, ident)}@{Path(f.f_code.co_filename).name}:{f.f_lineno}")
+    for task in asyncio.all_tasks():
+        stack = task.get_stack(limit=1)
+        if stack:
+            top = stack[0]
+            here.append(f"task@{Path(top.f_code.co_filename).name}:{top.f_lineno}:{top.f_code.co_name}")
+    return ", ".join(sorted(here))
 
 
 @contextlib.asynccontextmanager
@@ -136,17 +181,17 @@ async def _members(
     """``n`` in-process members started together, once the group has taken them in (a member
     may be given no partition: faust's assignor is sticky)."""
     async with contextlib.AsyncExitStack() as stack:
-        apps = await asyncio.gather(
+        parts = await asyncio.gather(
             *(
                 stack.enter_async_context(
-                    running_faust(_settings(topic, group), bootstrap, make_processor(client, db))
+                    _member(_settings(topic, group), bootstrap, make_processor(client, db))
                 )
                 for _ in range(n)
             )
         )
-        joined = lambda: all(a.rebalancing_count > 0 and not a.rebalancing for a in apps)  # noqa: E731
+        joined = lambda: all(p.app.rebalancing_count > 0 and not p.app.rebalancing for p in parts)  # noqa: E731
         assert await _until(joined, 60), "a newcomer was not taken into the group"
-        yield apps
+        yield parts
 
 
 # ---- 1. members join and leave repeatedly ------------------------------------------------------
@@ -359,10 +404,10 @@ def test_the_broker_restarted_during_a_rebalance(clickhouse: Any) -> None:
 
         async def scenario() -> None:
             await asyncio.to_thread(produce_batches, bootstrap, topic, first, 10)
-            async with running_faust(_settings(topic, group), bootstrap, make_processor(client, db)):
+            async with _member(_settings(topic, group), bootstrap, make_processor(client, db)):
                 assert await _until(lambda: _raw(client, db)[0] > 0, 60)
                 # a second member joins: the group starts a rebalance, and the broker dies under it
-                joining = running_faust(_settings(topic, group), bootstrap, make_processor(client, db))
+                joining = _member(_settings(topic, group), bootstrap, make_processor(client, db))
                 start = asyncio.ensure_future(joining.__aenter__())
                 await asyncio.sleep(1.0)
                 os.kill(local_broker.status(data_dir).pid, signal.SIGKILL)
@@ -398,7 +443,7 @@ def test_clickhouse_failing_during_a_rebalance(kafka_bootstrap: str, topic: str,
 
     async def scenario() -> None:
         await asyncio.to_thread(produce_batches, kafka_bootstrap, topic, first, 10)
-        async with running_faust(_settings(topic, group), kafka_bootstrap, make_processor(client, db)):
+        async with _member(_settings(topic, group), kafka_bootstrap, make_processor(client, db)):
             assert await _until(lambda: _exact(client, db, first), 90)
             client.command(f"DETACH TABLE {db}.usage_1d")
             try:
@@ -440,8 +485,8 @@ def test_poison_on_every_partition(kafka_bootstrap: str, topic: str, clickhouse:
         await asyncio.to_thread(produce_batches, kafka_bootstrap, topic, second, 10)
         procs = [make_processor(client, db), make_processor(client, db)]
         async with (
-            running_faust(_settings(topic, group), kafka_bootstrap, procs[0]),
-            running_faust(_settings(topic, group), kafka_bootstrap, procs[1]),
+            _member(_settings(topic, group), kafka_bootstrap, procs[0]),
+            _member(_settings(topic, group), kafka_bootstrap, procs[1]),
         ):
             await _converged(client, db, first + second, kafka_bootstrap, topic, group)
         return [r for p in procs for r in p.dead_letters.rejects]

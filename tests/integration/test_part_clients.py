@@ -93,9 +93,12 @@ def test_the_query_api_and_readyz_answer_while_the_aggregator_client_is_busy(
             ready_s = time.monotonic() - began
             assert ready.status_code == 200, ready.text
             assert ready.json()["checks"]["clickhouse"]["status"] == "ok", ready.json()
-            # Both answered while the aggregator's statement still ran, without waiting for it.
-            assert not done.is_set(), "the aggregator's statement ended before the requests were answered"
-            assert api_s < 1.5 and ready_s < 1.5, (api_s, ready_s)
+            # Both answered while the aggregator's statement (4 s) still ran, without waiting for
+            # it. (No bound in seconds besides: /readyz took 1.8 s once at load ~10, still
+            # well before the statement's end.)
+            assert not done.is_set(), (
+                f"the aggregator's statement ended before the requests were answered ({api_s:.2f} s, {ready_s:.2f} s)"
+            )
             busy.join(timeout=30)
             assert done.is_set()
         for closer in closers:
