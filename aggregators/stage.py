@@ -494,8 +494,7 @@ DUPLICATE_COLUMNS = "tenant, event_id, src_partition, src_offset, nth, received_
 
 
 def duplicates_create(name: str) -> str:
-    """The batch's copies, staged once (``duplicates_stage``): hashed for the insert token and
-    inserted from there, so the copies' query runs once."""
+    """The batch's copies, staged once (``duplicates_stage``) and inserted from there."""
     return (
         f"CREATE TABLE IF NOT EXISTS {name} (tenant String, event_id String, src_partition Int32, "
         "src_offset Int64, nth UInt32, received_at DateTime64(3, 'UTC'), dropped_at DateTime64(3, 'UTC')) "
@@ -518,22 +517,11 @@ def duplicates_stage(database: str, rows: str, new: str, copies: str) -> str:
     return f"INSERT INTO {copies} ({DUPLICATE_COLUMNS}) {_duplicates_select(database, rows, new)}"
 
 
-def duplicates_token_select(copies: str) -> str:
-    """(copies, a hash of their positions): the insert deduplication token of
-    ``duplicates_insert``, so that a batch re-processed after a crash writes them once. The
-    positions are distinct, so the XOR of their 128-bit hashes identifies the set whatever the
-    order (a third of the CPU of hashing the sorted array of them)."""
-    return (
-        "SELECT count(), hex(groupBitXor(reinterpretAsUInt128(sipHash128(tenant, event_id, "
-        f"src_partition, src_offset, nth)))) FROM {copies}"
-    )
-
-
 def duplicates_insert(database: str, copies: str) -> str:
     """The copies the raw insert will drop, into ``event_duplicates`` (run *before* it): every
     judged row but the batch's first occurrence of a key ``events_raw`` does not hold; ``nth``
-    ranks the copies of one id inside one message. Keyed on the position, with a token made of
-    the positions, and none already recorded (aggregators/rejections.py)."""
+    ranks the copies of one id inside one message. Keyed on the position, none already recorded
+    (aggregators/rejections.py); no insert token (``ClickHouseWriter.record_duplicates``)."""
     return (
         f"INSERT INTO {database}.{Table.EVENT_DUPLICATES} ({DUPLICATE_COLUMNS}) "
         f"SELECT {DUPLICATE_COLUMNS} FROM {copies}"

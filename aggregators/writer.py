@@ -271,9 +271,15 @@ class ClickHouseWriter:
     def record_duplicates(
         self, now: datetime, excluded: Sequence[tuple[int, int]], timestamps_ms: Sequence[int]
     ) -> None:
-        """The judged rows the raw insert will drop as duplicates, into ``event_duplicates``:
-        staged once (a Memory table of this process), hashed for the insert token and inserted
-        from the stage. A batch without copies (new rows = judged rows) runs one count only."""
+        """The judged rows the raw insert will drop as duplicates, into ``event_duplicates``,
+        those already recorded left out (looked up by position: a batch read again after a
+        crash). A batch without copies (new rows = judged rows) runs one count only.
+
+        No insert deduplication token: a non-replicated MergeTree logs the token *before* it
+        renames the part into place, so a SIGKILL between the two keeps the token and loses the
+        part, and the batch read again, with the same copies hence the same token, would be
+        dropped for good (docs/exactly-once.md, building block 5). The lookup by position
+        is what writes each copy once."""
         self._ensure_events()
         params = {"now": fmt_time(now), "excluded": list(excluded), "ts": list(timestamps_ms)}
         [(copies,)] = self.client.query(
@@ -288,14 +294,11 @@ class ClickHouseWriter:
             ),
             parameters=params,
         )
-        [(count, digest)] = self.client.query(stage.duplicates_token_select(self._copies)).result_rows
-        if int(count):
-            self.client.command(
-                stage.with_settings(
-                    stage.duplicates_insert(self.db, self._copies),
-                    {**stage.ONE_BLOCK, "insert_deduplication_token": f"dup-{digest}"},
-                )
+        self.client.command(
+            stage.with_settings(
+                stage.duplicates_insert(self.db, self._copies), {**stage.ONE_BLOCK, "insert_deduplicate": 0}
             )
+        )
         self.client.command(f"TRUNCATE TABLE {self._copies}")
 
     def written(self, ranges: Ranges) -> list[tuple[str, int, datetime, int, int, int]]:

@@ -115,6 +115,45 @@ def test_copies_recorded_before_a_crash_are_not_recorded_again_by_a_batch_cut_ot
     assert _count(client, db, "event_duplicates", final=True) == 8
 
 
+def test_copies_whose_part_a_crash_lost_are_recorded_by_the_batch_read_again(
+    clickhouse: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-replicated MergeTree writes an insert's deduplication token to its log *before* the
+    part is renamed into place: a SIGKILL between the two loses the part and keeps the token
+    (seen in the exactly-once SIGKILL test: event_duplicates' log named a part 2_2_1 absent from
+    disk, and the 14 copies of the message it held were never recorded). Here the part's rows are
+    deleted after the insert (the log keeps the token, like after that crash); the batch read
+    again must record its copies, the same ones, so the same token would drop them."""
+    client, db = clickhouse
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    evs = [
+        event(
+            f"e{i % 3}", "egress.download", {"workspace_id": "w", "artifact_id": "a", "bytes": 1}, now, "t1"
+        )
+        for i in range(6)
+    ]
+    messages = pack(evs, partition=0, start_offset=0, per_message=3)  # originals, then their copies
+    make_processor(client, db).process(messages[:1])
+    real_insert = ClickHouseWriter.insert_new
+
+    def crash(self: ClickHouseWriter, *args: Any) -> None:
+        raise _Crash("killed after the copies' insert")
+
+    monkeypatch.setattr(ClickHouseWriter, "insert_new", crash)
+    with pytest.raises(_Crash):
+        make_processor(client, db).process(messages[1:])
+    assert _count(client, db, "event_duplicates") == 3
+    client.command(f"ALTER TABLE {db}.event_duplicates DELETE WHERE 1", settings={"mutations_sync": 2})
+    assert _count(client, db, "event_duplicates") == 0  # the part lost, its token still in the log
+    monkeypatch.setattr(ClickHouseWriter, "insert_new", real_insert)
+    stats = make_processor(client, db).process(messages[1:])  # the restart reads the message again
+    assert stats.duplicates == 3
+    rows = client.query(
+        f"SELECT event_id, src_offset, nth FROM {db}.event_duplicates ORDER BY event_id"
+    ).result_rows
+    assert rows == [("e0", 1, 0), ("e1", 1, 0), ("e2", 1, 0)]
+
+
 @pytest.mark.kafka
 def test_dead_letter_consumer_dedupes_by_source_header(
     clickhouse: tuple[Any, str], kafka_bootstrap: str, topic: str
