@@ -70,7 +70,7 @@ class ClickHouseWriter:
         # writer that prepared the batch ahead (processor.prepare, ``read_rows_from``)
         self._rows = self._own_rows
         self._new = f"{database}.new_stage_{uuid.uuid4().hex[:12]}"
-        # the batch's copies (record_duplicates): staged once, hashed and inserted from there
+        # the batch's copies (record_duplicates): staged once and inserted from there
         self._copies = f"{database}.copies_stage_{uuid.uuid4().hex[:12]}"
         self._events_ready = False
         # per partition, the raw watermark the rollup stage was filled from the batch's new rows
