@@ -9,8 +9,9 @@ crash and a re-processing of the batch. So:
    ``rejections`` and *not* sent to the dead-letter topic again;
 2. the others are sent to the dead-letter topic and flushed (a rejected event is never lost);
 3. only then are they inserted into ``rejections``, with an insert deduplication token made of
-   their positions; ReplacingMergeTree keyed on the position collapses any copy left (reads use
-   ``FINAL``).
+   their positions on a Replicated table, none elsewhere (aggregators/insert_token.py: a SIGKILL
+   could keep the token and lose the part); ReplacingMergeTree keyed on the position collapses
+   any copy left (reads use ``FINAL``).
 
 A crash between 2 and 3 is the one case where an event reaches the dead-letter topic twice: a
 dead-letter consumer dedupes by the ``metering-dlq-source`` header (``dedupe_dead_letters``);
@@ -33,6 +34,7 @@ from typing import Any, Protocol
 import orjson
 from clickhouse_connect.driver.client import Client
 
+from aggregators import insert_token
 from aggregators.decode import RawRow, Reject, SourceMessage
 from schemas.clickhouse import Table
 from schemas.validation import kafka_time
@@ -164,7 +166,9 @@ def insert_rejections(client: Client, database: str, rows: Sequence[Rejection]) 
         f"{database}.{Table.REJECTIONS}",
         [r.row() for r in rows],
         column_names=list(REJECTION_COLUMNS),
-        settings={"insert_deduplication_token": _token("rej", (r.key for r in rows))},
+        settings=insert_token.insert_settings(
+            client, database, Table.REJECTIONS, _token("rej", (r.key for r in rows))
+        ),
     )
 
 
@@ -243,7 +247,9 @@ def record_duplicates(
             f"{target.db}.{Table.EVENT_DUPLICATES}",
             rows,
             column_names=list(DUPLICATE_COLUMNS),
-            settings={"insert_deduplication_token": _token("dup", keys)},
+            settings=insert_token.insert_settings(
+                target.client, target.db, Table.EVENT_DUPLICATES, _token("dup", keys)
+            ),
         )
     return len(rows)
 

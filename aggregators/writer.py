@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from clickhouse_connect.driver.client import Client
 
-from aggregators import rollup, stage
+from aggregators import insert_token, rollup, stage
 from aggregators.decode import RAW_INSERT_SETTINGS, RawRow, raw_rows_json, staged_rows_json
 from aggregators.faults import CrashPoint, checkpoint
 from aggregators.projection import LifecycleEvent, fold
@@ -427,6 +427,9 @@ class ClickHouseWriter:
         source = f"{self.db}.{Table.EVENTS_RAW}"
         self.client.command(rollup.stage_insert(self.catalog, source, self._stage, where), parameters=params)
 
+    def _token(self, table: Table, ranges: Ranges) -> dict[str, Any]:
+        return insert_token.insert_settings(self.client, self.db, table, f"{table.value}:{_spans(ranges)}")
+
     def _apply(self, table: Table, ranges: Ranges) -> int:
         if table in _GRAIN_OF:
             where, params = ranges.sql()
@@ -434,7 +437,9 @@ class ClickHouseWriter:
             # optimize_on_insert = 0: the statement groups by the table's whole sorting key, so
             # the block holds no two rows to merge; the part written is the same, without the
             # merging pass (about a fifth of the insert's CPU, docs/performance.md)
-            settings = {**_token(table.value, ranges), "optimize_on_insert": 0}
+            # the token only on a Replicated table (aggregators/insert_token.py): on any other a
+            # SIGKILL can keep it and lose the part, and the span rolled up again would be dropped
+            settings = {**self._token(table, ranges), "optimize_on_insert": 0}
             self.client.command(stage.with_settings(sql, settings), parameters=params)
             return 1
         if table is Table.GAUGE_15M:
@@ -557,6 +562,5 @@ class ClickHouseWriter:
         self.forget()
 
 
-def _token(kind: str, ranges: Ranges) -> dict[str, Any]:
-    spans = ",".join(f"{p}:{lo}-{hi}" for p, (lo, hi) in sorted(ranges.by_partition.items()))
-    return {"insert_deduplication_token": f"{kind}:{spans}"}
+def _spans(ranges: Ranges) -> str:
+    return ",".join(f"{p}:{lo}-{hi}" for p, (lo, hi) in sorted(ranges.by_partition.items()))

@@ -243,3 +243,51 @@ def test_the_cli_traces_lists_reconciles_and_dry_runs(
     }
     dry = run("dlq", "redrive", "--tenant", "cli", "--dry-run")
     assert "rejected again: unknown_type" in dry and "backfill" in dry
+
+
+def test_a_period_insert_whose_part_a_crash_lost_is_written_by_the_batch_read_again(
+    clickhouse: tuple[Any, str],
+) -> None:
+    """The same window for the period tables (their inserts carry a token made of the offset
+    spans they roll up): the part lost after the insert, the batch redelivered after the restart
+    is skipped by the raw watermark, and the catch-up rolls up the very same span again: the
+    same token. The period table must get the span's rows all the same."""
+    client, db = clickhouse
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    evs = [
+        event(f"u{i}", "egress.download", {"workspace_id": "w", "artifact_id": "a", "bytes": 10}, now, "t1")
+        for i in range(6)
+    ]
+    messages = pack(evs, partition=0, start_offset=0, per_message=3)
+    make_processor(client, db).process(messages)
+    total = f"SELECT sum(value_sum) FROM {db}.usage_15m WHERE tenant = 't1'"
+    assert int(client.command(total)) == 60
+    client.command(f"ALTER TABLE {db}.usage_15m DELETE WHERE 1", settings={"mutations_sync": 2})
+    assert int(client.command(f"SELECT count() FROM {db}.usage_15m")) == 0  # lost, token kept
+    stats = make_processor(client, db).process(messages)  # redelivered: skipped, then the catch-up
+    assert stats.skipped_messages == 2
+    assert int(client.command(total)) == 60
+
+
+def test_rejections_whose_part_a_crash_lost_are_recorded_by_the_batch_read_again(
+    clickhouse: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same window for ``rejections`` (its token is made of the rejects' positions): the part
+    lost after the insert, the batch read again dead-letters its rejects again (none recorded)
+    and must record them."""
+    client, db = clickhouse
+    messages = pack(_batch("t1"), partition=0, start_offset=0, per_message=7)
+    monkeypatch.setattr(ClickHouseWriter, "insert_new", _raise)
+    with pytest.raises(_Crash):
+        make_processor(client, db).process(messages)
+    assert _count(client, db, "rejections") == 3
+    client.command(f"ALTER TABLE {db}.rejections DELETE WHERE 1", settings={"mutations_sync": 2})
+    monkeypatch.undo()
+    again = make_processor(client, db)
+    again.process(messages)
+    assert isinstance(again.dead_letters, ListSink) and len(again.dead_letters.rejects) == 3
+    assert _count(client, db, "rejections") == 3
+
+
+def _raise(self: ClickHouseWriter, *args: Any) -> None:
+    raise _Crash("killed after the rejections' insert")

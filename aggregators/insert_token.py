@@ -1,0 +1,46 @@
+"""Insert deduplication tokens, only where they hold: on Replicated tables.
+
+A non-replicated MergeTree (the embedded engine, a single server) writes an insert's block id to
+its deduplication log *before* it renames the part into place (ClickHouse
+``MergeTreeSink::finishDelayedChunk``: ``deduplication_log->addPart``, then
+``renameTempPartAndAdd``). A SIGKILL between the two keeps the block id and loses the part, and
+the same insert run again after the restart (the same token, or without one the same content:
+the log also dedupes by the block's checksum) is dropped as a copy of a part that does not
+exist. Seen in the exactly-once SIGKILL test: ``event_duplicates``' log named a part absent from
+disk, and the copies it held were never recorded; a period table loses a span the same way
+(docs/exactly-once.md, "Known limits"). Every insert the aggregator makes is written once by a
+lookup of its own (the table's watermark, or the rows' positions), so on such a table the
+deduplication is switched off. A Replicated table commits the block id in Keeper together with
+the part, so the hole is not there, and the token also covers a retry that reaches a replica not
+yet holding the first insert: kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+from schemas.clickhouse import Table
+
+_replicated: dict[tuple[str, str], bool] = {}
+
+
+def replicated(client: Client, database: str, table: Table) -> bool:
+    """Whether ``table`` is a Replicated table (asked once per table and process)."""
+    key = (database, str(table))
+    if key not in _replicated:
+        engine = client.command(
+            "SELECT engine FROM system.tables WHERE database = {d:String} AND name = {t:String}",
+            parameters={"d": database, "t": str(table)},
+        )
+        _replicated[key] = str(engine).startswith("Replicated")
+    return _replicated[key]
+
+
+def insert_settings(client: Client, database: str, table: Table, token: str) -> dict[str, Any]:
+    """The settings of an insert into ``table`` that the aggregator writes once by a lookup of its
+    own: ``token`` on a Replicated table, no deduplication at all on any other (module doc)."""
+    if replicated(client, database, table):
+        return {"insert_deduplication_token": token}
+    return {"insert_deduplicate": 0}
