@@ -18,14 +18,13 @@ dead-letter consumer dedupes by the ``metering-dlq-source`` header (``dedupe_dea
 ``rejections`` is the exactly-once record (docs/exactly-once.md, "Dead letters").
 
 Duplicates the aggregator drops (a later copy of a counted id) are recorded in
-``event_duplicates`` before the raw insert, keyed the same way, so ``GET /api/v1/events/{id}``
+``event_duplicates`` before the raw insert (``ClickHouseWriter.record_duplicates``), keyed the same way, so ``GET /api/v1/events/{id}``
 can say which copy was counted instead.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,7 +34,7 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from aggregators import insert_token
-from aggregators.decode import RawRow, Reject, SourceMessage
+from aggregators.decode import Reject, SourceMessage
 from schemas.clickhouse import Table
 from schemas.validation import kafka_time
 from schemas.wire import HEADER_DLQ_SOURCE
@@ -59,7 +58,6 @@ REJECTION_COLUMNS = (
     "rejected_at",
     "original",
 )
-DUPLICATE_COLUMNS = ("tenant", "event_id", "src_partition", "src_offset", "nth", "received_at", "dropped_at")
 
 
 class Sink(Protocol):
@@ -207,51 +205,6 @@ def dead_letter(
     sink.flush()
     insert_rejections(target.client, target.db, [row for _, row in new])
     return len(new)
-
-
-def record_duplicates(
-    target: Target,
-    decoded: Sequence[RawRow],
-    kept: Sequence[RawRow],
-    messages: Sequence[SourceMessage],
-    now: datetime,
-) -> int:
-    """Record the rows of ``decoded`` that deduplication dropped (those not in ``kept``); the
-    ``nth`` copy of an id in one message is told from the others by its rank there."""
-    if len(kept) == len(decoded):
-        return 0
-    kept_ids = {id(r) for r in kept}
-    received = {(m.partition, m.offset): kafka_time(m.timestamp_ms) for m in messages}
-    rank: Counter[tuple[str, str, int, int]] = Counter()
-    rows, keys = [], []
-    for r in decoded:
-        k = (r.tenant, r.event_id, r.partition, r.offset)
-        nth = rank[k]
-        rank[k] += 1
-        if id(r) in kept_ids:
-            continue
-        rows.append(
-            [
-                r.tenant,
-                r.event_id,
-                r.partition,
-                r.offset,
-                nth,
-                received.get((r.partition, r.offset), now),
-                now,
-            ]
-        )
-        keys.append((*k, nth))
-    if rows:
-        target.client.insert(
-            f"{target.db}.{Table.EVENT_DUPLICATES}",
-            rows,
-            column_names=list(DUPLICATE_COLUMNS),
-            settings=insert_token.insert_settings(
-                target.client, target.db, Table.EVENT_DUPLICATES, _token("dup", keys)
-            ),
-        )
-    return len(rows)
 
 
 def dedupe_dead_letters(headers_of: Iterable[Sequence[tuple[str, bytes]]]) -> list[int]:
