@@ -38,9 +38,39 @@ def replicated(client: Client, database: str, table: Table) -> bool:
     return _replicated[key]
 
 
+_knows_deduplicate_insert: dict[str, bool] = {}
+
+
+def no_deduplication(client: Client) -> dict[str, Any]:
+    """The settings that switch an insert's deduplication off. ClickHouse 26 decides with
+    ``deduplicate_insert``, which supersedes ``insert_deduplicate`` (read only when the former is
+    ``backward_compatible_choice``: ``insert_deduplicate = 0`` alone left a VALUES or a
+    ``raw_insert`` block deduplicated by its contents); older servers know only
+    ``insert_deduplicate`` and would refuse the new name. Both where the server has both (asked
+    once per server version and process)."""
+    version = str(getattr(client, "server_version", ""))
+    if version not in _knows_deduplicate_insert:
+        _knows_deduplicate_insert[version] = bool(
+            int(str(client.command("SELECT count() FROM system.settings WHERE name = 'deduplicate_insert'")))
+        )
+    if _knows_deduplicate_insert[version]:
+        return {"insert_deduplicate": 0, "deduplicate_insert": "disable"}
+    return {"insert_deduplicate": 0}
+
+
 def insert_settings(client: Client, database: str, table: Table, token: str) -> dict[str, Any]:
     """The settings of an insert into ``table`` that the aggregator writes once by a lookup of its
     own: ``token`` on a Replicated table, no deduplication at all on any other (module doc)."""
     if replicated(client, database, table):
         return {"insert_deduplication_token": token}
-    return {"insert_deduplicate": 0}
+    return no_deduplication(client)
+
+
+def untokened_settings(client: Client, database: str, table: Table) -> dict[str, Any]:
+    """The settings of an insert into ``table`` that carries no token because its rows differ
+    from any earlier insert's (events_raw: each insert stamps ``ingested_at``): no deduplication
+    at all on a non-replicated table, which spares hashing the block and keeps no block id that
+    a SIGKILL could separate from its part (module doc); the engine's default on a Replicated one."""
+    if replicated(client, database, table):
+        return {}
+    return no_deduplication(client)

@@ -196,9 +196,15 @@ class ClickHouseWriter:
 
     def insert_new(self, ingested_at: datetime) -> None:
         """The batch's new events (``select_new``) into events_raw: one INSERT, one part, all
-        rows or none."""
+        rows or none; without deduplication on a non-replicated table (its ``ingested_at`` makes
+        every insert's rows differ from an earlier one's: nothing to drop, and no block id to
+        keep apart from its part, insert_token.untokened_settings)."""
+        settings = {
+            **stage.ONE_BLOCK,
+            **insert_token.untokened_settings(self.client, self.db, Table.EVENTS_RAW),
+        }
         self.client.command(
-            stage.with_settings(stage.raw_insert_select(self.db, self._new), stage.ONE_BLOCK),
+            stage.with_settings(stage.raw_insert_select(self.db, self._new), settings),
             parameters={"now": fmt_time(ingested_at)},
         )
 
@@ -296,7 +302,8 @@ class ClickHouseWriter:
         )
         self.client.command(
             stage.with_settings(
-                stage.duplicates_insert(self.db, self._copies), {**stage.ONE_BLOCK, "insert_deduplicate": 0}
+                stage.duplicates_insert(self.db, self._copies),
+                {**stage.ONE_BLOCK, **insert_token.no_deduplication(self.client)},
             )
         )
         self.client.command(f"TRUNCATE TABLE {self._copies}")
@@ -349,12 +356,17 @@ class ClickHouseWriter:
     def insert_raw(self, rows: Sequence[RawRow], ingested_at: datetime) -> None:
         """One INSERT, hence one part: all rows or none. No deduplication token here on purpose:
         after an error the processor re-reads the watermark, which says whether the insert
-        landed; a token could instead drop rows legitimately re-inserted by a replay."""
+        landed; a token could instead drop rows legitimately re-inserted by a replay. Nor any
+        deduplication on a non-replicated table (insert_token.untokened_settings)."""
         if not rows:
             return
         body = raw_rows_json(rows, fmt_time(ingested_at))
+        settings = {
+            **RAW_INSERT_SETTINGS,
+            **insert_token.untokened_settings(self.client, self.db, Table.EVENTS_RAW),
+        }
         self.client.raw_insert(
-            f"{self.db}.{Table.EVENTS_RAW}", None, body, fmt="JSONEachRow", settings=RAW_INSERT_SETTINGS
+            f"{self.db}.{Table.EVENTS_RAW}", None, body, fmt="JSONEachRow", settings=settings
         )
         cache = self._wm[Table.EVENTS_RAW]
         for r in rows:

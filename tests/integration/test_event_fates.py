@@ -11,10 +11,12 @@ import orjson
 import pytest
 
 from aggregators.dead_letter import KafkaDeadLetterSink
+from aggregators.decode import RawRow
 from aggregators.direct import make_processor, pack
 from aggregators.processor import BatchProcessor, ListSink
 from aggregators.rejections import dedupe_dead_letters
 from aggregators.writer import ClickHouseWriter
+from schemas.events import EventType
 from schemas.meters import default_catalog
 from tests.integration.helpers import event
 
@@ -291,3 +293,27 @@ def test_rejections_whose_part_a_crash_lost_are_recorded_by_the_batch_read_again
 
 def _raise(self: ClickHouseWriter, *args: Any) -> None:
     raise _Crash("killed after the rejections' insert")
+
+
+def test_a_raw_insert_whose_part_a_crash_lost_is_written_again_with_the_same_rows(
+    clickhouse: tuple[Any, str],
+) -> None:
+    """The same window for ``events_raw``: its rows carry ``ingested_at``, so rows inserted again
+    after a restart differ from the lost insert's, but only while the clock has moved. Here the
+    same rows are inserted again at the same instant after their part was lost (its block id
+    still in the log): they must be written all the same (no deduplication on a non-replicated
+    table, aggregators/insert_token.py)."""
+    client, db = clickhouse
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    rows = [
+        RawRow("t1", f"r{i}", EventType.EGRESS_DOWNLOAD, "s", "w", now, b'{"bytes":1}', 0, i)
+        for i in range(4)
+    ]
+    writer = ClickHouseWriter(client, db, default_catalog())
+    pinned = datetime.now(UTC)
+    writer.insert_raw(rows, pinned)
+    assert _count(client, db, "events_raw") == 4
+    client.command(f"ALTER TABLE {db}.events_raw DELETE WHERE 1", settings={"mutations_sync": 2})
+    assert _count(client, db, "events_raw") == 0
+    writer.insert_raw(rows, pinned)
+    assert _count(client, db, "events_raw") == 4
