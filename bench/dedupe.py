@@ -2,7 +2,7 @@
 when ``events_raw`` already holds 10M or 100M events spread over 35 days.
 
     PYTHONPATH=. .venv/bin/python -m bench.dedupe [STORED ...] [--batch EVENTS] [--runs N]
-        [--structures | --keys-only GRANULARITY:BLOCK]
+        [--structures | --keys-only GRANULARITY:BLOCK] [--bloom-bits N]
 
 For each size (default 0, 10,000,000 and 100,000,000), a fresh database of the embedded engine
 is filled with STORED events of the same 20 tenants as the batches (ids of their own, times over
@@ -24,6 +24,9 @@ ids and a batch of ids stored anywhere in the 35 days (``_structures``).
 event_keys was before it moved to RocksDB; no events_raw), its index granularity and compressed
 block size as given (``d``: the engine's default), ``_keys_only``.
 
+``--bloom-bits N``: the engine's RocksDB Bloom filter, bits per key (default the product's,
+``EngineCaps``; 0: none, as before it was configured).
+
 The whole-batch run fills event_keys as migration 0007 does (the keys, their watermarks) and
 compacts RocksDB as at rest; it prints the keys insert alone (``keys_insert_new_us_per_event``)
 and the backfill's seconds (``keys_fill_s``).
@@ -42,7 +45,7 @@ from typing import Any
 
 from aggregators.direct import make_processor, pack
 from bench.batch import _events
-from schemas.clickhouse import connect
+from schemas.clickhouse import EngineCaps, connect
 from schemas.migrate import migrate
 
 _CHUNK = 10_000_000  # rows per filling statement: bounded memory
@@ -200,9 +203,17 @@ def main(argv: list[str]) -> None:
         i = args.index("--keys-only")
         keys_only = args[i + 1]
         del args[i : i + 2]
+    bits = EngineCaps.rocksdb_bloom_bits_per_key
+    if "--bloom-bits" in args:
+        i = args.index("--bloom-bits")
+        bits = int(args[i + 1])
+        del args[i : i + 2]
     sizes = [int(a) for a in args] or [0, 10_000_000, 100_000_000]
     path = tempfile.mkdtemp(prefix="bench-dedupe-")
     try:
+        # the first chdb connection of the process starts the engine, with these options; the
+        # runs' connections below share it
+        connect(f"chdb://{path}", "default", engine=EngineCaps(rocksdb_bloom_bits_per_key=bits))
         for stored in sizes:
             if keys_only:
                 print(_keys_only(path, stored, batch, runs, keys_only), flush=True)

@@ -96,6 +96,13 @@ class CommonSettings(BaseSettings):
         description="The engine's jemalloc options (JE_MALLOC_CONF, unless already set): freed pages "
         "go back to the system after dirty_decay_ms instead of ClickHouse's 5000.",
     )
+    chdb_rocksdb_bloom_bits_per_key: int = Field(
+        default=EngineCaps.rocksdb_bloom_bits_per_key,
+        ge=0,
+        le=64,
+        description="Bloom filter bits per key in the files of the engine's RocksDB tables (event_keys, "
+        "dedupe's look-up). 0: none, ClickHouse's default.",
+    )
 
     log_level: str = "INFO"
     log_json: bool = False
@@ -140,6 +147,7 @@ class CommonSettings(BaseSettings):
             query_condition_cache_size=self.chdb_query_condition_cache_size,
             compiled_expression_cache_size=self.chdb_compiled_expression_cache_size,
             malloc_conf=self.chdb_malloc_conf,
+            rocksdb_bloom_bits_per_key=self.chdb_rocksdb_bloom_bits_per_key,
         )
 
     def kafka_client_config(self, bootstrap: str) -> dict[str, Any]:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
@@ -67,10 +69,42 @@ class EngineCaps:
     compiled_expression_cache_size: int = 32 << 20
     # jemalloc's options (chdb reads them from JE_MALLOC_CONF when it is loaded)
     malloc_conf: str = "dirty_decay_ms:1000,muzzy_decay_ms:0"
+    # Bloom filters in the files of the engine's RocksDB tables (event_keys), bits per key; 0:
+    # none (ClickHouse's default). A key not in a file is answered by its filter without reading
+    # a block: most of dedupe's look-ups, a batch's events being mostly new. At 10M stored keys
+    # the look-up cost 14.4 µs per key without, 6.1 with (docs/performance.md).
+    rocksdb_bloom_bits_per_key: int = 10
 
     def server_options(self) -> dict[str, str]:
         """The server settings, as chdb connection-string parameters (engine startup options)."""
-        return {k: str(v) for k, v in asdict(self).items() if k != "malloc_conf"}
+        options = {
+            k: str(v)
+            for k, v in asdict(self).items()
+            if k not in ("malloc_conf", "rocksdb_bloom_bits_per_key")
+        }
+        if self.rocksdb_bloom_bits_per_key:
+            # RocksDB's options exist only as a section of ClickHouse's configuration file
+            options["config-file"] = str(_rocksdb_config(self.rocksdb_bloom_bits_per_key))
+        return options
+
+
+def _rocksdb_config(bits_per_key: int) -> Path:
+    """A ClickHouse configuration file holding only the RocksDB tables' Bloom filter (every other
+    setting keeps its default or comes with the connection's options, which take precedence)."""
+    text = (
+        "<clickhouse><rocksdb><block_based_table_options>"
+        f"<filter_policy>bloomfilter:{int(bits_per_key)}:false</filter_policy>"
+        "</block_based_table_options></rocksdb></clickhouse>\n"
+    )
+    folder = Path(tempfile.gettempdir()) / f"metering-chdb-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"rocksdb-bloom-{int(bits_per_key)}.xml"
+    if not path.exists() or path.read_text() != text:
+        # written whole, then renamed: a process starting its engine meanwhile never reads half
+        part = folder / f".{path.name}.{os.getpid()}"
+        part.write_text(text)
+        os.replace(part, path)
+    return path
 
 
 def _chdb_kwargs(dsn: str, caps: EngineCaps | None) -> dict[str, Any]:

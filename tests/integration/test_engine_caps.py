@@ -31,7 +31,14 @@ clients = open_part_clients(RunSettings())
 rows = clients.aggregator.query("SELECT name, value FROM system.server_settings").result_rows
 stats = clients.api.command("SELECT stats FROM system.jemalloc_stats")
 decay = re.search(r"opt.dirty_decay_ms: (\\d+)", str(stats).replace("\\\\n", "\\n"))
-print(json.dumps({"server": dict(rows), "dirty_decay_ms": int(decay[1]) if decay else None}))
+# a RocksDB table's files carry the Bloom filter configured (RocksDB writes its options beside them)
+clients.aggregator.command("CREATE TABLE rk (k String, v Int64) ENGINE = EmbeddedRocksDB PRIMARY KEY k")
+clients.aggregator.command("INSERT INTO rk VALUES ('a', 1)")
+path = clients.aggregator.command("SELECT data_paths[1] FROM system.tables WHERE name = 'rk' AND database = currentDatabase()")
+import glob, os
+found = sorted(glob.glob(os.path.join(str(path), "**", "OPTIONS-*"), recursive=True))
+policy = re.findall(r"^\\s*filter_policy=(.*)$", open(found[-1]).read(), re.M) if found else []
+print(json.dumps({"server": dict(rows), "dirty_decay_ms": int(decay[1]) if decay else None, "filter": policy}))
 """
 
 
@@ -47,6 +54,7 @@ def test_the_engine_runs_with_the_configured_caps(tmp_path: Path) -> None:
         "METERING_CHDB_QUERY_CONDITION_CACHE_SIZE": str(6 << 20),
         "METERING_CHDB_COMPILED_EXPRESSION_CACHE_SIZE": str(24 << 20),
         "METERING_CHDB_MALLOC_CONF": "dirty_decay_ms:700,muzzy_decay_ms:0",
+        "METERING_CHDB_ROCKSDB_BLOOM_BITS_PER_KEY": "12",
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERING_") and k != "JE_MALLOC_CONF"}
     env.update(configured)
@@ -70,6 +78,7 @@ def test_the_engine_runs_with_the_configured_caps(tmp_path: Path) -> None:
     assert int(server["query_condition_cache_size"]) == 6 << 20
     assert int(server["compiled_expression_cache_size"]) == 24 << 20
     assert seen["dirty_decay_ms"] == 700
+    assert seen["filter"] and seen["filter"][0].startswith("bloomfilter:12"), seen["filter"]
 
 
 def test_the_defaults_are_bounded() -> None:
