@@ -78,6 +78,8 @@ class ClickHouseWriter:
         self._staged_since: dict[int, int] | None = None
         # where ``_apply_gauges``/``_apply_entities`` find what a batch touches (set by ``catch_up``)
         self._touched_source: dict[Table, str] = {}
+        # whether event_keys is in RocksDB (``_keys_in_rocksdb``), None until asked
+        self._rocksdb_keys: bool | None = None
 
     # ---- the batch's stage (stage.py) -----------------------------------------------------------
 
@@ -160,10 +162,25 @@ class ClickHouseWriter:
         self._ensure_events()
         self._staged_since = None
         self.client.command(f"TRUNCATE TABLE {self._new}")
+        direct = self._keys_in_rocksdb()
         self.client.command(
-            stage.with_settings(stage.new_insert(self.db, self._rows, self._new), stage.ONE_BLOCK),
+            stage.with_settings(
+                stage.new_insert(self.db, self._rows, self._new, direct),
+                {**stage.ONE_BLOCK, **(stage.DIRECT_JOIN if direct else {})},
+            ),
             parameters={"excluded": list(excluded)},
         )
+
+    def _keys_in_rocksdb(self) -> bool:
+        """Whether event_keys is a RocksDB table (the embedded engine; a cluster's is a
+        ReplacingMergeTree, looked up another way: stage.new_insert). Asked once per writer."""
+        if self._rocksdb_keys is None:
+            engine = self.client.command(
+                "SELECT engine FROM system.tables WHERE database = {d:String} AND name = {t:String}",
+                parameters={"d": self.db, "t": str(Table.EVENT_KEYS)},
+            )
+            self._rocksdb_keys = str(engine) == "EmbeddedRocksDB"
+        return self._rocksdb_keys
 
     def new_keys(self) -> list[tuple[int, int]]:
         """(message, position) of the batch's new events."""

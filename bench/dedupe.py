@@ -27,7 +27,7 @@ block size as given (``d``: the engine's default), ``_keys_only``.
 ``--bloom-bits N``: the engine's RocksDB Bloom filter, bits per key (default the product's,
 ``EngineCaps``; 0: none, as before it was configured).
 
-The whole-batch run fills event_keys as migration 0007 does (the keys, their watermarks) and
+The whole-batch run fills event_keys as migrations 0007 and 0008 do (the keys, their watermarks) and
 compacts RocksDB as at rest; it prints the keys insert alone (``keys_insert_new_us_per_event``)
 and the backfill's seconds (``keys_fill_s``).
 """
@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aggregators.direct import make_processor, pack
+from aggregators.stage import KEY_COLUMNS, key_of
 from bench.batch import _events
 from schemas.clickhouse import EngineCaps, connect
 from schemas.migrate import migrate
@@ -53,7 +54,7 @@ _CHUNK = 10_000_000  # rows per filling statement: bounded memory
 
 def _fill(client: Any, db: str, tenants: list[str], stored: int, partitions: int) -> tuple[float, float]:
     """``stored`` events of ``tenants`` into events_raw, as the log would have given them, and
-    their keys; the seconds it took, and the seconds of the keys (migration 0007's backfill)."""
+    their keys; the seconds it took, and the seconds of the keys (the migrations' backfill)."""
     started = time.perf_counter()
     tlist = "[" + ",".join(f"'{t}'" for t in tenants) + "]"
     span_ms = 35 * 86_400_000
@@ -79,11 +80,11 @@ FROM numbers({lo}, {n})
 """
         )
     client.command(f"OPTIMIZE TABLE {db}.events_raw FINAL")
-    # their keys and watermarks, as migration 0007 fills them for an existing deployment
+    # their keys and watermarks, as migrations 0007 and 0008 fill them for an existing deployment
     keys_started = time.perf_counter()
     client.command(
-        f"INSERT INTO {db}.event_keys (tenant, event_id, src_partition, src_offset, ingested_at) "
-        f"SELECT tenant, event_id, src_partition, src_offset, ingested_at FROM {db}.events_raw"
+        f"INSERT INTO {db}.event_keys ({KEY_COLUMNS}) "
+        f"SELECT {key_of()}, tenant, event_id, src_partition, src_offset, ingested_at FROM {db}.events_raw"
     )
     client.command(
         f"INSERT INTO {db}.event_key_watermarks (src_partition, src_offset) "

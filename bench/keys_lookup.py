@@ -6,8 +6,8 @@ batch's dedupe costs per key, and what a key table of another shape would cost.
 
 A fresh database of the embedded engine gets STORED keys (default 0; 20 tenants, random ids,
 inserted 50,000 at a time as the aggregator inserts a batch's keys) in a table shaped like
-event_keys (EmbeddedRocksDB, primary key ``(tenant, event_id)``) and the same keys in one keyed by
-a single string (tenant and id joined by a NUL byte). A batch of EVENTS rows (default 50,000) is
+migration 0007's event_keys (EmbeddedRocksDB, primary key ``(tenant, event_id)``) and the same
+keys in one keyed by a single string as migration 0008's (``aggregators.stage.key_of``). A batch of EVENTS rows (default 50,000) is
 staged in a Memory table as the aggregator stages a judged batch, a fifth of them stored already.
 Printed per form: CPU µs per key of the process (all threads) and wall µs, medians of 5, with
 the number of keys found (the batch's new keys; for the lookup alone, its stored ones). The engine runs with the
@@ -27,23 +27,25 @@ import time
 
 import clickhouse_connect
 
+from aggregators.stage import key_of
 from schemas.clickhouse import EngineCaps
 
 _BATCH = "(SELECT * FROM b.rows WHERE ok ORDER BY msg, pos LIMIT 1 BY tenant, event_id)"
 
 #: form -> a query counting the batch's new keys
 FORMS = {
-    # the dedupe statement of aggregators/stage.py (new_insert), counting instead of inserting
-    "composite key, IN (today)": f"""SELECT count() FROM {_BATCH}
+    # migration 0007's dedupe statement, counting instead of inserting
+    "composite key, IN (0007)": f"""SELECT count() FROM {_BATCH}
         WHERE (tenant, event_id) NOT IN (SELECT tenant, event_id FROM b.keys
             WHERE (tenant, event_id) IN (SELECT tenant, event_id FROM b.rows WHERE ok))""",
     "composite key, the IN lookup alone": """SELECT count() FROM b.keys
         WHERE (tenant, event_id) IN (SELECT tenant, event_id FROM b.rows WHERE ok)""",
+    # the cluster's form of stage.new_insert
     "single string key, IN": f"""SELECT count() FROM {_BATCH}
-        WHERE concat(tenant, '\\0', event_id) NOT IN (SELECT k FROM b.k1
-            WHERE k IN (SELECT concat(tenant, '\\0', event_id) FROM b.rows WHERE ok))""",
-    "single string key, direct join": f"""SELECT countIf(empty(k1.k))
-        FROM (SELECT *, concat(tenant, '\\0', event_id) AS kk FROM {_BATCH}) AS r
+        WHERE {key_of()} NOT IN (SELECT k FROM b.k1 WHERE k IN (SELECT {key_of()} FROM b.rows WHERE ok))""",
+    # stage.new_insert on RocksDB (since migration 0008)
+    "single string key, direct join (0008)": f"""SELECT countIf(empty(k1.k))
+        FROM (SELECT *, {key_of()} AS kk FROM {_BATCH}) AS r
         LEFT JOIN b.k1 AS k1 ON r.kk = k1.k SETTINGS join_algorithm = 'direct'""",
 }
 
@@ -94,9 +96,7 @@ def main(argv: list[str]) -> None:
                 "INSERT INTO b.keys SELECT concat('tenant-', toString(number % 20)), toString(generateUUIDv4()), "
                 f"0, {start} + number, now64(3) FROM numbers({n})"
             )
-        client.command(
-            "INSERT INTO b.k1 SELECT concat(tenant, '\\0', event_id), 0, src_offset, ingested_at FROM b.keys"
-        )
+        client.command(f"INSERT INTO b.k1 SELECT {key_of()}, 0, src_offset, ingested_at FROM b.keys")
         client.command(
             "INSERT INTO b.rows SELECT 1, intDiv(number, 500), number % 500, concat('tenant-', toString(number % 20)), "
             f"toString(generateUUIDv4()), 0, number FROM numbers({batch})"
@@ -104,9 +104,7 @@ def main(argv: list[str]) -> None:
         client.command(
             "INSERT INTO b.keys SELECT tenant, event_id, 0, 0, now64(3) FROM b.rows WHERE pos % 5 = 0"
         )
-        client.command(
-            "INSERT INTO b.k1 SELECT concat(tenant, '\\0', event_id), 0, 0, now64(3) FROM b.rows WHERE pos % 5 = 0"
-        )
+        client.command(f"INSERT INTO b.k1 SELECT {key_of()}, 0, 0, now64(3) FROM b.rows WHERE pos % 5 = 0")
         print(
             f"{stored:,} keys stored in {time.perf_counter() - t0:.1f} s; a batch of {batch:,}, a fifth stored"
         )
