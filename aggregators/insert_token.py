@@ -23,19 +23,26 @@ from clickhouse_connect.driver.client import Client
 
 from schemas.clickhouse import Table
 
-_replicated: dict[tuple[str, str], bool] = {}
+_engines: dict[tuple[str, str], str] = {}
+
+
+def engine(client: Client, database: str, table: Table) -> str:
+    """The engine of ``table`` (asked once per table and process): what decides an insert's
+    deduplication here, and the form of dedupe's look-up in event_keys (writer.select_new)."""
+    key = (database, str(table))
+    if key not in _engines:
+        _engines[key] = str(
+            client.command(
+                "SELECT engine FROM system.tables WHERE database = {d:String} AND name = {t:String}",
+                parameters={"d": database, "t": str(table)},
+            )
+        )
+    return _engines[key]
 
 
 def replicated(client: Client, database: str, table: Table) -> bool:
-    """Whether ``table`` is a Replicated table (asked once per table and process)."""
-    key = (database, str(table))
-    if key not in _replicated:
-        engine = client.command(
-            "SELECT engine FROM system.tables WHERE database = {d:String} AND name = {t:String}",
-            parameters={"d": database, "t": str(table)},
-        )
-        _replicated[key] = str(engine).startswith("Replicated")
-    return _replicated[key]
+    """Whether ``table`` is a Replicated table."""
+    return engine(client, database, table).startswith("Replicated")
 
 
 _knows_deduplicate_insert: dict[str, bool] = {}
@@ -58,19 +65,11 @@ def no_deduplication(client: Client) -> dict[str, Any]:
     return {"insert_deduplicate": 0}
 
 
-def insert_settings(client: Client, database: str, table: Table, token: str) -> dict[str, Any]:
+def insert_settings(client: Client, database: str, table: Table, token: str | None) -> dict[str, Any]:
     """The settings of an insert into ``table`` that the aggregator writes once by a lookup of its
-    own: ``token`` on a Replicated table, no deduplication at all on any other (module doc)."""
+    own: ``token`` on a Replicated table (None: the engine's default there, for an insert whose
+    rows differ from any earlier one's, events_raw's stamped with ``ingested_at``), no
+    deduplication at all on any other (module doc)."""
     if replicated(client, database, table):
-        return {"insert_deduplication_token": token}
-    return no_deduplication(client)
-
-
-def untokened_settings(client: Client, database: str, table: Table) -> dict[str, Any]:
-    """The settings of an insert into ``table`` that carries no token because its rows differ
-    from any earlier insert's (events_raw: each insert stamps ``ingested_at``): no deduplication
-    at all on a non-replicated table, which spares hashing the block and keeps no block id that
-    a SIGKILL could separate from its part (module doc); the engine's default on a Replicated one."""
-    if replicated(client, database, table):
-        return {}
+        return {"insert_deduplication_token": token} if token is not None else {}
     return no_deduplication(client)

@@ -78,8 +78,6 @@ class ClickHouseWriter:
         self._staged_since: dict[int, int] | None = None
         # where ``_apply_gauges``/``_apply_entities`` find what a batch touches (set by ``catch_up``)
         self._touched_source: dict[Table, str] = {}
-        # whether event_keys is in RocksDB (``_keys_in_rocksdb``), None until asked
-        self._rocksdb_keys: bool | None = None
 
     # ---- the batch's stage (stage.py) -----------------------------------------------------------
 
@@ -173,14 +171,8 @@ class ClickHouseWriter:
 
     def _keys_in_rocksdb(self) -> bool:
         """Whether event_keys is a RocksDB table (the embedded engine; a cluster's is a
-        ReplacingMergeTree, looked up another way: stage.new_insert). Asked once per writer."""
-        if self._rocksdb_keys is None:
-            engine = self.client.command(
-                "SELECT engine FROM system.tables WHERE database = {d:String} AND name = {t:String}",
-                parameters={"d": self.db, "t": str(Table.EVENT_KEYS)},
-            )
-            self._rocksdb_keys = str(engine) == "EmbeddedRocksDB"
-        return self._rocksdb_keys
+        ReplacingMergeTree, looked up another way: stage.new_insert)."""
+        return insert_token.engine(self.client, self.db, Table.EVENT_KEYS) == "EmbeddedRocksDB"
 
     def new_keys(self) -> list[tuple[int, int]]:
         """(message, position) of the batch's new events."""
@@ -215,10 +207,10 @@ class ClickHouseWriter:
         """The batch's new events (``select_new``) into events_raw: one INSERT, one part, all
         rows or none; without deduplication on a non-replicated table (its ``ingested_at`` makes
         every insert's rows differ from an earlier one's: nothing to drop, and no block id to
-        keep apart from its part, insert_token.untokened_settings)."""
+        keep apart from its part, insert_token.insert_settings without a token)."""
         settings = {
             **stage.ONE_BLOCK,
-            **insert_token.untokened_settings(self.client, self.db, Table.EVENTS_RAW),
+            **insert_token.insert_settings(self.client, self.db, Table.EVENTS_RAW, None),
         }
         self.client.command(
             stage.with_settings(stage.raw_insert_select(self.db, self._new), settings),
@@ -374,13 +366,13 @@ class ClickHouseWriter:
         """One INSERT, hence one part: all rows or none. No deduplication token here on purpose:
         after an error the processor re-reads the watermark, which says whether the insert
         landed; a token could instead drop rows legitimately re-inserted by a replay. Nor any
-        deduplication on a non-replicated table (insert_token.untokened_settings)."""
+        deduplication on a non-replicated table (insert_token.insert_settings without a token)."""
         if not rows:
             return
         body = raw_rows_json(rows, fmt_time(ingested_at))
         settings = {
             **RAW_INSERT_SETTINGS,
-            **insert_token.untokened_settings(self.client, self.db, Table.EVENTS_RAW),
+            **insert_token.insert_settings(self.client, self.db, Table.EVENTS_RAW, None),
         }
         self.client.raw_insert(
             f"{self.db}.{Table.EVENTS_RAW}", None, body, fmt="JSONEachRow", settings=settings
