@@ -53,6 +53,7 @@ from aggregators import metrics, rejections
 from aggregators.decode import (
     MAX_EVENT_BYTES,
     Decoded,
+    Item,
     RawRow,
     Reject,
     SourceMessage,
@@ -119,7 +120,7 @@ class Prepared:
     """A batch parsed and judged (steps 2 and 3), nothing written: what ``process`` goes on from."""
 
     messages: Sequence[SourceMessage]  # the batch, every message still to be applied when prepared
-    items: list[list[bytes]]  # per message, its events' raw bytes
+    items: list[list[Item]]  # per message, its events' raw bytes (views of the message's value)
     rejects: list[Reject]  # messages rejected whole
     python: list[int]  # messages pydantic decides whole
     flagged: list[tuple[int, int]]  # (message, position) of the events the SQL did not accept
@@ -257,7 +258,9 @@ class BatchProcessor:
                     "event %d of message %d/%d refused by ClickHouse: %s", pos, m.partition, m.offset, why
                 )
                 refused_rejects.append(
-                    Reject(m.partition, m.offset, pos, RejectCode.STORAGE_REJECTED, why, items[mi][pos])
+                    Reject(
+                        m.partition, m.offset, pos, RejectCode.STORAGE_REJECTED, why, bytes(items[mi][pos])
+                    )
                 )
             rejections.dead_letter(self.dead_letters, self.writer, refused_rejects, fresh, now)
             storage_rejects.extend(refused_rejects)
@@ -372,7 +375,7 @@ class BatchProcessor:
         timings = self.timings
         # 2. per message (Python): its events as raw bytes, or the reject of the whole message
         t0 = time.perf_counter()
-        items: list[list[bytes]] = []
+        items: list[list[Item]] = []
         decoded = Decoded()
         staged: list[int] = []  # indexes (in fresh) of the messages the engine parses
         python: list[int] = []  # indexes of the messages pydantic decides whole
@@ -450,7 +453,15 @@ class BatchProcessor:
         into = stager or self.writer
 
         def body(idx: Sequence[int]) -> bytes:
-            return b",".join(_inner(fresh[i].value) for i in idx)
+            # one JSON array of the messages' events, built in one copy (empty: no messages)
+            parts: list[bytes | memoryview] = []
+            for i in idx:
+                parts += (b",", _inner(fresh[i].value))
+            if not parts:
+                return b""
+            parts[0] = b"["
+            parts.append(b"]")
+            return b"".join(parts)
 
         def trial(idx: Sequence[int]) -> BaseException | None:
             try:
@@ -503,7 +514,7 @@ class BatchProcessor:
                 )
                 msg = by_source[(row.partition, row.offset)]
                 items = message_items(msg)
-                original = items[row.position] if not isinstance(items, Reject) else msg.value
+                original = bytes(items[row.position]) if not isinstance(items, Reject) else msg.value
                 out.append(
                     Reject(
                         row.partition,
@@ -631,12 +642,14 @@ def _record_freshness(
     metrics.record_tenant_freshness({t: max(0.0, (refreshed_ms - ts) / 1000) for t, ts in oldest.items()})
 
 
-def _inner(value: bytes) -> bytes:
-    """A JSON array's items, still joined by their commas: the array without its brackets."""
-    return value.strip()[1:-1]
+def _inner(value: bytes) -> memoryview:
+    """A JSON array's items, still joined by their commas: the array without its brackets (a
+    view, not a copy: the batch's body is the one copy the engine is handed)."""
+    start, end = len(value) - len(value.lstrip()), len(value.rstrip())
+    return memoryview(value)[start + 1 : end - 1]
 
 
-def _stageable(value: bytes, items: Sequence[bytes]) -> bool:
+def _stageable(value: bytes, items: Sequence[Item]) -> bool:
     """A message the engine may parse: a JSON array (``message_items`` checked its syntax)
     whose events are all within the size limit (which pydantic's path words)."""
     return value.lstrip()[:1] == b"[" and all(len(x) <= MAX_EVENT_BYTES for x in items)

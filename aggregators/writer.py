@@ -90,14 +90,12 @@ class ClickHouseWriter:
             self._events_ready = True
 
     def stage_events(self, body: bytes) -> None:
-        """Parse the batch's events (``body``: JSON objects separated by commas) into the stage,
-        replacing what it held; raises the engine's error for a value it cannot read."""
+        """Parse the batch's events (``body``: one JSON array of them; empty: none) into the
+        stage, replacing what it held; raises the engine's error for a value it cannot read."""
         self._ensure_events()
         self.client.command(f"TRUNCATE TABLE {self._events}")
         if body:
-            self.client.raw_insert(
-                self._events, None, b"[" + body + b"]", fmt="JSONEachRow", settings=stage.STAGE_SETTINGS
-            )
+            self.client.raw_insert(self._events, None, body, fmt="JSONEachRow", settings=stage.STAGE_SETTINGS)
 
     def judge(self, batch: stage.Batch) -> list[tuple[int, int]]:
         """Move the staged events the SQL accepts into the rows table (emptied first); returns
