@@ -101,8 +101,9 @@ def main() -> None:
         )
         say(stages_line("where the time goes (wall µs per event)", p["stage_us_per_event"]))
         say(
-            f"  batches: {p['batches']:,}, of which {p['batches_prepared_ahead']:,} prepared while the one "
-            "before was applied (METERING_PREPARE_AHEAD)"
+            f"  batches: {p['batches']:,} (at most {p['batch_max_messages']:,} messages or "
+            f"{p['batch_within_s']} s each: METERING_BATCH_MAX_MESSAGES, METERING_BATCH_WITHIN_S), of which "
+            f"{p['batches_prepared_ahead']:,} prepared while the one before was applied (METERING_PREPARE_AHEAD)"
         )
         say(
             f"  the same events again (duplicates): {p['duplicate_events_per_s']:,.0f} events/s, "
