@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from aggregators.stage import key_of
 from schemas.clickhouse import Table
 from schemas.events import DATA_MODELS, LIFECYCLE_KIND
 from schemas.meters import Aggregation, Catalog, Meter
@@ -206,21 +207,39 @@ def gauge_values_check(catalog: Catalog, source: str, where: str) -> str | None:
 def gauges_touched(meters: list[Meter], source: str, where: str) -> str:
     """The series (tenant, subject) a set of raw rows (of ``source``: ``events_raw``, or the
     batch's new rows) touches for each of the gauge ``meters``, and the time span of their
-    samples, in one statement: (type, tenant, subject, min time ms, max time ms, max offset)."""
+    samples, in one statement: (type, tenant, subject, min time ms, max time ms, max offset,
+    partition)."""
     types = ", ".join(sorted({f"'{m.event_type.value}'" for m in meters}))
     return (
         f"SELECT type, tenant, subject, toUnixTimestamp64Milli(min(time)), toUnixTimestamp64Milli(max(time)), "
-        f"max(src_offset) FROM {source} "
-        f"WHERE type IN ({types}) AND {where} GROUP BY type, tenant, subject"
+        f"max(src_offset), src_partition FROM {source} "
+        f"WHERE type IN ({types}) AND {where} GROUP BY type, tenant, subject, src_partition"
     )
 
 
-def gauge_select(meter: Meter, database: str, prefix: str) -> str:
+#: ``gauge_select``'s source tag when one statement rewrites the series of several partitions:
+#: each series' (partition, offset), looked up by its key (``series_key``) in parallel arrays
+#: (``transform`` builds a hash table of them once per block).
+_SERIES_KEY_SQL = key_of("tenant", "series")
+SERIES_TAG = (
+    f"transform({_SERIES_KEY_SQL}, {{{{{{p}}keys:Array(String)}}}}, {{{{{{p}}parts:Array(Int32)}}}}, toInt32(-1)), "
+    f"transform({_SERIES_KEY_SQL}, {{{{{{p}}keys:Array(String)}}}}, {{{{{{p}}offsets:Array(Int64)}}}}, toInt64(-1))"
+)
+
+
+def series_key(tenant: str, series: str) -> str:
+    """A series' key as ``SERIES_TAG`` computes it in SQL (``stage.key_of``'s form: the tenant's
+    length in bytes, a colon, the tenant, the series), so that two series never share one."""
+    return f"{len(tenant.encode())}:{tenant}{series}"
+
+
+def gauge_select(meter: Meter, database: str, prefix: str, tag: str | None = None) -> str:
     """The 15-minute integrals of some series over a window span, as rows of ``gauge_15m``.
 
     Parameters (named with ``prefix``): ``tenants``/``series`` (parallel arrays naming the
     series), ``w_lo``/``w_hi`` (window span to rewrite, ms, multiples of 15 minutes); and, shared,
-    ``src_partition``, ``src_offset``. A series is a subject *with* the meter's dimensions: a
+    ``src_partition``, ``src_offset``: the rows' source tag; or, with ``tag=SERIES_TAG``, each
+    series' own (``keys``/``parts``/``offsets``, named with ``prefix``). A series is a subject *with* the meter's dimensions: a
     step id reused in two contracts is two steps, each its own series. Each sample holds its
     value from its time until the series' next sample, at most ``max_gap_seconds``; that
     interval is cut at 15-minute boundaries. (Keeping one label per series is also what makes
@@ -231,9 +250,10 @@ def gauge_select(meter: Meter, database: str, prefix: str) -> str:
     assert meter.max_gap_seconds is not None and meter.value is not None
     gap = meter.max_gap_seconds * 1000
     lo, hi = f"{{{prefix}w_lo:Int64}}", f"{{{prefix}w_hi:Int64}}"
+    source_tag = "{src_partition:Int32}, {src_offset:Int64}" if tag is None else tag.format(p=prefix)
     return f"""
 SELECT tenant, '{meter.slug}' AS meter, toDateTime(intDiv(ws, 1000), 'UTC') AS window_start, group_key,
-       series, any(dims), sum(piece), sum(starts_here), {{src_partition:Int32}}, {{src_offset:Int64}},
+       series, any(dims), sum(piece), sum(starts_here), {source_tag},
        toUnixTimestamp64Nano(now64(9))
 FROM (
     SELECT tenant, series, dims, toJSONString(dims) AS group_key, v, t0, t1,

@@ -478,51 +478,63 @@ class ClickHouseWriter:
             self._events_ready = False
 
     def _apply_gauges(self, ranges: Ranges) -> int:
+        """The 15-minute integrals of every series the raw rows in ``ranges`` touch, rewritten
+        in one INSERT for all the partitions (one per partition before: 4 statements a batch on
+        the default topic, each with its fixed cost, docs/performance.md). Each series' rows are
+        tagged with its own partition and that partition's highest offset in ``ranges`` (the
+        gauge table's watermark there), as the statement per partition tagged them."""
         gauges = [m for m in self.catalog.meters if m.is_gauge]
         if not gauges:
             return 0
-        statements = 0
-        for p, rng in sorted(ranges.by_partition.items()):
-            one = Ranges({p: rng})
-            where, wparams = one.sql()
-            selects: list[str] = []
-            params: dict[str, Any] = {"src_partition": p}
-            top = NO_OFFSET
-            # the series every gauge meter touches, in one statement (one per meter before)
-            by_type: dict[str, list[Any]] = defaultdict(list)
-            for row in self.client.query(
-                rollup.gauges_touched(gauges, self._touched_source[Table.GAUGE_15M], where),
-                parameters=wparams,
-            ).result_rows:
-                by_type[str(row[0])].append(row[1:])
-            for i, meter in enumerate(gauges):
-                touched = by_type.get(meter.event_type.value)
-                if not touched:
-                    continue
-                gap = meter.max_gap_seconds * 1000 if meter.max_gap_seconds else 0
-                lo = min(int(r[2]) for r in touched) - gap
-                hi = max(int(r[3]) for r in touched) + gap
-                prefix = f"g{i}_"
-                params.update(
-                    {
-                        f"{prefix}tenants": [str(r[0]) for r in touched],
-                        f"{prefix}series": [str(r[1]) for r in touched],
-                        f"{prefix}w_lo": lo // 900_000 * 900_000,
-                        f"{prefix}w_hi": (hi // 900_000 + 1) * 900_000,
-                    }
-                )
-                selects.append(rollup.gauge_select(meter, self.db, prefix))
-                top = max(top, max(int(r[4]) for r in touched))
-            if not selects:
+        where, wparams = ranges.sql()
+        # the series every gauge meter touches, with the partition each sample came from
+        by_type: dict[str, list[Any]] = defaultdict(list)
+        top: dict[int, int] = {}
+        for row in self.client.query(
+            rollup.gauges_touched(gauges, self._touched_source[Table.GAUGE_15M], where),
+            parameters=wparams,
+        ).result_rows:
+            by_type[str(row[0])].append(row[1:])
+            p = int(row[6])
+            top[p] = max(top.get(p, NO_OFFSET), int(row[5]))
+        selects: list[str] = []
+        params: dict[str, Any] = {}
+        for i, meter in enumerate(gauges):
+            touched = by_type.get(meter.event_type.value)
+            if not touched:
                 continue
-            params["src_offset"] = top
-            self.client.command(
-                f"INSERT INTO {self.db}.{Table.GAUGE_15M} ({rollup.GAUGE_COLUMNS}) "
-                + " UNION ALL ".join(selects),
-                parameters=params,
+            # A series is in one partition (its tenant's); should it be in two (partitions added
+            # to the topic move keys), its rows carry the later one's tag. The other partition's
+            # watermark then moves with its other rows, or is recomputed from events_raw after a
+            # restart: a rewrite of the same integrals.
+            series: dict[tuple[str, str], int] = {}
+            for tenant, subject, _lo, _hi, _off, p in touched:
+                key = (str(tenant), str(subject))
+                series[key] = max(series.get(key, int(p)), int(p))
+            gap = meter.max_gap_seconds * 1000 if meter.max_gap_seconds else 0
+            lo = min(int(r[2]) for r in touched) - gap
+            hi = max(int(r[3]) for r in touched) + gap
+            prefix = f"g{i}_"
+            params.update(
+                {
+                    f"{prefix}tenants": [t for t, _ in series],
+                    f"{prefix}series": [s for _, s in series],
+                    f"{prefix}w_lo": lo // 900_000 * 900_000,
+                    f"{prefix}w_hi": (hi // 900_000 + 1) * 900_000,
+                    f"{prefix}keys": [rollup.series_key(t, s) for t, s in series],
+                    f"{prefix}parts": list(series.values()),
+                    f"{prefix}offsets": [top[p] for p in series.values()],
+                }
             )
-            statements += 1
-        return statements
+            selects.append(rollup.gauge_select(meter, self.db, prefix, rollup.SERIES_TAG))
+        if not selects:
+            return 0
+        self.client.command(
+            f"INSERT INTO {self.db}.{Table.GAUGE_15M} ({rollup.GAUGE_COLUMNS}) "
+            + " UNION ALL ".join(selects),
+            parameters=params,
+        )
+        return 1
 
     def _apply_entities(self, ranges: Ranges) -> int:
         where, params = ranges.sql()

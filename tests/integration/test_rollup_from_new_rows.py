@@ -14,11 +14,13 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 
 from aggregators.direct import make_processor, pack
 from aggregators.writer import ClickHouseWriter
 from ingest.synth import World, usage_events
+from schemas.meters import default_catalog
 from schemas.migrate import migrate
 
 pytestmark = pytest.mark.clickhouse
@@ -122,3 +124,63 @@ def test_derived_tables_from_new_rows_then_from_events_raw_when_behind(
     finally:
         proc.close()
         client.command(f"DROP DATABASE IF EXISTS {clean_db} SYNC")
+
+
+def test_gauges_of_several_partitions_rewritten_in_one_statement_tagged_per_partition(
+    clickhouse: tuple[Any, str],
+) -> None:
+    """One batch over three partitions (a tenant each) rewrites every touched series' integrals
+    in one statement; each series' rows carry its own partition and that partition's highest
+    offset of a gauge sample, the gauge table's watermark there, and the integrals equal those
+    of one partition a batch."""
+    client, db = clickhouse
+    events = synthetic(900)
+    tenants = sorted({e["tenant"] for e in events})
+    assert len(tenants) == 3
+    gauge_types = {m.event_type.value for m in default_catalog().meters if m.is_gauge}
+    messages = []
+    for part, tenant in enumerate(tenants):
+        messages += pack([e for e in events if e["tenant"] == tenant], part, 10 * part, per_message=40)
+    top: dict[int, int] = {}
+    for m in messages:
+        if any(e["type"] in gauge_types for e in orjson.loads(m.value)):
+            top[m.partition] = max(top.get(m.partition, -1), m.offset)
+    assert sorted(top) == [0, 1, 2]
+
+    proc = make_processor(client, db)
+    statements: list[str] = []
+    real_command = client.command
+
+    def spy(cmd: str, *args: Any, **kwargs: Any) -> Any:
+        statements.append(cmd)
+        return real_command(cmd, *args, **kwargs)
+
+    one_by_one = f"{db}_parts"
+    try:
+        client.command = spy  # type: ignore[method-assign]
+        proc.process(messages)
+        client.command = real_command  # type: ignore[method-assign]
+        assert sum(1 for s in statements if s.lstrip().startswith(f"INSERT INTO {db}.gauge_15m")) == 1
+        tags = client.query(
+            f"SELECT tenant, groupUniqArray(src_partition), max(src_offset) FROM {db}.gauge_15m GROUP BY tenant"
+        ).result_rows
+        assert sorted((t, list(ps), int(o)) for t, ps, o in tags) == [
+            (tenant, [part], top[part]) for part, tenant in enumerate(tenants)
+        ]
+
+        client.command(f"CREATE DATABASE {one_by_one}")
+        migrate(client, one_by_one)
+        each = make_processor(client, one_by_one)
+        try:
+            for part in range(3):
+                each.process([m for m in messages if m.partition == part])
+        finally:
+            each.close()
+        got, want = tables(client, db), tables(client, one_by_one)
+        assert got["gauge_15m"]
+        for name in want:
+            assert got[name] == want[name], name
+    finally:
+        client.command = real_command  # type: ignore[method-assign]
+        proc.close()
+        client.command(f"DROP DATABASE IF EXISTS {one_by_one} SYNC")
