@@ -218,12 +218,13 @@ def gauges_touched(meters: list[Meter], source: str, where: str) -> str:
 
 
 #: ``gauge_select``'s source tag when one statement rewrites the series of several partitions:
-#: each series' (partition, offset), looked up by its key (``series_key``) in parallel arrays
-#: (``transform`` builds a hash table of them once per block).
-_SERIES_KEY_SQL = key_of("tenant", "series")
+#: each series' partition, looked up by its key (``series_key``) in the parallel arrays
+#: ``keys``/``parts`` (named with the prefix), and that partition's offset in the shared
+#: ``top_parts``/``top_offsets`` (``transform`` builds a hash table of each once per block).
 SERIES_TAG = (
-    f"transform({_SERIES_KEY_SQL}, {{{{{{p}}keys:Array(String)}}}}, {{{{{{p}}parts:Array(Int32)}}}}, toInt32(-1)), "
-    f"transform({_SERIES_KEY_SQL}, {{{{{{p}}keys:Array(String)}}}}, {{{{{{p}}offsets:Array(Int64)}}}}, toInt64(-1))"
+    f"transform({key_of('tenant', 'series')}, {{{{{{p}}keys:Array(String)}}}}, {{{{{{p}}parts:Array(Int32)}}}}, "
+    "toInt32(-1)) AS {p}src_partition, "
+    "transform({p}src_partition, {{top_parts:Array(Int32)}}, {{top_offsets:Array(Int64)}}, toInt64(-1))"
 )
 
 
@@ -239,7 +240,7 @@ def gauge_select(meter: Meter, database: str, prefix: str, tag: str | None = Non
     Parameters (named with ``prefix``): ``tenants``/``series`` (parallel arrays naming the
     series), ``w_lo``/``w_hi`` (window span to rewrite, ms, multiples of 15 minutes); and, shared,
     ``src_partition``, ``src_offset``: the rows' source tag; or, with ``tag=SERIES_TAG``, each
-    series' own (``keys``/``parts``/``offsets``, named with ``prefix``). A series is a subject *with* the meter's dimensions: a
+    series' own (see there). A series is a subject *with* the meter's dimensions: a
     step id reused in two contracts is two steps, each its own series. Each sample holds its
     value from its time until the series' next sample, at most ``max_gap_seconds``; that
     interval is cut at 15-minute boundaries. (Keeping one label per series is also what makes

@@ -523,12 +523,12 @@ class ClickHouseWriter:
                     f"{prefix}w_hi": (hi // 900_000 + 1) * 900_000,
                     f"{prefix}keys": [rollup.series_key(t, s) for t, s in series],
                     f"{prefix}parts": list(series.values()),
-                    f"{prefix}offsets": [top[p] for p in series.values()],
                 }
             )
             selects.append(rollup.gauge_select(meter, self.db, prefix, rollup.SERIES_TAG))
         if not selects:
             return 0
+        params.update(top_parts=list(top), top_offsets=list(top.values()))
         self.client.command(
             f"INSERT INTO {self.db}.{Table.GAUGE_15M} ({rollup.GAUGE_COLUMNS}) "
             + " UNION ALL ".join(selects),

@@ -127,7 +127,7 @@ def test_derived_tables_from_new_rows_then_from_events_raw_when_behind(
 
 
 def test_gauges_of_several_partitions_rewritten_in_one_statement_tagged_per_partition(
-    clickhouse: tuple[Any, str],
+    clickhouse: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One batch over three partitions (a tenant each) rewrites every touched series' integrals
     in one statement; each series' rows carry its own partition and that partition's highest
@@ -157,9 +157,9 @@ def test_gauges_of_several_partitions_rewritten_in_one_statement_tagged_per_part
 
     one_by_one = f"{db}_parts"
     try:
-        client.command = spy  # type: ignore[method-assign]
-        proc.process(messages)
-        client.command = real_command  # type: ignore[method-assign]
+        with monkeypatch.context() as m:
+            m.setattr(client, "command", spy)
+            proc.process(messages)
         assert sum(1 for s in statements if s.lstrip().startswith(f"INSERT INTO {db}.gauge_15m")) == 1
         tags = client.query(
             f"SELECT tenant, groupUniqArray(src_partition), max(src_offset) FROM {db}.gauge_15m GROUP BY tenant"
@@ -181,6 +181,5 @@ def test_gauges_of_several_partitions_rewritten_in_one_statement_tagged_per_part
         for name in want:
             assert got[name] == want[name], name
     finally:
-        client.command = real_command  # type: ignore[method-assign]
         proc.close()
         client.command(f"DROP DATABASE IF EXISTS {one_by_one} SYNC")
