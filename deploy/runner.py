@@ -34,6 +34,7 @@ from aggregators.processor import BatchProcessor
 from aggregators.supervisor import AggregatorPart
 from aggregators.watchdog import Watchdog, describe, describe_troubles
 from aggregators.writer import ClickHouseWriter
+from deploy.allocator import set_mmap_threshold
 from deploy.http_server import server_config
 from deploy.settings import CommonSettings, RunSettings
 from query_api.admin_token import ensure_admin_token
@@ -130,6 +131,8 @@ def open_part_clients(settings: RunSettings | Any, apply_migrations: bool = True
 
 
 def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) -> BatchProcessor:
+    # the process's allocator, for batches of Kafka messages (deploy/allocator.py)
+    set_mmap_threshold(getattr(settings, "malloc_mmap_threshold", 0))
     writer = ClickHouseWriter(client, settings.clickhouse_database, default_catalog())
     dlq = KafkaDeadLetterSink(
         settings.kafka_client_config(bootstrap),

@@ -252,6 +252,15 @@ class AggregatorSettings(CommonSettings):
         "effect only where the process has CAP_SYS_NICE (the engine ignores it otherwise). 0: off.",
     )
 
+    malloc_mmap_threshold: int = Field(
+        default=64 << 10,
+        ge=0,
+        le=32 << 20,
+        description="glibc's mmap threshold for this process (bytes; deploy/allocator.py): blocks this "
+        "large and larger (Kafka messages, a batch's buffers) are returned to the system when freed "
+        "instead of left in the heap. 0: glibc's dynamic default.",
+    )
+
     def stream_buffer_maxsize(self) -> int:
         """faust's buffer of fetched messages: twice the batch unless set. faust's own default,
         4,096, held ~400 MiB of 500-event messages whenever the aggregator was behind and was most
