@@ -10,8 +10,8 @@ below them (Kafka messages of 500 events are ~135 KiB) comes from the heaps, whe
 leave resident memory that is not returned and holes the next ones do not fill exactly. A fixed
 threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic adjustment off) gives such
 blocks mappings that go back to the system once the batch is done. Measured (docs/performance.md,
-"The C allocator"): RSS at the end of the pipeline benchmark ~800 against ~950 MiB, and ~1.5 µs
-less CPU per event.
+"The C allocator"): RSS at the end of the pipeline benchmark 692–736 against 818–885 MiB from the
+same start; CPU per event the same within the machine's noise.
 
 Only glibc has ``mallopt``; elsewhere (musl, macOS) this does nothing.
 """
@@ -26,15 +26,12 @@ log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 MAX_MMAP_THRESHOLD = 32 << 20  # glibc refuses more (HEAP_MAX_SIZE / 2 on 64-bit)
 
-_applied: int | None = None
-
 
 def set_mmap_threshold(nbytes: int) -> bool:
     """Blocks of ``nbytes`` and more each get a mapping of their own, returned when freed; 0 leaves
-    glibc's dynamic default. True when applied (or already applied with the same value)."""
-    global _applied
-    if nbytes <= 0 or nbytes == _applied:
-        return nbytes > 0
+    the allocator as it is. True when applied (setting it again is harmless)."""
+    if nbytes <= 0:
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: libc's
     except (OSError, AttributeError):
@@ -44,5 +41,4 @@ def set_mmap_threshold(nbytes: int) -> bool:
     if mallopt(M_MMAP_THRESHOLD, int(nbytes)) != 1:
         log.warning("malloc refused an mmap threshold of %d bytes: the allocator keeps its defaults", nbytes)
         return False
-    _applied = int(nbytes)
     return True

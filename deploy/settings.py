@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from deploy.allocator import MAX_MMAP_THRESHOLD
 from schemas.clickhouse import EngineCaps
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -255,7 +256,7 @@ class AggregatorSettings(CommonSettings):
     malloc_mmap_threshold: int = Field(
         default=64 << 10,
         ge=0,
-        le=32 << 20,
+        le=MAX_MMAP_THRESHOLD,
         description="glibc's mmap threshold for this process (bytes; deploy/allocator.py): blocks this "
         "large and larger (Kafka messages, a batch's buffers) are returned to the system when freed "
         "instead of left in the heap. 0: glibc's dynamic default.",
