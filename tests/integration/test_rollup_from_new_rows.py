@@ -183,3 +183,47 @@ def test_gauges_of_several_partitions_rewritten_in_one_statement_tagged_per_part
     finally:
         proc.close()
         client.command(f"DROP DATABASE IF EXISTS {one_by_one} SYNC")
+
+
+def test_an_applied_batch_leaves_nothing_in_the_stage_tables(clickhouse: tuple[Any, str]) -> None:
+    """Once a batch is applied, the process's stage tables (Memory tables: the parsed events,
+    the judged rows, the new rows, the rollup stage) hold nothing: an aggregator gone idle after
+    a burst does not keep the last batch's rows in memory (the rollup stage of a batch of 250,000
+    events held ~150 MiB of the engine's memory, docs/performance.md); the next batch still rolls
+    up exactly."""
+    client, db = clickhouse
+    events = synthetic(400)
+    proc = make_processor(client, db)
+    clean_db = f"{db}_clean"
+
+    def held() -> dict[str, int]:
+        rows = client.query(
+            "SELECT name, total_rows FROM system.tables WHERE database = {db:String} AND engine = 'Memory'",
+            parameters={"db": db},
+        ).result_rows
+        return {str(name): int(n or 0) for name, n in rows}
+
+    try:
+        first = pack(events[:200], 0, 0, per_message=40)
+        proc.process(first)
+        stages = held()
+        assert any(name.startswith("usage_stage_") for name in stages), stages
+        assert any(name.startswith("new_stage_") for name in stages), stages
+        assert all(n == 0 for n in stages.values()), stages
+        proc.process(pack(events[200:], 0, len(first), per_message=40))
+        assert all(n == 0 for n in held().values())
+
+        client.command(f"CREATE DATABASE {clean_db}")
+        migrate(client, clean_db)
+        clean = make_processor(client, clean_db)
+        try:
+            clean.process(pack(events, 0, 0, per_message=40))
+        finally:
+            clean.close()
+        got, want = tables(client, db), tables(client, clean_db)
+        assert len(got["raw"]) == len(events) and got["usage_15m"] and got["gauge_15m"]
+        for name in want:
+            assert got[name] == want[name], name
+    finally:
+        proc.close()
+        client.command(f"DROP DATABASE IF EXISTS {clean_db} SYNC")
