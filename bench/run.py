@@ -114,8 +114,18 @@ def main() -> None:
             f"  freshness at {p['freshness_rate_events_per_s']:,.0f} events/s: p50 {p['freshness_p50_s']:.3f} s, p99 {p['freshness_p99_s']:.3f} s ({p['freshness_probes']} probes)"
         )
         say(
+            f"    the stream's first {p['freshness_ramp_s']:g} s (idle to half the peak), reported apart: "
+            + ", ".join(f"{x:.2f}" for x in p["freshness_ramp_latencies_s"])
+            + f" s; the probe producer's first message (untimed) acknowledged in {p['freshness_warm_probe_s'][0]:.2f} s"
+        )
+        say(
             f"  aggregator RSS: start {p['rss_mb_start']:.0f} MiB, end {p['rss_mb_end']:.0f} MiB, max {p['rss_mb_max']:.0f} MiB"
         )
+        for when in ("start", "end"):
+            say(
+                f"    at the {when}, MiB: "
+                + ", ".join(f"{k} {v:.0f}" for k, v in p[f"rss_mb_{when}_parts"].items())
+            )
         say("bare confluent-kafka consumer on the same topic…")
         bare = bare_consumer_rate(bootstrap, p["topic"], events)
         say(f"  bare consumer: {bare:,.0f} events/s")
