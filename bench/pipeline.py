@@ -463,6 +463,14 @@ async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> d
         stream.wait()
         rss_end = proc.memory_info().rss / 2**20
         rss_end_parts = rss_parts(client)
+        # and once the aggregator has gone idle (every event counted, then 3 s: the engine's
+        # allocator returns freed pages after 1 s), beside the busy figure above (the target's)
+        counted_by = time.perf_counter() + 60
+        everything = events + int(rate * (ramp + duration)) + k + 1  # the stream's and the probes'
+        while await asyncio.to_thread(visible) < everything and time.perf_counter() < counted_by:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(3)
+        rss_end_idle = proc.memory_info().rss / 2**20
     finally:
         stop_producers()
         app.metering_stopping.set()
@@ -502,6 +510,7 @@ async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> d
         "rss_mb_max": max(rss_samples) if rss_samples else rss_end,
         "rss_mb_start_parts": rss_start_parts,
         "rss_mb_end_parts": rss_end_parts,
+        "rss_mb_end_idle": rss_end_idle,
         # RSS at each quarter of the run: flat means it stops growing, not that it never grew
         # (the embedded ClickHouse engine allocates its caches and arenas on first use).
         "rss_mb_quarters": [

@@ -119,7 +119,8 @@ def main() -> None:
             + f" s; the probe producer's first message (untimed) acknowledged in {p['freshness_warm_probe_s'][0]:.2f} s"
         )
         say(
-            f"  aggregator RSS: start {p['rss_mb_start']:.0f} MiB, end {p['rss_mb_end']:.0f} MiB, max {p['rss_mb_max']:.0f} MiB"
+            f"  aggregator RSS: start {p['rss_mb_start']:.0f} MiB, end {p['rss_mb_end']:.0f} MiB, max {p['rss_mb_max']:.0f} MiB; "
+            f"{p['rss_mb_end_idle']:.0f} MiB once idle"
         )
         for when in ("start", "end"):
             say(
