@@ -58,6 +58,26 @@ def tables(client: Any, db: str) -> dict[str, list[Any]]:
     return out
 
 
+def as_one_clean_pass(client: Any, db: str, events: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The tables of ``db``, checked equal to those of one clean pass over ``events`` (one batch,
+    in a database of its own)."""
+    clean_db = f"{db}_clean"
+    client.command(f"CREATE DATABASE {clean_db}")
+    try:
+        migrate(client, clean_db)
+        clean = make_processor(client, clean_db)
+        try:
+            clean.process(pack(events, 0, 0, per_message=40))
+        finally:
+            clean.close()
+        got, want = tables(client, db), tables(client, clean_db)
+        for name in want:
+            assert got[name] == want[name], name
+        return got
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {clean_db} SYNC")
+
+
 def test_derived_tables_from_new_rows_then_from_events_raw_when_behind(
     clickhouse: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -73,7 +93,6 @@ def test_derived_tables_from_new_rows_then_from_events_raw_when_behind(
         real_fill(self, *args)
 
     monkeypatch.setattr(ClickHouseWriter, "_fill_stage", spy)
-    clean_db = f"{db}_clean"
     offset = 0
 
     def batch(part: list[dict[str, Any]]) -> None:
@@ -110,20 +129,10 @@ def test_derived_tables_from_new_rows_then_from_events_raw_when_behind(
         batch(events[520:])
         assert refills == [1]
 
-        client.command(f"CREATE DATABASE {clean_db}")
-        migrate(client, clean_db)
-        clean = make_processor(client, clean_db)
-        try:
-            clean.process(pack(events, 0, 0, per_message=40))
-        finally:
-            clean.close()
-        got, want = tables(client, db), tables(client, clean_db)
+        got = as_one_clean_pass(client, db, events)
         assert len(got["raw"]) == 600 and got["gauge_15m"] and got["usage_15m"]
-        for name in want:
-            assert got[name] == want[name], name
     finally:
         proc.close()
-        client.command(f"DROP DATABASE IF EXISTS {clean_db} SYNC")
 
 
 def test_gauges_of_several_partitions_rewritten_in_one_statement_tagged_per_partition(
@@ -194,7 +203,6 @@ def test_an_applied_batch_leaves_nothing_in_the_stage_tables(clickhouse: tuple[A
     client, db = clickhouse
     events = synthetic(400)
     proc = make_processor(client, db)
-    clean_db = f"{db}_clean"
 
     def held() -> dict[str, int]:
         rows = client.query(
@@ -213,17 +221,7 @@ def test_an_applied_batch_leaves_nothing_in_the_stage_tables(clickhouse: tuple[A
         proc.process(pack(events[200:], 0, len(first), per_message=40))
         assert all(n == 0 for n in held().values())
 
-        client.command(f"CREATE DATABASE {clean_db}")
-        migrate(client, clean_db)
-        clean = make_processor(client, clean_db)
-        try:
-            clean.process(pack(events, 0, 0, per_message=40))
-        finally:
-            clean.close()
-        got, want = tables(client, db), tables(client, clean_db)
+        got = as_one_clean_pass(client, db, events)
         assert len(got["raw"]) == len(events) and got["usage_15m"] and got["gauge_15m"]
-        for name in want:
-            assert got[name] == want[name], name
     finally:
         proc.close()
-        client.command(f"DROP DATABASE IF EXISTS {clean_db} SYNC")
