@@ -211,6 +211,11 @@ def build_app(
             stream, settings.batch_max_messages, settings.batch_within_s, on_full if ahead_on else None
         ):
             ahead: Prepared | None = None
+            # The batch prepared ahead, if this is one: not kept past this batch (a full batch
+            # prepared while the aggregator was behind stayed referenced here until the next
+            # full one, ~60 MiB of messages held through a stream at the live rate).
+            pre_batch: list[SourceMessage] = []
+            preparing: asyncio.Future[Prepared] | None = None
             if taken.ahead is not None:
                 # Awaited whatever comes next: its stager may not prepare another batch before.
                 pre_batch, preparing = taken.ahead
@@ -308,6 +313,8 @@ def build_app(
                 log.warning("batch of %d message(s) given up: its partitions were reassigned", len(batch))
                 for ev in events:
                     must_reread(ev.message.tp, ev.message.offset)
+                pre_batch, preparing, ahead, batch, events = [], None, None, [], []
+                del taken
                 yield None
                 continue
             taken.applied = {ev.message.tp for ev in events}
@@ -317,6 +324,10 @@ def build_app(
             dog.progressed(mine)
             log.debug("batch: %s", stats)
             _record_lag(app, events, control)
+            # The batch is applied: its messages and preparation are not held while the next is
+            # awaited (an idle aggregator would keep its last batch, up to 500 messages).
+            pre_batch, preparing, ahead, batch, events = [], None, None, [], []
+            del taken  # (take.py keeps it until it has acknowledged what it says was applied)
             yield None
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]

@@ -109,6 +109,7 @@ async def _take(
             for event in taken.events:
                 if event.message.tp in taken.applied:
                     await stream.ack(event)
+            del taken  # its messages are not held while the next batch is awaited
     finally:
         stream.enable_acks = stream_enable_acks
         stream._processors.remove(add_to_buffer)

@@ -120,3 +120,53 @@ def test_redelivered_messages_are_counted_once(kafka_bootstrap: str, topic: str,
         f"SELECT sum(value_sum), sum(value_count) FROM {db}.usage_1d WHERE meter='egress_bytes'"
     ).result_rows[0]
     assert got == (Decimal(sum(1000 + i for i in range(500))), 500)
+
+
+def test_an_idle_aggregator_holds_none_of_the_messages_it_applied(
+    kafka_bootstrap: str, topic: str, clickhouse
+) -> None:
+    """Once its batches are applied, the agent keeps no Kafka message of them while it waits for
+    the next: neither the last batch nor a full batch prepared ahead earlier (which stayed
+    referenced through every smaller batch after it, ~60 MiB of messages at the product's batch
+    size, docs/performance.md)."""
+    import gc
+
+    from aggregators.decode import SourceMessage
+
+    client, db = clickhouse
+    now = datetime.now(UTC) - timedelta(minutes=30)
+
+    def events(first: int, n: int) -> list[dict]:
+        return [
+            event(
+                f"idle-{i}",
+                "workstation.cpu",
+                {"workstation_id": "ws-1", "cpu_seconds": 1.0},
+                now + timedelta(milliseconds=i),
+                f"tenant-{i % 3}",
+            )
+            for i in range(first, first + n)
+        ]
+
+    def held() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is SourceMessage)
+
+    processor = make_processor(client, db)
+
+    async def scenario() -> tuple[int, int]:
+        async with running_faust(_settings(topic), kafka_bootstrap, processor):
+            # a backlog of full batches (50 messages), prepared ahead, then a few small ones
+            await asyncio.to_thread(produce_batches, kafka_bootstrap, topic, events(0, 6_000), 20)
+            assert await _wait_count(client, db, 6_000) == 6_000
+            for k in range(3):
+                await asyncio.to_thread(
+                    produce_batches, kafka_bootstrap, topic, events(6_000 + 20 * k, 20), 20
+                )
+                assert await _wait_count(client, db, 6_020 + 20 * k) == 6_020 + 20 * k
+            await asyncio.sleep(1.0)
+            return held(), processor.prepared_ahead
+
+    still_held, prepared_ahead = asyncio.run(scenario())
+    assert prepared_ahead > 0  # the scenario did prepare full batches ahead
+    assert still_held == 0
