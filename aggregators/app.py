@@ -211,9 +211,7 @@ def build_app(
             stream, settings.batch_max_messages, settings.batch_within_s, on_full if ahead_on else None
         ):
             ahead: Prepared | None = None
-            # The batch prepared ahead, if this is one: not kept past this batch (a full batch
-            # prepared while the aggregator was behind stayed referenced here until the next
-            # full one, ~60 MiB of messages held through a stream at the live rate).
+            # the batch prepared ahead, if this is one (let go once applied, below)
             pre_batch: list[SourceMessage] = []
             preparing: asyncio.Future[Prepared] | None = None
             if taken.ahead is not None:
@@ -325,7 +323,8 @@ def build_app(
             log.debug("batch: %s", stats)
             _record_lag(app, events, control)
             # The batch is applied: its messages and preparation are not held while the next is
-            # awaited (an idle aggregator would keep its last batch, up to 500 messages).
+            # awaited (a full batch prepared ahead stayed referenced through every smaller batch
+            # after it, ~60 MiB at the live rate; idle, the last batch stayed).
             pre_batch, preparing, ahead, batch, events = [], None, None, [], []
             del taken  # (take.py keeps it until it has acknowledged what it says was applied)
             yield None

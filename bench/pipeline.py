@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def rss_parts(client: Any) -> dict[str, float]:
     """What this process's RSS is made of, MiB: anonymous memory (Python's heaps and the engine's
     jemalloc), file-backed pages (code of the engine's library touched so far: it grows as new
-    code runs and is not an allocation), and the engine's own tracked allocations
-    (``MemoryTracking``: its tables in memory, caches, running statements)."""
+    code runs and is not an allocation), the engine's own tracked allocations
+    (``MemoryTracking``: its tables in memory, caches, running statements), its jemalloc's
+    resident pages, and glibc's heaps and separately mapped blocks (``glibc_heaps``)."""
     parts: dict[str, float] = {}
     with open("/proc/self/status") as status:
         for line in status:
