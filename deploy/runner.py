@@ -133,7 +133,14 @@ def open_part_clients(settings: RunSettings | Any, apply_migrations: bool = True
 def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) -> BatchProcessor:
     # the process's allocator, for batches of Kafka messages (deploy/allocator.py)
     set_mmap_threshold(getattr(settings, "malloc_mmap_threshold", 0))
-    writer = ClickHouseWriter(client, settings.clickhouse_database, default_catalog())
+    writer = ClickHouseWriter(
+        client,
+        settings.clickhouse_database,
+        default_catalog(),
+        # the embedded engine only (a chdb client has a path): a server's memory is its own
+        purge_after_batch=bool(getattr(settings, "chdb_purge_after_batch", False))
+        and isinstance(getattr(client, "path", None), str),
+    )
     dlq = KafkaDeadLetterSink(
         settings.kafka_client_config(bootstrap),
         settings.topic_dead_letter,

@@ -97,6 +97,11 @@ class CommonSettings(BaseSettings):
         description="The engine's jemalloc options (JE_MALLOC_CONF, unless already set): freed pages "
         "go back to the system after dirty_decay_ms instead of ClickHouse's 5000.",
     )
+    chdb_purge_after_batch: bool = Field(
+        default=True,
+        description="After each applied batch, the engine's jemalloc returns its freed pages to the "
+        "system at once (SYSTEM JEMALLOC PURGE) instead of over dirty_decay_ms.",
+    )
     chdb_rocksdb_bloom_bits_per_key: int = Field(
         default=EngineCaps.rocksdb_bloom_bits_per_key,
         ge=0,
