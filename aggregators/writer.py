@@ -142,7 +142,7 @@ class ClickHouseWriter:
         jemalloc) is not the batch's failure: it is logged once and not tried again."""
         try:
             self.client.command("SYSTEM JEMALLOC PURGE")
-        except Exception as exc:  # noqa: BLE001 - the batch is applied; only the purge failed
+        except Exception as exc:  # the batch is applied; only the purge failed
             log.warning("the engine's allocator cannot be purged (%s): not tried again", exc)
             self.purge_after_batch = False
 

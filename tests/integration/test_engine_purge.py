@@ -48,3 +48,29 @@ def test_the_engine_keeps_no_freed_pages_after_a_batch(clickhouse: tuple[Any, st
     assert after_purge * 8 < kept, (after_purge, kept)
     assert writer.purge_after_batch  # the purge worked: it was not switched off after a failure
     assert client.query(f"SELECT count() FROM {db}.events_raw").result_rows[0][0] == len(events)
+
+
+@pytest.mark.kafka
+def test_the_aggregator_purges_the_embedded_engine_only(clickhouse: tuple[Any, str], kafka_bootstrap: str) -> None:
+    """``build_processor`` turns the purge on for the embedded engine (a chdb client) unless
+    ``METERING_CHDB_PURGE_AFTER_BATCH`` is off, and never for a server's client."""
+    from deploy.runner import build_processor
+    from deploy.settings import AggregatorSettings
+
+    client, db = clickhouse
+
+    class ServerClient:  # what the runner sees of a server's client: no data directory
+        path = None
+
+    def purges(settings: AggregatorSettings, on: Any) -> bool:
+        processor = build_processor(settings, on, kafka_bootstrap)  # its dead-letter producer
+        try:
+            return processor.writer.purge_after_batch
+        finally:
+            processor.preflight.close()
+            processor.dead_letters.close()
+
+    base: dict[str, Any] = {"clickhouse_database": db, "prepare_ahead": False}
+    assert purges(AggregatorSettings(**base), client)
+    assert not purges(AggregatorSettings(**base, chdb_purge_after_batch=False), client)
+    assert not purges(AggregatorSettings(**base), ServerClient())
