@@ -51,7 +51,9 @@ def test_the_engine_keeps_no_freed_pages_after_a_batch(clickhouse: tuple[Any, st
 
 
 @pytest.mark.kafka
-def test_the_aggregator_purges_the_embedded_engine_only(clickhouse: tuple[Any, str], kafka_bootstrap: str) -> None:
+def test_the_aggregator_purges_the_embedded_engine_only(
+    clickhouse: tuple[Any, str], kafka_bootstrap: str
+) -> None:
     """``build_processor`` turns the purge on for the embedded engine (a chdb client) unless
     ``METERING_CHDB_PURGE_AFTER_BATCH`` is off, and never for a server's client."""
     from deploy.runner import build_processor
