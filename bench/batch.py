@@ -1,7 +1,7 @@
 """One batch through the aggregator alone (no Kafka): where its time goes (per stage, and CPU µs
 per event of the process), and what the preflight trial (aggregators/preflight.py) costs.
 
-    PYTHONPATH=. .venv/bin/python -m bench.batch [EVENTS] [RUNS] [--omit-optional] [--judge] [--statements]
+    PYTHONPATH=. .venv/bin/python -m bench.batch [EVENTS] [RUNS] [--omit-optional] [--judge] [--statements] [--steady]
 
 Synthetic usage events of every type for 20 tenants (ingest/synth.py), packed 500 per Kafka
 message as the SDK packs them, handed to ``BatchProcessor.process`` in one call on a fresh
@@ -17,7 +17,10 @@ empty stage (what analysing the statement costs): CPU of the process, medians.
 ``--statements``: every engine call of the runs with the trial (new events, then the same again
 as duplicates) timed on its own, CPU of the process (all threads: the engine's and Python's)
 around the call, summed per statement kind over the runs, printed as µs per event (chdb keeps
-no ``system.query_log``, so the call is the unit).
+no ``system.query_log``, so the call is the unit). ``--steady``: one processor and one database
+for every batch, as the running aggregator has them (no first-batch costs: tables created,
+watermarks read), 3 warm-up batches then RUNS batches of EVENTS new events each, background
+merges running; prints the median CPU per batch and, with ``--statements``, the table.
 """
 
 from __future__ import annotations
@@ -183,6 +186,43 @@ def judge_only(client: Any, events: list[dict[str, Any]], runs: int) -> None:
     )
 
 
+def steady(client: Any, n: int, runs: int, omit_optional: bool) -> None:
+    """``--steady``: batches of ``n`` new events through one processor, as a running aggregator
+    applies them (the fixed cost of a batch without the first batch's set-up)."""
+    warm = 3
+    events = _events(n * (warm + runs), omit_optional)
+    if len(events) < n * (warm + runs):
+        raise SystemExit(f"the synthetic world holds {len(events):,} events: fewer batches or events")
+    db = f"bench_{uuid.uuid4().hex[:10]}"
+    client.command(f"CREATE DATABASE {db}")
+    migrate(client, db)
+    processor = make_processor(client, db)
+    offset, cpu = 0, []
+    for i in range(warm + runs):
+        messages = pack(events[i * n : (i + 1) * n], 0, offset, per_message=500)
+        offset += len(messages)
+        started = time.process_time()
+        _PHASE[0] = "new" if i >= warm else "off"
+        stats = processor.process(messages)
+        _PHASE[0] = "off"
+        if i >= warm:
+            cpu.append(time.process_time() - started)
+        assert stats.written == n, stats
+    processor.writer.close()
+    client.command(f"DROP DATABASE {db} SYNC")
+    batch_cpu = statistics.median(cpu)
+    print(
+        orjson.dumps(
+            {
+                "events": n,
+                "batches": runs,
+                "batch_cpu_ms": round(batch_cpu * 1e3, 1),
+                "aggregator_cpu_us_per_event": round(batch_cpu / n * 1e6, 2),
+            }
+        ).decode()
+    )
+
+
 def print_statements(events: int, runs: int) -> None:
     """The per-statement table (``--statements``): CPU µs per event, calls per batch."""
     for phase, table in STATEMENTS.items():
@@ -196,13 +236,24 @@ def print_statements(events: int, runs: int) -> None:
 
 
 def main(
-    n: int = 50_000, runs: int = 3, omit_optional: bool = False, judge: bool = False, statements: bool = False
+    n: int = 50_000,
+    runs: int = 3,
+    omit_optional: bool = False,
+    judge: bool = False,
+    statements: bool = False,
+    steady_batches: bool = False,
 ) -> None:
     path = tempfile.mkdtemp(prefix="bench-batch-")
     try:
         client = connect(f"chdb://{path}", "default")
         if statements:
             _instrument(client)
+        if steady_batches:
+            STATEMENTS.pop("duplicates")
+            steady(client, n, runs, omit_optional)
+            if statements:
+                print_statements(n, runs)
+            return None
         events = _events(n, omit_optional)
         if judge:
             return judge_only(client, events, runs)
@@ -252,4 +303,5 @@ if __name__ == "__main__":
         omit_optional="--omit-optional" in sys.argv,
         judge="--judge" in sys.argv,
         statements="--statements" in sys.argv,
+        steady_batches="--steady" in sys.argv,
     )
