@@ -25,34 +25,24 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 
 from ingest.sdk import InvalidEvent, prepare_event
 from schemas.events import DATA_MODELS, Event, EventType, Plane, plane_of
 from schemas.validation import check_event_time
 
 
-def _subject_of_data(self: Any) -> Any:
-    """``Event``'s rule for the subject, the data already validated with its model: an event's
-    subject is its data's subject field; a different one given is an error."""
-    subject = self.data.subject()
-    if self.subject is not None and self.subject != subject:
-        raise ValueError("subject differs")  # the words are prepare_event's: it judges alone
-    object.__setattr__(self, "subject", subject)
-    return self
-
-
 def _typed_event(event_type: EventType) -> TypeAdapter[list[Any]]:
     """``Event`` for one type, its ``data`` typed by the type's data model: the same fields,
     constraints and configuration, validated in one pass instead of ``Event``'s validation of
-    ``data`` as a dict followed by the data model's, called from Python, and its dump."""
+    ``data`` as a dict followed by the data model's, called from Python, and its dump.
+    ``Event``'s rule for the subject is applied after the dump (``prepare_events``), not by a
+    validator: a Python call per event from inside pydantic-core cost more than the rule."""
     fields: dict[str, Any] = {n: (f.annotation, f) for n, f in Event.model_fields.items()}
     fields["data"] = (DATA_MODELS[event_type], ...)
-    validators: dict[str, Any] = {"_subject": model_validator(mode="after")(_subject_of_data)}
     model: type[BaseModel] = create_model(
         f"Typed{DATA_MODELS[event_type].__name__}Event",
         __config__=ConfigDict(**Event.model_config),
-        __validators__=validators,
         **fields,
     )
     return TypeAdapter(list[model])
@@ -60,6 +50,8 @@ def _typed_event(event_type: EventType) -> TypeAdapter[list[Any]]:
 
 #: per usage type (the only ones a usage key may send; a lifecycle or unknown type goes alone)
 _TYPED = {t.value: _typed_event(t) for t in EventType if plane_of(t) is Plane.USAGE}
+#: per usage type, the data field that is the event's subject (``Event``'s rule)
+_SUBJECT_FIELD = {t: DATA_MODELS[EventType(t)].SUBJECT_FIELD for t in _TYPED}
 _USAGE_TYPES = frozenset(_TYPED)
 
 Prepared = dict[str, Any] | InvalidEvent
@@ -93,17 +85,25 @@ def prepare_events(items: Sequence[Any], tenant: str, *, received_at: datetime) 
         if not models:
             continue
         dumped: list[dict[str, Any]] = adapter.dump_python(list(models.values()), mode="json")
+        field = _SUBJECT_FIELD[event_type]
+        subject_kept: list[bool] = []
         for event in dumped:
             # Event's dump leaves out None (exclude_none) but keeps the data's None values
             # (data is a dict there): the envelope's optional fields are the only ones to drop.
             if event["datacontenttype"] is None:
                 del event["datacontenttype"]
+            # Event's rule: the subject is the data's subject field (an Id: a string); an event
+            # that gives another is left to prepare_event, whose error words it
+            subject, given = event["data"][field], event["subject"]
+            subject_kept.append(given is None or given == subject)
+            event["subject"] = subject
         try:
             orjson.dumps(dumped)  # what cannot be encoded fails here (prepare_event checks each)
         except TypeError:  # orjson.JSONEncodeError is a TypeError
             continue  # left to prepare_event, event by event, below
-        for i, event in zip(models, dumped, strict=True):
-            out[i] = event
+        for i, event, kept in zip(models, dumped, subject_kept, strict=True):
+            if kept:
+                out[i] = event
     results: list[Prepared] = []
     for item, done in zip(items, out, strict=True):
         if done is None:
