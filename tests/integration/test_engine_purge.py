@@ -42,7 +42,7 @@ def test_the_engine_keeps_no_freed_pages_after_a_batch(clickhouse: tuple[Any, st
         after_purge = dirty_pages(client)
     finally:
         proc.close()
-    # what a batch leaves behind, without the purge: MiBs of freed pages (one statements'
+    # what a batch leaves behind, without the purge: MiBs of freed pages (a statement's
     # reading of the stats allocates a few pages of its own, hence not zero after it)
     assert kept >= 256, kept
     assert after_purge * 8 < kept, (after_purge, kept)
