@@ -133,13 +133,13 @@ def open_part_clients(settings: RunSettings | Any, apply_migrations: bool = True
 def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) -> BatchProcessor:
     # the process's allocator, for batches of Kafka messages (deploy/allocator.py)
     set_mmap_threshold(getattr(settings, "malloc_mmap_threshold", 0))
+    embedded = isinstance(getattr(client, "path", None), str)  # clickhouse-connect's chdb client
     writer = ClickHouseWriter(
         client,
         settings.clickhouse_database,
         default_catalog(),
-        # the embedded engine only (a chdb client has a path): a server's memory is its own
-        purge_after_batch=bool(getattr(settings, "chdb_purge_after_batch", False))
-        and isinstance(getattr(client, "path", None), str),
+        # the embedded engine only: a server's memory is its own
+        purge_after_batch=embedded and bool(getattr(settings, "chdb_purge_after_batch", False)),
     )
     dlq = KafkaDeadLetterSink(
         settings.kafka_client_config(bootstrap),
@@ -156,7 +156,7 @@ def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) ->
         )
         caps = settings.engine_caps() if hasattr(settings, "engine_caps") else None
         connect = None  # a chdb client: more connections to the engine it is on (one per process)
-        if not isinstance(getattr(client, "path", None), str):
+        if not embedded:
             dsn, database = settings.clickhouse_dsn.get_secret_value(), settings.clickhouse_database
             connect = lambda: connect_part(dsn, database, engine, engine=caps)  # noqa: E731
         processor.open_stagers(connect, engine, caps)
