@@ -220,7 +220,8 @@ class ClickHouseWriter:
         if keys is not None:
             where, params = "(msg, pos) IN {keys:Array(Tuple(UInt32, UInt32))}", {"keys": list(keys)}
         self.client.command(
-            rollup.stage_insert(self.catalog, self._new, self._stage, where), parameters=params
+            rollup.stage_insert(self.catalog, self._new, self._stage, where, per_message=False),
+            parameters=params,
         )
         check = rollup.gauge_values_check(self.catalog, self._new, where)
         if check is not None:
@@ -424,13 +425,14 @@ class ClickHouseWriter:
         periods = [t for t in pending if t in _GRAIN_OF]
         staged, self._staged_since = self._staged_since, None
         # The stage filled from the batch's new rows (stage_new) holds exactly the raw rows above
-        # the raw watermark it was filled at; it serves a period table whose pending range starts
-        # there (the normal path: the table was up to date before the batch). A table behind
-        # (a crash, an outage: the recovery path) needs the stage from events_raw.
+        # the raw watermark it was filled at, a group per partition (not per message); it serves
+        # a period table whose pending range starts there (the normal path: the table was up to
+        # date before the batch), which takes all of its rows. A table behind (a crash, an
+        # outage: the recovery path) needs the stage from events_raw, a group per message.
         if periods and not (
             staged is not None
             and all(
-                p in staged and lo >= staged[p]
+                p in staged and lo == staged[p]
                 for t in periods
                 for p, (lo, _) in pending[t].by_partition.items()
             )

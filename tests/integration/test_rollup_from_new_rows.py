@@ -225,3 +225,56 @@ def test_an_applied_batch_leaves_nothing_in_the_stage_tables(clickhouse: tuple[A
         assert len(got["raw"]) == len(events) and got["usage_15m"] and got["gauge_15m"]
     finally:
         proc.close()
+
+
+def test_the_stage_of_new_rows_holds_a_group_per_partition_not_per_message(
+    clickhouse: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the normal path the rollup stage groups the batch's new rows per partition, not per
+    Kafka message (rollup.stage_insert, ``per_message=False``): 200 events of one workstation in
+    one window, sent in 5 messages on each of 2 partitions, are 2 stage rows, not 10; the period
+    tables get every event once and each partition's highest offset as their watermark."""
+    client, db = clickhouse
+    window = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+
+    def event(i: int) -> dict[str, Any]:
+        return {
+            "specversion": "1.0",
+            "id": f"e{i}",
+            "source": "test",
+            "type": "workstation.cpu",
+            "time": (window + timedelta(seconds=i)).isoformat().replace("+00:00", "Z"),
+            "tenant": "acme",
+            "data": {"workstation_id": "ws1", "cpu_seconds": 1.5},
+        }
+
+    events = [event(i) for i in range(400)]
+    proc = make_processor(client, db)
+    staged: list[tuple[int, int, int]] = []
+    real_release = proc.writer.release_batch
+
+    def release() -> None:
+        rows = client.query(
+            f"SELECT src_partition, max(src_offset), sum(value_count) FROM {proc.writer._stage} "
+            "WHERE meter = 'workstation_cpu_seconds' GROUP BY src_partition, group_key ORDER BY src_partition"
+        ).result_rows
+        staged.extend((int(p), int(o), int(n)) for p, o, n in rows)
+        staged.append((-1, -1, int(client.query(f"SELECT count() FROM {proc.writer._stage}").result_rows[0][0])))
+        real_release()
+
+    monkeypatch.setattr(proc.writer, "release_batch", release)
+    try:
+        proc.process([*pack(events[:200], 0, 0, per_message=40), *pack(events[200:], 1, 7, per_message=40)])
+        # one row per partition (the only meter of the type, one group): offsets 0-4 and 7-11
+        assert staged == [(0, 4, 200), (1, 11, 200), (-1, -1, 2)]
+        for table in ("usage_15m", "usage_1h", "usage_1d", "usage_1mo"):
+            marks = client.query(
+                f"SELECT src_partition, max(src_offset) FROM {db}.{table} GROUP BY src_partition ORDER BY 1"
+            ).result_rows
+            assert [tuple(map(int, r)) for r in marks] == [(0, 4), (1, 11)], table
+        total = client.query(
+            f"SELECT sum(value_sum), sum(value_count) FROM {db}.usage_1h WHERE tenant = 'acme'"
+        ).result_rows[0]
+        assert (float(total[0]), int(total[1])) == (600.0, 400)
+    finally:
+        proc.close()
