@@ -143,9 +143,10 @@ def period_insert(catalog: Catalog, grain: Grain, database: str, where: str) -> 
 
 # ---- the live path: stage once, then every grain from the stage ---------------------------------
 # Parsing JSON is the expensive part. The live path aggregates a batch's raw rows once, at 15
-# minutes and per Kafka message (src_offset stays a key, so each period table can take exactly
-# the offsets above its own watermark), into a small per-process Memory table; each period table
-# is then one INSERT from it. The stage is a cache: it is emptied and rebuilt for every batch,
+# minutes, into a small per-process Memory table; each period table is then one INSERT from it.
+# Filled from the batch's new rows (the normal path), the stage holds a group per partition;
+# filled from events_raw (the recovery path), a group per Kafka message (src_offset stays a key,
+# so each period table can take exactly the offsets above its own watermark): stage_insert. The stage is a cache: it is emptied and rebuilt for every batch,
 # so a crash leaves nothing in it that matters. On the normal path it is filled from the batch's
 # new rows before the raw insert (the trial of the conversions, processor.py); whenever a period
 # table is behind (after a crash, an outage), from events_raw.
