@@ -120,8 +120,9 @@ class ClickHouseWriter:
     def release_batch(self) -> None:
         """The batch is applied: its rows, new rows and rollup stage are not kept in memory until
         the next (with a batch prepared ahead, two batches' tables would be held otherwise; the
-        rollup stage of a batch of 250,000 events holds ~70 MiB, ~150 MiB of the engine's
-        tracked memory, which an idle aggregator kept after a burst: docs/performance.md).
+        rollup stage of a batch of 250,000 events held ~70 MiB, ~150 MiB of the engine's
+        tracked memory, when it grouped per message, as the recovery path's still does; an
+        idle aggregator kept it after a burst: docs/performance.md).
         ``catch_up`` has used the stage by now and refills it before it reads it again."""
         if self._events_ready:
             self.client.command(f"TRUNCATE TABLE {self._rows}")
