@@ -146,10 +146,11 @@ def period_insert(catalog: Catalog, grain: Grain, database: str, where: str) -> 
 # minutes, into a small per-process Memory table; each period table is then one INSERT from it.
 # Filled from the batch's new rows (the normal path), the stage holds a group per partition;
 # filled from events_raw (the recovery path), a group per Kafka message (src_offset stays a key,
-# so each period table can take exactly the offsets above its own watermark): stage_insert. The stage is a cache: it is emptied and rebuilt for every batch,
-# so a crash leaves nothing in it that matters. On the normal path it is filled from the batch's
-# new rows before the raw insert (the trial of the conversions, processor.py); whenever a period
-# table is behind (after a crash, an outage), from events_raw.
+# so each period table can take exactly the offsets above its own watermark): stage_insert.
+# The stage is a cache: it is emptied and rebuilt for every batch, so a crash leaves nothing in
+# it that matters. On the normal path it is filled from the batch's new rows before the raw
+# insert (the trial of the conversions, processor.py); whenever a period table is behind (after
+# a crash, an outage), from events_raw.
 
 
 def stage_create(stage: str) -> str:
@@ -173,10 +174,11 @@ def stage_insert(catalog: Catalog, source: str, stage: str, where: str, per_mess
     may be at different offsets). Without it, a group per partition tagged with its highest
     offset: a stage only a period table whose pending range holds all of its rows may take (the
     normal path, every table up to date before the batch). The period rows are the same (sums,
-    counts, extremes, states and the highest offset merge the same), and the stage and the four
-    period inserts handle a row per group, not per message's group: in the benchmark's mix,
-    where a message's events of a type rarely share their dimensions, about as many as events
-    (docs/performance.md, "The rollup stage per partition")."""
+    counts, extremes, states and the highest offset merge the same); the stage holds a row per
+    group and partition instead of per group and message, and the four period inserts read that
+    many. In the benchmark's mix, where a message's events of one type rarely share their
+    dimensions, the stage per message held about a row per event (docs/performance.md, "The
+    rollup stage per partition")."""
     offset = "src_offset" if per_message else "max(src_offset)"
     by_offset = ", src_offset" if per_message else ""
     return (
