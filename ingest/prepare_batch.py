@@ -77,7 +77,16 @@ def prepare_events(items: Sequence[Any], tenant: str, *, received_at: datetime) 
     for event_type, positions in by_type.items():
         adapter = _TYPED[event_type]
         models = _validate(adapter, items, positions, tenant)
+        field = _SUBJECT_FIELD[event_type]
         for i in list(models):
+            # Event's rule, checked where its validator runs, before the time window: the
+            # subject is the data's subject field (an Id: a string); an event that gives another
+            # is left to prepare_event, whose error words it (also when its time is out of the
+            # window: prepare_event reports the subject first)
+            given = models[i].subject
+            if given is not None and given != getattr(models[i].data, field):
+                del models[i]
+                continue
             window = check_event_time(models[i].time, received_at, False)
             if window is not None:  # prepare_event's own words for it
                 out[i] = InvalidEvent(window[0], window[1], models[i].id)
@@ -85,25 +94,18 @@ def prepare_events(items: Sequence[Any], tenant: str, *, received_at: datetime) 
         if not models:
             continue
         dumped: list[dict[str, Any]] = adapter.dump_python(list(models.values()), mode="json")
-        field = _SUBJECT_FIELD[event_type]
-        subject_kept: list[bool] = []
         for event in dumped:
             # Event's dump leaves out None (exclude_none) but keeps the data's None values
             # (data is a dict there): the envelope's optional fields are the only ones to drop.
             if event["datacontenttype"] is None:
                 del event["datacontenttype"]
-            # Event's rule: the subject is the data's subject field (an Id: a string); an event
-            # that gives another is left to prepare_event, whose error words it
-            subject, given = event["data"][field], event["subject"]
-            subject_kept.append(given is None or given == subject)
-            event["subject"] = subject
+            event["subject"] = event["data"][field]
         try:
             orjson.dumps(dumped)  # what cannot be encoded fails here (prepare_event checks each)
         except TypeError:  # orjson.JSONEncodeError is a TypeError
             continue  # left to prepare_event, event by event, below
-        for i, event, kept in zip(models, dumped, subject_kept, strict=True):
-            if kept:
-                out[i] = event
+        for i, event in zip(models, dumped, strict=True):
+            out[i] = event
     results: list[Prepared] = []
     for item, done in zip(items, out, strict=True):
         if done is None:

@@ -67,6 +67,10 @@ BAD = {
     "too old": _render(10, time="2026-09-01T00:00:00Z"),
     "in the future": _render(11, time="2026-11-30T07:06:00Z"),
     "subject mismatch": _render(12, subject="not-the-render"),
+    # two faults: prepare_event words the subject first (Event's validator), not the window
+    # (a case the property test below found once the rule had moved after the window check)
+    "subject mismatch, too old": _render(18, subject="not-the-render", time="2026-09-01T00:00:00Z"),
+    "subject mismatch, in the future": _render(19, subject="x", time="2026-11-30T07:06:00Z"),
     "extra field": _render(13, extra=1),
     "not an object": ["an", "array"],
     "id missing": {k: v for k, v in _render(14).items() if k != "id"},
