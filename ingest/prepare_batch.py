@@ -36,8 +36,9 @@ def _typed_event(event_type: EventType) -> TypeAdapter[list[Any]]:
     """``Event`` for one type, its ``data`` typed by the type's data model: the same fields,
     constraints and configuration, validated in one pass instead of ``Event``'s validation of
     ``data`` as a dict followed by the data model's, called from Python, and its dump.
-    ``Event``'s rule for the subject is applied after the dump (``prepare_events``), not by a
-    validator: a Python call per event from inside pydantic-core cost more than the rule."""
+    ``Event``'s rule for the subject is applied to the validated events (``prepare_events``,
+    before the time window, in ``Event``'s order), not by a validator: a Python call per event
+    from inside pydantic-core cost more than the rule."""
     fields: dict[str, Any] = {n: (f.annotation, f) for n, f in Event.model_fields.items()}
     fields["data"] = (DATA_MODELS[event_type], ...)
     model: type[BaseModel] = create_model(
