@@ -66,7 +66,7 @@ from aggregators.preflight import Preflight, isolate
 from aggregators.rollup import Ranges
 from aggregators.stage import Batch
 from aggregators.writer import ClickHouseWriter
-from schemas.clickhouse import Table
+from schemas.clickhouse import Table, chdb_path
 from schemas.validation import RejectCode
 from schemas.wire import is_control_lane
 
@@ -333,8 +333,8 @@ class BatchProcessor:
         if self.prepares_ahead:
             return True
         if connect is None:
-            path = getattr(self.writer.client, "path", None)  # clickhouse-connect's chdb client
-            if not isinstance(path, str) or not path or path == ":memory:":
+            path = chdb_path(self.writer.client)
+            if not path or path == ":memory:":
                 return False
             database = self.writer.db
 

@@ -39,7 +39,7 @@ from deploy.http_server import server_config
 from deploy.settings import CommonSettings, RunSettings
 from query_api.admin_token import ensure_admin_token
 from query_api.health import Status, build_health_router, clickhouse_check, kafka_check
-from schemas.clickhouse import connect, connect_part
+from schemas.clickhouse import chdb_path, connect, connect_part
 from schemas.meters import default_catalog
 from schemas.migrate import migrate
 
@@ -133,7 +133,7 @@ def open_part_clients(settings: RunSettings | Any, apply_migrations: bool = True
 def build_processor(settings: RunSettings | Any, client: Any, bootstrap: str) -> BatchProcessor:
     # the process's allocator, for batches of Kafka messages (deploy/allocator.py)
     set_mmap_threshold(getattr(settings, "malloc_mmap_threshold", 0))
-    embedded = isinstance(getattr(client, "path", None), str)  # clickhouse-connect's chdb client
+    embedded = chdb_path(client) is not None
     writer = ClickHouseWriter(
         client,
         settings.clickhouse_database,

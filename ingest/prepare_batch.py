@@ -79,18 +79,17 @@ def prepare_events(items: Sequence[Any], tenant: str, *, received_at: datetime) 
         adapter = _TYPED[event_type]
         models = _validate(adapter, items, positions, tenant)
         field = _SUBJECT_FIELD[event_type]
-        for i in list(models):
+        for i, model in list(models.items()):
             # Event's rule, checked where its validator runs, before the time window: the
             # subject is the data's subject field (an Id: a string); an event that gives another
             # is left to prepare_event, whose error words it (also when its time is out of the
             # window: prepare_event reports the subject first)
-            given = models[i].subject
-            if given is not None and given != getattr(models[i].data, field):
+            if model.subject is not None and model.subject != getattr(model.data, field):
                 del models[i]
                 continue
-            window = check_event_time(models[i].time, received_at, False)
+            window = check_event_time(model.time, received_at, False)
             if window is not None:  # prepare_event's own words for it
-                out[i] = InvalidEvent(window[0], window[1], models[i].id)
+                out[i] = InvalidEvent(window[0], window[1], model.id)
                 del models[i]
         if not models:
             continue

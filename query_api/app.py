@@ -32,7 +32,7 @@ from query_api.routers import (
     workspace_usage,
     workstations,
 )
-from schemas.clickhouse import connect_part
+from schemas.clickhouse import chdb_path, connect_part
 
 DOCUMENTED_ROUTERS: tuple[APIRouter, ...] = (
     workspace_stats.router,  # 000
@@ -48,13 +48,8 @@ def lookup_client_for(client: Client, database: str) -> Client:
     """A client for the API's lookups beside ``client``: with chdb, a connection handle of its own
     on the same engine (one handle runs one statement at a time, behind a lock); a server's client
     runs statements concurrently over its connection pool, so it serves both."""
-    path = getattr(client, "path", None)
-    if (
-        isinstance(path, str)
-        and path
-        and path != ":memory:"
-        and str(getattr(client, "uri", "")).startswith("chdb:")
-    ):
+    path = chdb_path(client)
+    if path and path != ":memory:":
         return connect_part(f"chdb://{path}", database)
     return client
 

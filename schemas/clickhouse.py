@@ -147,6 +147,17 @@ def connect(dsn: str, database: str, engine: EngineCaps | None = None, **kwargs:
         return client
 
 
+def chdb_path(client: Any) -> str | None:
+    """The data directory of a clickhouse-connect chdb client (the embedded engine in this
+    process; ``':memory:'`` or ``''`` for one in memory), None for a server's client: what decides
+    whether the engine's memory is the process's own and whether more handles can be opened on
+    it (``connect_part(f"chdb://{path}", ...)``)."""
+    path = getattr(client, "path", None)
+    if isinstance(path, str) and str(getattr(client, "uri", "")).startswith("chdb:"):
+        return path
+    return None
+
+
 def connect_part(
     dsn: str, database: str, settings: dict[str, Any] | None = None, engine: EngineCaps | None = None
 ) -> Client:

@@ -110,3 +110,17 @@ def test_plan_overage_rounds_up_to_a_cent() -> None:
     assert pro.overage_cents(pro.log_limit + 1) == 1
     assert pro.overage_cents(pro.log_limit + 2000) == 100
     assert plan_for("no-such-tier").tier == "free"
+
+
+def test_chdb_path_names_the_embedded_engine_only() -> None:
+    """``chdb_path``: the one test of "is this client the embedded engine" (the aggregator's
+    purge and stagers, the API's lookup handle): a chdb client's directory, None for a server's."""
+    from types import SimpleNamespace
+
+    from schemas.clickhouse import chdb_path
+
+    assert chdb_path(SimpleNamespace(path="/data/chdb", uri="chdb:///data/chdb")) == "/data/chdb"
+    assert chdb_path(SimpleNamespace(path=":memory:", uri="chdb://:memory:")) == ":memory:"
+    assert chdb_path(SimpleNamespace(path="/v1", uri="http://clickhouse:8123/v1")) is None  # a server
+    assert chdb_path(SimpleNamespace(uri="http://clickhouse:8123")) is None
+    assert chdb_path(SimpleNamespace(path=None, uri="chdb://")) is None
