@@ -128,6 +128,15 @@ class Prepared:
     rows_table: str  # where the accepted events wait (the stager's rows table)
 
 
+class WrittenMeanwhile(Exception):
+    """Another process wrote partitions of the batch while it was being applied (the fence,
+    ``process`` step 4a): nothing of it was written; it is applied again from the watermarks."""
+
+    def __init__(self, partitions: Sequence[int]) -> None:
+        super().__init__(f"partitions {list(partitions)} were written by another process during the batch")
+        self.partitions = list(partitions)
+
+
 class BatchProcessor:
     def __init__(
         self,
@@ -265,6 +274,17 @@ class BatchProcessor:
             rejections.dead_letter(self.dead_letters, self.writer, refused_rejects, fresh, now)
             storage_rejects.extend(refused_rejects)
         stats.refused = len(storage_rejects)
+
+        # 4a. The fence: nobody else wrote the batch's partitions since it began. The ownership
+        # rules (aggregators/app.py) give a live member its partitions alone; a member frozen longer
+        # than its session timeout (SIGSTOP, a long VM or GC pause) lost them without knowing and,
+        # resumed, goes on with its batch, its watermarks and its new rows judged before the new
+        # owner wrote the same offsets: both would insert them (the chaos suite's SIGSTOP
+        # scenario, docs/exactly-once.md). Found here, nothing of the batch is written yet: it is
+        # applied again from the watermarks as they are (process_with_retry).
+        moved = self.writer.raw_moved(raw_wm)
+        if moved:
+            raise WrittenMeanwhile(moved)
 
         # 4b. the copies dedupe drops, recorded; then the new events into events_raw: one statement
         self.writer.record_duplicates(now, excluded, [m.timestamp_ms for m in fresh])
@@ -550,6 +570,17 @@ class BatchProcessor:
         while True:
             try:
                 stats = self.process(messages, ahead)
+            except WrittenMeanwhile as exc:
+                # Not an outage: the partitions moved on under this batch. Applied again at once
+                # from the watermarks as they are now (what another process wrote is skipped by
+                # offset, or dropped by the dedupe); unless the caller gives up (a revocation,
+                # which is what usually follows).
+                log.warning("%s; applying it again from their watermarks", exc)
+                self.writer.forget()
+                ahead = None
+                if should_stop():
+                    return None
+                continue
             except Exception as exc:  # the engine's and the driver's errors have no common base
                 metrics.CLICKHOUSE_ERRORS.inc()
                 self._stalled(exc)

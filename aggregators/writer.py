@@ -375,6 +375,24 @@ class ClickHouseWriter:
                 cache[p] = found.get(p, NO_OFFSET)
         return {p: cache[p] for p in partitions}
 
+    def raw_moved(self, since: dict[int, int]) -> list[int]:
+        """The partitions of ``since`` (raw watermark per partition, as a batch began) whose
+        watermark in events_raw is another now: read from the table, never the cache. Nobody but
+        this process writes them while it owns them, so a move means it lost them without knowing
+        (processor.py, the fence); their cached watermarks are dropped."""
+        if not since:
+            return []
+        rows = self.client.query(
+            f"SELECT src_partition, max(src_offset) FROM {self.db}.{Table.EVENTS_RAW} "
+            "WHERE src_partition IN {ps:Array(Int32)} GROUP BY src_partition",
+            parameters={"ps": sorted(since)},
+        ).result_rows
+        now = {int(p): int(o) for p, o in rows}
+        moved = sorted(p for p, wm in since.items() if now.get(p, NO_OFFSET) != wm)
+        if moved:  # (forget drops the stage of the new rows too: only when the batch stops here)
+            self.forget(moved)
+        return moved
+
     def forget(self, partitions: Iterable[int] | None = None) -> None:
         """Drop cached watermarks (after an error or when partitions move to another process)."""
         self._staged_since = None
