@@ -365,15 +365,20 @@ class ClickHouseWriter:
         cache = self._wm[table]
         missing = sorted(set(partitions) - set(cache))
         if missing:
-            rows = self.client.query(
-                f"SELECT src_partition, max(src_offset) FROM {self.db}.{table} "
-                "WHERE src_partition IN {ps:Array(Int32)} GROUP BY src_partition",
-                parameters={"ps": missing},
-            ).result_rows
-            found = {int(p): int(o) for p, o in rows}
+            found = self._read_watermarks(table, missing)
             for p in missing:
                 cache[p] = found.get(p, NO_OFFSET)
         return {p: cache[p] for p in partitions}
+
+    def _read_watermarks(self, table: Table, partitions: list[int]) -> dict[int, int]:
+        """The highest offset ``table`` holds per partition of ``partitions`` (those it holds any
+        of), read from the table (its ``p_watermark`` projection), never the cache."""
+        rows = self.client.query(
+            f"SELECT src_partition, max(src_offset) FROM {self.db}.{table} "
+            "WHERE src_partition IN {ps:Array(Int32)} GROUP BY src_partition",
+            parameters={"ps": partitions},
+        ).result_rows
+        return {int(p): int(o) for p, o in rows}
 
     def raw_moved(self, since: dict[int, int]) -> list[int]:
         """The partitions of ``since`` (raw watermark per partition, as a batch began) whose
@@ -382,12 +387,7 @@ class ClickHouseWriter:
         (processor.py, the fence); their cached watermarks are dropped."""
         if not since:
             return []
-        rows = self.client.query(
-            f"SELECT src_partition, max(src_offset) FROM {self.db}.{Table.EVENTS_RAW} "
-            "WHERE src_partition IN {ps:Array(Int32)} GROUP BY src_partition",
-            parameters={"ps": sorted(since)},
-        ).result_rows
-        now = {int(p): int(o) for p, o in rows}
+        now = self._read_watermarks(Table.EVENTS_RAW, sorted(since))
         moved = sorted(p for p, wm in since.items() if now.get(p, NO_OFFSET) != wm)
         if moved:  # (forget drops the stage of the new rows too: only when the batch stops here)
             self.forget(moved)
