@@ -28,7 +28,13 @@ def _run(parts: set[str], settings: RunSettings, start_local_kafka: bool) -> Non
 
     setup_logging(settings.log_level, settings.log_json)
     try:
-        asyncio.run(serve(settings, {Part(p) for p in parts}, start_local_kafka))
+        main = serve(settings, {Part(p) for p in parts}, start_local_kafka)
+        if settings.event_loop == "uvloop":
+            import uvloop
+
+            uvloop.run(main)
+        else:
+            asyncio.run(main)
     except Exception as exc:  # a clear one-line reason, not a traceback, for start-up failures
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc

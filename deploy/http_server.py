@@ -1,19 +1,26 @@
 """The HTTP server of every process, configured from settings against slow and idle clients.
 
-uvicorn (0.54) brings two of the three bounds a public HTTP server needs: a keep-alive timeout
-(an idle connection between two requests is closed) and a concurrency limit (a request arriving
-while ``limit_concurrency`` connections are open, or requests running, is answered 503). It has no
+uvicorn (0.54) brings two of the bounds a public HTTP server needs: a keep-alive timeout (an idle
+connection between two requests is closed) and a concurrency limit (a request arriving while
+``limit_concurrency`` connections are open, or requests running, is answered 503). It has no
 bound on the time a client may take to send a request head: a client that opens a connection and
 sends nothing, or sends its headers one byte a second, holds the connection for ever, and enough
 of them hold every one the server can keep (slowloris).
 
-``HeaderTimeoutH11Protocol`` adds that bound to uvicorn's h11 protocol, the one uvicorn uses here
-(``httptools`` is not installed): a connection whose request head is not complete within
-``header_timeout_s`` of the moment the server started waiting for it (the connection opened, or
-the first byte of the next request on a kept-alive connection arrived) is closed without an
-answer. A kept-alive connection that sends nothing stays bounded by the keep-alive timeout alone.
+``BoundedHeadProtocol`` is uvicorn's httptools protocol (its C parser, llhttp: cheaper per request
+than the pure-Python h11, docs/performance.md "HTTP ingest") with the bounds a request head
+needs:
 
-The request body is not bounded here; a reverse proxy in front adds that (deploy/README.md).
+- **time**: a connection whose request head is not complete within ``header_timeout_s`` of the
+  moment the server started waiting for it (the connection opened, or the first byte of the next
+  request on a kept-alive connection arrived) is closed without an answer. A kept-alive
+  connection that sends nothing stays bounded by the keep-alive timeout alone.
+- **size**: a head (request line and headers) larger than ``max_head_bytes`` is answered ``431``
+  and the connection closed. h11 had this bound built in (16 KiB); llhttp has none, and uvicorn
+  keeps every header it is given.
+
+The request body is not bounded here; the ingest bounds what it reads (``ingest_max_body_bytes``)
+and a reverse proxy in front adds the rest (deploy/README.md).
 """
 
 from __future__ import annotations
@@ -22,67 +29,137 @@ import asyncio
 import logging
 from typing import Any
 
-import h11
+import httptools
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from deploy.settings import HttpSettings
 
 log = logging.getLogger(__name__)
 
 
-class HeaderTimeoutH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection whose request head is late (see module doc).
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a head over the bound."""
 
-    ``header_timeout_s`` is set on a subclass by ``header_timeout_protocol``: uvicorn builds one
-    protocol object per connection from the class it is given, with no room for extra arguments.
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, bounding a request head in time and size (see module doc).
+
+    ``header_timeout_s`` and ``max_head_bytes`` are set on a subclass by ``bounded_head_protocol``:
+    uvicorn builds one protocol object per connection from the class it is given, with no room
+    for extra arguments.
     """
 
     header_timeout_s: float = 10.0
+    max_head_bytes: int = 16384
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
+        # Bytes of the head being received, None between heads (after one is complete, until
+        # the first byte of the next): counted twice over, as data arrives (a head that never
+        # ends) and as the parser hands its parts over (a head that ends in the chunk that
+        # also brings the body: the chunk's size says nothing about the head's then).
+        self._head_received: int | None = None
+        self._head_parsed = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()  # a connection that never sends a byte is bounded too
+        self._head_started()  # a connection that never sends a byte is bounded too
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and self.conn.their_state is h11.IDLE:
-            self._arm()  # the first byte of the next request on a kept-alive connection
-        super().data_received(data)
-        self._disarm_if_head_complete()
+        # uvicorn's, with the head's size checked
+        self._unset_keepalive_if_required()
+        idle = not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+        if self._head_received is None and idle:
+            self._head_started()  # the first byte of the next request on a kept-alive connection
+        if self._head_received is not None:
+            self._head_received += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._too_large()
+                return
+            self._invalid()
+            return
+        except httptools.HttpParserError:
+            self._invalid()
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self._head_received is not None and self._head_received > self.max_head_bytes:
+            self._too_large()
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        # A pipelined next request may already be buffered in part: its head is timed as well.
-        pending = self.conn.trailing_data[0] and self.conn.their_state is h11.IDLE
-        if pending and self._head_timer is None and not self.transport.is_closing():
-            self._arm()
-        self._disarm_if_head_complete()
+    def on_message_begin(self) -> None:
+        # the first byte of a request whose head is not timed yet: one pipelined behind another
+        if self._head_received is None:
+            self._head_started()
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._parsed(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._parsed(len(name) + len(value) + 4)  # "name: value\r\n"
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        self._head_received = None
+        super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    def _arm(self) -> None:
+    def _head_started(self) -> None:
         self._disarm()
+        self._head_received, self._head_parsed = 0, 0
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _parsed(self, n: int) -> None:
+        self._head_parsed += n
+        if self._head_parsed > self.max_head_bytes:
+            raise _HeadTooLarge  # out of the parser: data_received answers 431
 
     def _disarm(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _disarm_if_head_complete(self) -> None:
-        # h11 leaves IDLE for the client as soon as it has parsed a whole request head.
-        if self.conn.their_state is not h11.IDLE:
-            self._disarm()
+    def _too_large(self) -> None:
+        self._disarm()
+        self._head_received = None
+        if not self.transport.is_closing():
+            # DEBUG, as for the timeout: a flood of these is an attack, not news
+            log.debug(
+                "closed a connection from %s: request head over %d bytes", self.client, self.max_head_bytes
+            )
+            body = f"the request head is larger than {self.max_head_bytes} bytes".encode()
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"content-type: text/plain; charset=utf-8\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            )
+            self.transport.close()
+
+    def _invalid(self) -> None:
+        self._disarm()
+        self._head_received = None
+        if not self.transport.is_closing():
+            msg = "Invalid HTTP request received."  # uvicorn's words, log line and answer
+            self.logger.warning(msg)
+            self.send_400_response(msg)  # and it closes
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        if self._head_received is not None and not self.transport.is_closing():
             # DEBUG: a flood of these is the attack itself; one line each would only add to it.
             log.debug(
                 "closed a connection from %s: no complete request head within %.1f s",
@@ -92,13 +169,14 @@ class HeaderTimeoutH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def header_timeout_protocol(header_timeout_s: float) -> type[HeaderTimeoutH11Protocol]:
+def bounded_head_protocol(header_timeout_s: float, max_head_bytes: int) -> type[BoundedHeadProtocol]:
     """The protocol class to pass as ``uvicorn.Config(http=...)``."""
 
-    class Protocol(HeaderTimeoutH11Protocol):
+    class Protocol(BoundedHeadProtocol):
         pass
 
     Protocol.header_timeout_s = header_timeout_s
+    Protocol.max_head_bytes = max_head_bytes
     return Protocol
 
 
@@ -110,7 +188,7 @@ def server_config(app: Any, settings: HttpSettings) -> uvicorn.Config:
         port=settings.http_port,
         log_level="warning",
         lifespan="on",
-        http=header_timeout_protocol(settings.http_header_timeout_s),
+        http=bounded_head_protocol(settings.http_header_timeout_s, settings.http_max_head_bytes),
         timeout_keep_alive=settings.http_keepalive_timeout_s,
         limit_concurrency=settings.http_limit_concurrency,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -174,10 +174,20 @@ class CommonSettings(BaseSettings):
 class HttpSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="METERING_", env_file=".env", extra="ignore")
 
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        default="uvloop",
+        description="The process's event loop (HTTP, the aggregator's consumer): uvloop, cheaper per "
+        "request, or Python's own asyncio.",
+    )
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
     http_header_timeout_s: float = Field(
         default=10.0, gt=0, description="A connection whose request head is not complete by then is closed."
+    )
+    http_max_head_bytes: int = Field(
+        default=16384,
+        ge=1024,
+        description="A request head (request line and headers) larger than this is answered 431.",
     )
     http_keepalive_timeout_s: int = Field(
         default=5, ge=1, description="An idle connection between two requests is closed after this."

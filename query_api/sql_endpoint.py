@@ -520,10 +520,11 @@ def bind_socket(settings: Any) -> socket.socket:
 
 
 def sql_server_config(app: Starlette, settings: Any) -> Any:
-    """uvicorn's configuration for the endpoint: the HTTP timeouts and limits of the API's."""
+    """uvicorn's configuration for the endpoint: the HTTP timeouts and limits of the API's (the
+    request head's time and size bounds included, deploy/http_server.py)."""
     import uvicorn
 
-    from deploy.http_server import header_timeout_protocol
+    from deploy.http_server import bounded_head_protocol
 
     return uvicorn.Config(
         app,
@@ -531,7 +532,7 @@ def sql_server_config(app: Starlette, settings: Any) -> Any:
         port=settings.sql_port,
         log_level="warning",
         lifespan="off",
-        http=header_timeout_protocol(settings.http_header_timeout_s),
+        http=bounded_head_protocol(settings.http_header_timeout_s, settings.http_max_head_bytes),
         timeout_keep_alive=settings.http_keepalive_timeout_s,
         limit_concurrency=settings.http_limit_concurrency,
     )

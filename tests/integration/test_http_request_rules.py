@@ -14,6 +14,7 @@ a stand-in Kafka producer (no broker, no ClickHouse: these rules are decided bef
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
@@ -310,16 +311,123 @@ def test_requests_beyond_the_concurrency_limit_get_503() -> None:
             time.sleep(0.05)
 
 
+def test_a_kept_alive_connections_next_head_is_timed_too() -> None:
+    """The head timer starts again at the first byte of the next request on the connection."""
+    with (
+        live_server(http_header_timeout_s=1.0, http_keepalive_timeout_s=30) as (base, _),
+        socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as conn,
+    ):
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        conn.settimeout(5)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(1.5)  # idle longer than the head timeout: only the keep-alive bounds this
+        started = time.monotonic()
+        conn.sendall(b"GET /hea")  # then the next head starts, and stops
+        assert closed_by_server(conn, 5.0)
+        assert time.monotonic() - started < 3.0
+
+
+def test_pipelined_requests_are_each_answered() -> None:
+    with (
+        live_server() as (base, _),
+        socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as conn,
+    ):
+        conn.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 2
+            + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        conn.settimeout(5)
+        got = b""
+        while chunk := conn.recv(65536):
+            got += chunk
+        assert got.count(b"HTTP/1.1 200") == 3, got
+
+
+# ---- 3b. the size of a request head ---------------------------------------------------------------
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """What the server sends until it closes (or 5 s pass)."""
+    sock.settimeout(5)
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except (TimeoutError, OSError):
+        pass
+    return got
+
+
+def _head(extra: int) -> bytes:
+    return (
+        f"POST {EVENTS_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nX-Pad: {'a' * extra}\r\n"
+    ).encode()
+
+
+def test_a_head_over_the_bound_is_431_and_the_server_goes_on() -> None:
+    with live_server(http_max_head_bytes=4096) as (base, sender):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(_head(5000) + b"Content-Length: 2\r\n\r\n{}")  # head and body in one send
+            answer = _answer(conn)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert b"larger than 4096 bytes" in answer
+        assert sender.sent == []
+        ok = post(base, orjson.dumps(event("after-431")), "application/json")
+        assert ok.status_code == 202, ok.text
+
+
+def test_a_head_that_never_ends_is_cut_off_near_the_bound() -> None:
+    """A header value streamed without end: answered 431 once the head passes the bound, not
+    when the client stops (memory held per connection stays near the bound)."""
+    with live_server(http_max_head_bytes=4096, http_header_timeout_s=30.0) as (base, _):
+        with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as conn:
+            conn.sendall(_head(10)[:-2] + b"b" * 1000)  # the X-Pad value goes on and on
+            sent = 0
+            with contextlib.suppress(OSError):
+                for _ in range(200):  # 200 KiB more, if the server let it
+                    conn.sendall(b"b" * 1024)
+                    sent += 1024
+                    time.sleep(0.005)
+            answer = _answer(conn)
+        assert answer.startswith(b"HTTP/1.1 431 "), (sent, answer[:200])
+
+
+def test_a_head_under_the_bound_is_served() -> None:
+    with live_server(http_max_head_bytes=16384) as (base, sender):
+        r = httpx.post(
+            base + EVENTS_PATH,
+            content=orjson.dumps(event("padded")),
+            headers={**AUTH, "Content-Type": "application/json", "X-Pad": "a" * 12000},
+            timeout=10,
+        )
+        assert r.status_code == 202, r.text
+        assert [e["id"] for e in sender.sent] == ["padded"]
+
+
+def test_a_malformed_request_is_400() -> None:
+    with (
+        live_server() as (base, _),
+        socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as conn,
+    ):
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost x\r\n\r\n")  # a header without its colon
+        assert _answer(conn).startswith(b"HTTP/1.1 400 ")
+
+
 def test_the_limits_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METERING_HTTP_HEADER_TIMEOUT_S", "3.5")
     monkeypatch.setenv("METERING_HTTP_KEEPALIVE_TIMEOUT_S", "7")
     monkeypatch.setenv("METERING_HTTP_LIMIT_CONCURRENCY", "42")
+    monkeypatch.setenv("METERING_HTTP_MAX_HEAD_BYTES", "8192")
     config = server_config(FastAPI(), RunSettings())
     assert (config.timeout_keep_alive, config.limit_concurrency) == (7, 42)
     assert isinstance(config.http, type) and config.http.header_timeout_s == 3.5  # type: ignore[attr-defined]
+    assert config.http.max_head_bytes == 8192  # type: ignore[attr-defined]
     fields = IngestSettings.model_fields
     defaults = [fields[f"http_{name}"].default for name in ("header_timeout_s", "keepalive_timeout_s")]
     assert [*defaults, fields["http_limit_concurrency"].default] == [10.0, 5, 1000]
+    assert fields["http_max_head_bytes"].default == 16384  # h11's bound, which uvicorn had before
 
 
 # ---- 5. a client that disconnects in the middle of its body -------------------------------------
