@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from deploy import collector
 from deploy.logging import setup_logging
 from deploy.settings import (
     AggregatorSettings,
@@ -27,6 +28,7 @@ def _run(parts: set[str], settings: RunSettings, start_local_kafka: bool) -> Non
     from deploy.runner import Part, serve
 
     setup_logging(settings.log_level, settings.log_json)
+    collector.set_thresholds()  # a server's settings for Python's cyclic GC (deploy/collector.py)
     try:
         main = serve(settings, {Part(p) for p in parts}, start_local_kafka)
         if settings.event_loop == "uvloop":

@@ -34,6 +34,7 @@ from aggregators.processor import BatchProcessor
 from aggregators.supervisor import AggregatorPart
 from aggregators.watchdog import Watchdog, describe, describe_troubles
 from aggregators.writer import ClickHouseWriter
+from deploy import collector
 from deploy.allocator import set_mmap_threshold
 from deploy.http_server import server_config
 from deploy.settings import CommonSettings, RunSettings
@@ -263,6 +264,8 @@ async def serve(settings: RunSettings, parts: set[Part], start_local_kafka: bool
         # The SQL endpoint for analysts, when this process holds the embedded engine (issue 9).
         sql_server, sql_task, sql_line = await _start_sql_endpoint(settings, parts, closers)
         print(_banner(settings, bootstrap, parts, admin_token) + sql_line, flush=True)
+        # what start-up built stays for the process's life: out of the collector's walks
+        log.debug("objects frozen after start-up: %d", collector.freeze_startup())
         await stop.wait()
         print("stopping…", flush=True)
         if sql_server is not None:
