@@ -332,12 +332,16 @@ def _run(
     import httpx
     import uvicorn
 
+    from deploy import collector
     from deploy.settings import QuerySettings
     from ingest.demo import build_requests
     from query_api.app import create_app
     from schemas.clickhouse import connect
     from schemas.migrate import migrate
 
+    # Python's collector as `metering run` sets it (deploy/collector.py): the thresholds now, the
+    # world and the server frozen once built (below)
+    collector.set_thresholds()
     dsn = f"chdb://{data_dir}"
     settings = QuerySettings(clickhouse_dsn=dsn, query_rate_limit_per_minute=10**9)
     client = connect(dsn, settings.clickhouse_database)
@@ -357,6 +361,7 @@ def _run(
     while not server.started:
         time.sleep(0.05)
     requests = build_requests(world, f"http://127.0.0.1:{port}", now)
+    collector.freeze_startup()
     p50: dict[str, float] = {}
     p99: dict[str, float] = {}
     with httpx.Client(timeout=30) as http:
@@ -377,12 +382,13 @@ def _run(
     out: dict[str, Any] = {"events": total, "p50": p50, "p99": p99}
     if bootstrap and ingest_rate > 0:
         # the same requests to the same server, while an aggregator of this process ingests
-        import asyncio
-
         from bench.under_ingest import measure
 
         say(f"queries while ingesting {ingest_rate:,.0f} events/s (half the peak), all parts in one process…")
-        out["under_ingest"] = asyncio.run(
+        import uvloop
+
+        # on uvloop, as `metering run`'s loop (METERING_EVENT_LOOP's default)
+        out["under_ingest"] = uvloop.run(
             measure(dsn, settings.clickhouse_database, requests, bootstrap, ingest_rate, say)
         )
     server.should_exit = True
