@@ -18,6 +18,8 @@ needs:
 - **size**: a head (request line and headers) larger than ``max_head_bytes`` is answered ``431``
   and the connection closed. h11 had this bound built in (16 KiB); llhttp has none, and uvicorn
   keeps every header it is given.
+- **version**: HTTP/1.0 and 1.1 only. llhttp also takes a request line without a version
+  (HTTP/0.9) or with 2.0 and up, which h11 refused: they are answered ``505``.
 
 The request body is not bounded here; the ingest bounds what it reads (``ingest_max_body_bytes``)
 and a reverse proxy in front adds the rest (deploy/README.md).
@@ -38,8 +40,13 @@ from deploy.settings import HttpSettings
 log = logging.getLogger(__name__)
 
 
-class _HeadTooLarge(Exception):
-    """Raised from a parser callback to stop parsing a head over the bound."""
+class _Refused(Exception):
+    """An answer given by the protocol itself, and the connection closed: raised from a parser
+    callback, it stops the parsing (``data_received`` answers)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
@@ -78,8 +85,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeadTooLarge):
-                self._too_large()
+            if isinstance(exc.__context__, _Refused):
+                self._refuse(exc.__context__)
                 return
             self._invalid()
             return
@@ -93,7 +100,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
             return
         if self._head_received is not None and self._head_received > self.max_head_bytes:
-            self._too_large()
+            self._refuse(self._too_large())
 
     def on_message_begin(self) -> None:
         # the first byte of a request whose head is not timed yet: one pipelined behind another
@@ -112,6 +119,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         self._head_received = None
+        # llhttp also takes a request line without a version (HTTP/0.9) or with 2.0 and up; h11,
+        # uvicorn's other parser, refused them: so does this server (RFC 9110, 15.6.6)
+        version = self.parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise _Refused(
+                505, "HTTP Version Not Supported", f"HTTP/{version} is not served here: use HTTP/1.1"
+            )
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -126,26 +140,32 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _parsed(self, n: int) -> None:
         self._head_parsed += n
         if self._head_parsed > self.max_head_bytes:
-            raise _HeadTooLarge  # out of the parser: data_received answers 431
+            raise self._too_large()  # out of the parser: data_received answers 431
+
+    def _too_large(self) -> _Refused:
+        return _Refused(
+            431,
+            "Request Header Fields Too Large",
+            f"the request head is larger than {self.max_head_bytes} bytes",
+        )
 
     def _disarm(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _too_large(self) -> None:
+    def _refuse(self, refused: _Refused) -> None:
         self._disarm()
         self._head_received = None
         if not self.transport.is_closing():
             # DEBUG, as for the timeout: a flood of these is an attack, not news
-            log.debug(
-                "closed a connection from %s: request head over %d bytes", self.client, self.max_head_bytes
-            )
-            body = f"the request head is larger than {self.max_head_bytes} bytes".encode()
+            log.debug("answered %s %d: %s", self.client, refused.status, refused.message)
+            body = refused.message.encode()
             self.transport.write(
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"HTTP/1.1 %d %s\r\n"
                 b"content-type: text/plain; charset=utf-8\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                % (refused.status, refused.reason.encode(), len(body), body)
             )
             self.transport.close()
 

@@ -415,6 +415,27 @@ def test_a_malformed_request_is_400() -> None:
         assert _answer(conn).startswith(b"HTTP/1.1 400 ")
 
 
+@pytest.mark.parametrize("line", [b"GET /healthz", b"GET /healthz HTTP/2.0"])
+def test_a_request_line_of_another_http_version_is_505(line: bytes) -> None:
+    """What the parser takes beyond HTTP/1.x (others, e.g. 3.0, it refuses itself: 400)."""
+    with (
+        live_server() as (base, _),
+        socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as conn,
+    ):
+        conn.sendall(line + b"\r\nHost: x\r\n\r\n")
+        answer = _answer(conn)
+    assert answer.startswith(b"HTTP/1.1 505 "), answer[:200]
+
+
+def test_http_1_0_is_served() -> None:
+    with (
+        live_server() as (base, _),
+        socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as conn,
+    ):
+        conn.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert _answer(conn).startswith(b"HTTP/1.1 200 ")
+
+
 def test_the_limits_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METERING_HTTP_HEADER_TIMEOUT_S", "3.5")
     monkeypatch.setenv("METERING_HTTP_KEEPALIVE_TIMEOUT_S", "7")
