@@ -61,8 +61,9 @@ def test_the_collector_is_set_for_a_server(monkeypatch: pytest.MonkeyPatch) -> N
 def test_freezing_takes_what_is_alive_out_of_the_collectors_walks() -> None:
     kept = [[i] for i in range(1000)]  # containers alive at "start-up"
     try:
-        frozen = collector.freeze_startup()
-        assert frozen >= 1000 and gc.get_freeze_count() == frozen
+        # at least the test's own (other threads of the worker may free frozen objects meanwhile:
+        # the count is no fixed figure)
+        assert collector.freeze_startup() >= 1000
         tracked = {id(o) for o in gc.get_objects()}  # what a full collection walks
         assert not any(id(k) in tracked for k in kept)
         fresh = [0]
