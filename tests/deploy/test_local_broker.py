@@ -328,7 +328,12 @@ def _produce_and_consume(bootstrap: str) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     futures = admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
     futures[topic].result(timeout=30)
-    assert topic in admin.list_topics(timeout=10).topics
+    # created is not yet listed: the broker's metadata may lag its controller a moment (CI once
+    # listed no topic at all right after the creation)
+    deadline = time.monotonic() + 10
+    while topic not in admin.list_topics(timeout=10).topics:
+        assert time.monotonic() < deadline, f"{topic} not listed 10 s after its creation"
+        time.sleep(0.1)
 
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
     producer.produce(topic, key=b"k", value=b"hello")
