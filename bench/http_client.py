@@ -6,7 +6,7 @@ on its request and response models, which a service sending usage from another m
 take from the server. This client writes the request's bytes itself and reads the answer with
 httptools (llhttp, the parser the server uses), so the load generator costs a few µs per event.
 
-Only what the benchmarks send: a request with a body of known length, an answer with
+Only what the benchmarks send: a request with a body of known length or none, an answer with
 Content-Length or chunked framing. Anything else (a parse error, a closed connection) fails the
 request with ``HttpClientError``, which the caller counts as a failed request.
 """
@@ -69,7 +69,8 @@ class _Answer(asyncio.Protocol):
 
 
 class Connection:
-    """``async with Connection(url, headers) as c: status, body = await c.post(path, body)``.
+    """``async with Connection(url, headers) as c: status, body = await c.post(path, body)``
+    (or ``await c.request("GET", "/path?query")``).
 
     A request that fails closes the connection (a late answer must not be read as the next
     request's); the next request opens a new one, as httpx's pool does."""
@@ -102,15 +103,27 @@ class Connection:
 
     async def post(self, path: str, body: bytes, timeout: float = 30) -> tuple[int, bytes]:
         """(status, body) of the answer; raises ``HttpClientError`` or ``TimeoutError``."""
+        return await self.request("POST", path, body, timeout)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        timeout: float = 30,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, bytes]:
+        """(status, body) of the answer to ``method path`` (``path`` with its query string),
+        ``headers`` added to the connection's; raises ``HttpClientError`` or ``TimeoutError``."""
         answer = self._answer
         if answer is None or answer.transport is None or answer.transport.is_closing():
             answer = await self._connect()
         request = b"".join(
             (
-                f"POST {path} HTTP/1.1\r\n".encode("latin-1"),
+                f"{method} {path} HTTP/1.1\r\n".encode("latin-1"),
                 self._head,
-                b"Content-Length: %d\r\n\r\n" % len(body),
-                body,
+                "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode("latin-1"),
+                b"\r\n" if body is None else b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
             )
         )
         try:

@@ -7,8 +7,9 @@ part, ``schemas.clickhouse.connect_part``), with every part kept off the others'
 - the faust aggregator on this process's main event loop, its batches applied in a thread
   (aggregators/app.py), with the aggregator's engine settings (``aggregator_engine_settings``);
 - the query API's HTTP server (uvicorn) in a thread with an event loop of its own (queries.py);
-- the timed client in another thread (sequential requests over real HTTP, each documented
-  endpoint in turn), so no request waits on the aggregator's loop, nor the aggregator on it.
+- the timed client in a process of its own (bench/timed_client.py: sequential requests over real
+  HTTP, each documented endpoint in turn), as a user's client is: no request waits for this
+  process's GIL to be sent or to be read, nor the aggregator for the client's work.
 A producer process sends synthetic usage (bench/produce.py, tenants the requests do not read) at
 the given rate, half the pipeline's measured peak, for ``BENCH_UNDER_INGEST_SECONDS`` (default
 20); requests are timed while it sends. Every event it sent must be counted in ``usage_15m`` by
@@ -51,9 +52,8 @@ async def measure(
 ) -> dict[str, Any]:
     """The documented endpoints' latency (``requests``: bench/queries.py's, against its running
     server) while an aggregator of this process ingests ``rate`` events/s from ``bootstrap``."""
-    import httpx
-
     from aggregators.app import build_app
+    from bench import timed_client
     from bench.pipeline import _producer, bench_settings
     from deploy.runner import build_processor
     from ingest.kafka_config import ensure_topics
@@ -81,7 +81,8 @@ async def measure(
     processor = build_processor(settings, aggregator_client, bootstrap)
     app = build_app(settings, bootstrap, processor)
     seconds = float(os.environ.get("BENCH_UNDER_INGEST_SECONDS", "20"))
-    samples: dict[str, list[float]] = {name: [] for name in requests}
+    samples: dict[str, list[float]] = {}
+    timer: Any = None  # the timed client's process
 
     producer: Any = None
     await app.start()
@@ -95,20 +96,13 @@ async def measure(
             bootstrap, topic, int(rate * seconds), rate, max(1, min(500, int(rate / 20))), "u"
         )
 
-        def timed_requests() -> None:
-            with httpx.Client(timeout=30) as http:
-                while producer.poll() is None:
-                    for name, req in requests.items():
-                        t0 = time.perf_counter()
-                        r = http.request(req["method"], req["url"], headers=req["headers"])
-                        elapsed_ms = (time.perf_counter() - t0) * 1000
-                        if r.status_code != 200:
-                            raise RuntimeError(f"{name}: {r.status_code} {r.text[:200]}")
-                        samples[name].append(elapsed_ms)
-
+        # timed from a process of its own (bench/timed_client.py) for as long as the producer sends
         began = time.perf_counter()
-        await asyncio.to_thread(timed_requests)
+        timer = timed_client.start(requests, None)
+        await asyncio.to_thread(producer.wait)
         sent_at = time.perf_counter()
+        samples = await asyncio.to_thread(timed_client.collect, timer)
+        timer = None
         sending_s = sent_at - began
         sent = int(orjson.loads((producer.stdout.read() if producer.stdout else b"") or b"{}").get("sent", 0))
         n = counted_when_sent = await asyncio.to_thread(counted)
@@ -125,6 +119,9 @@ async def measure(
                 say(f"  waiting for the aggregator: {n:,} of the {sent:,} events sent counted")
         catch_up_s = time.perf_counter() - sent_at
     finally:
+        if timer is not None and timer.poll() is None:
+            timer.kill()
+            timer.wait()
         if producer is not None and producer.poll() is None:
             producer.kill()  # (a request failed): it would keep reconnecting once the broker stops
             producer.wait()
