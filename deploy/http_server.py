@@ -50,15 +50,17 @@ class _Refused(Exception):
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, bounding a request head in time and size (see module doc).
+    """uvicorn's httptools protocol, bounding a request head in time and size and refusing
+    versions other than HTTP/1.0 and 1.1 (see the module doc).
 
     ``header_timeout_s`` and ``max_head_bytes`` are set on a subclass by ``bounded_head_protocol``:
     uvicorn builds one protocol object per connection from the class it is given, with no room
     for extra arguments.
     """
 
-    header_timeout_s: float = 10.0
-    max_head_bytes: int = 16384
+    # the settings' defaults, for a class used as it is (bounded_head_protocol sets both)
+    header_timeout_s: float = HttpSettings.model_fields["http_header_timeout_s"].default
+    max_head_bytes: int = HttpSettings.model_fields["http_max_head_bytes"].default
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
