@@ -293,6 +293,7 @@ def bench_settings(bootstrap: str, topic: str, dsn: str, **more: Any) -> Any:
 async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> dict[str, Any]:
     from aggregators import metrics
     from aggregators.app import build_app
+    from deploy import collector
     from deploy.runner import build_processor
     from schemas.clickhouse import connect
     from schemas.migrate import migrate
@@ -312,6 +313,7 @@ async def run_pipeline(bootstrap: str, events: int, per_message: int = 500) -> d
     try:
         clock = StageClock(processor, app)
         await asyncio.sleep(3)  # group join
+        collector.freeze_startup()  # as deploy/runner.py once the process serves
         rss_start = proc.memory_info().rss / 2**20
         rss_start_parts = rss_parts(client)
         db = settings.clickhouse_database
