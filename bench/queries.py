@@ -377,11 +377,12 @@ def _run(
         from bench.under_ingest import measure
 
         say(f"queries while ingesting {ingest_rate:,.0f} events/s (half the peak), all parts in one process…")
-        import uvloop
+        from deploy import event_loop
 
-        # on uvloop, as `metering run`'s loop (METERING_EVENT_LOOP's default)
-        out["under_ingest"] = uvloop.run(
-            measure(dsn, settings.clickhouse_database, requests, bootstrap, ingest_rate, say)
+        # on the loop `metering run` runs on (METERING_EVENT_LOOP, uvloop by default)
+        out["under_ingest"] = event_loop.run(
+            measure(dsn, settings.clickhouse_database, requests, bootstrap, ingest_rate, say),
+            settings.event_loop,
         )
     server.should_exit = True
     return out

@@ -83,10 +83,9 @@ def stages_line(label: str, stages: dict[str, float]) -> str:
 
 
 def main() -> None:
-    import uvloop
-
     from bench.pipeline import bare_consumer_rate, run_pipeline
-    from deploy import collector
+    from deploy import collector, event_loop
+    from deploy.settings import HttpSettings
 
     events = int(os.environ.get("BENCH_EVENTS", "1000000"))
     result: dict[str, Any] = {
@@ -94,11 +93,11 @@ def main() -> None:
     }
     with broker() as bootstrap:
         say(f"pipeline: {events:,} events through Kafka ({bootstrap}) -> faust -> ClickHouse (embedded)…")
-        # the aggregator's process as `metering run` sets it up: uvloop (METERING_EVENT_LOOP's
-        # default) and Python's collector for a server (deploy/collector.py; the freeze once
-        # the aggregator runs, in run_pipeline)
+        # the aggregator's process as `metering run` sets it up: the loop METERING_EVENT_LOOP
+        # names (uvloop by default) and Python's collector for a server (deploy/collector.py;
+        # the freeze once the aggregator runs, in run_pipeline)
         collector.set_thresholds()
-        p = uvloop.run(run_pipeline(bootstrap, events))
+        p = event_loop.run(run_pipeline(bootstrap, events), HttpSettings().event_loop)
         say(
             f"  end to end: {p['e2e_events_per_s']:,.0f} events/s ({p['e2e_seconds']:.1f} s; producer alone {p['produce_seconds']:.1f} s)"
         )

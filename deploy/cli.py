@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Annotated
 
 import typer
 
-from deploy import collector
+from deploy import collector, event_loop
 from deploy.logging import setup_logging
 from deploy.settings import (
     AggregatorSettings,
@@ -30,13 +29,7 @@ def _run(parts: set[str], settings: RunSettings, start_local_kafka: bool) -> Non
     setup_logging(settings.log_level, settings.log_json)
     collector.set_thresholds()  # a server's settings for Python's cyclic GC (deploy/collector.py)
     try:
-        main = serve(settings, {Part(p) for p in parts}, start_local_kafka)
-        if settings.event_loop == "uvloop":
-            import uvloop
-
-            uvloop.run(main)
-        else:
-            asyncio.run(main)
+        event_loop.run(serve(settings, {Part(p) for p in parts}, start_local_kafka), settings.event_loop)
     except Exception as exc:  # a clear one-line reason, not a traceback, for start-up failures
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc

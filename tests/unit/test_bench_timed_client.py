@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -16,9 +17,9 @@ from bench import timed_client
 
 class _Recorder(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # kept-alive connections, as the servers measured
-    seen: list[tuple[str, str, str | None]] = []
+    seen: ClassVar[list[tuple[str, str, str | None]]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self.seen.append((self.command, self.path, self.headers.get("Authorization")))
         status = 500 if self.path.startswith("/fail") else 200
         body = b'{"ok":true}'
