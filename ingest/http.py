@@ -78,6 +78,12 @@ log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/api/v1/events"
 RETRY_AFTER_UNAVAILABLE_S = 5
+#: A request judged on the event loop holds it for its checks, ~3 ms for 100 events: larger ones
+#: (a raised ingest_max_events_per_request) go to the thread pool, so the loop never waits long.
+ON_LOOP_MAX_EVENTS = 100
+#: Events the producer may have queued or in flight for a request still to be handed over on the
+#: loop: far below librdkafka's queue (100,000 messages), whose full queue makes a hand-over wait.
+ON_LOOP_MAX_PENDING = 10_000
 
 EVENTS_ANSWERED = Counter(
     "metering_ingest_events_total",
@@ -401,7 +407,7 @@ def build_ingest_router(
             ) from None
 
     def check_events(
-        items: list[Any], tenant: str, judged_at_ms: int, principal: Principal
+        items: list[Any], tenant: str, judged_at_ms: int, principal: Principal, scope: KeyScope | None = None
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(per-event results, prepared events to send) — pure apart from reading ``recent`` and
         the key's scope (blocking, loaded at the first valid event; then set lookups per event).
@@ -414,7 +420,7 @@ def build_ingest_router(
         accepted: list[dict[str, Any]] = []
         seen: set[str] = set()
         candidates: list[tuple[dict[str, Any], dict[str, Any]]] = []  # valid, first of their id
-        in_scope = ScopeCheck(lambda: key_scope(principal))
+        in_scope = ScopeCheck(lambda: scope if scope is not None else key_scope(principal))
         # each event's checks in this order: size, shape, prepare_event's, scope; the first
         # two here, prepare_event's for the rest in one batch (ingest/prepare_batch.py)
         judged: list[tuple[dict[str, Any], Any]] = []  # (result, event passing size and shape)
@@ -461,12 +467,12 @@ def build_ingest_router(
         return results, accepted
 
     def check_and_submit(
-        items: list[Any], tenant: str, judged_at_ms: int, principal: Principal
+        items: list[Any], tenant: str, judged_at_ms: int, principal: Principal, scope: KeyScope | None = None
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Future[None] | Exception | None]:
         """``check_events``, then the accepted events handed to the producer: the delivery to
         await (None: nothing to await), or the exception that stopped the hand-over (a 503).
-        Blocking: called in the thread pool."""
-        results, accepted = check_events(items, tenant, judged_at_ms, principal)
+        Blocking unless ``on_loop`` gave the ``scope``: then CPU alone (see ``on_loop``)."""
+        results, accepted = check_events(items, tenant, judged_at_ms, principal, scope)
         if not accepted:
             return results, accepted, None
         try:
@@ -485,6 +491,22 @@ def build_ingest_router(
             return results, accepted, future
         except Exception as exc:
             return results, accepted, exc
+
+    def on_loop(principal: Principal) -> KeyScope | None:
+        """The key's scope when the request may be judged and handed over on the event loop,
+        else None (the thread pool). On the loop: the scope is kept (``cached_key_scope``: no
+        read from ClickHouse) and the producer's queue is far from full, so its hand-over never
+        waits for room (``_produce``'s wait on a full librdkafka queue). A trip to the pool
+        costs more than the work: the GIL handed to a worker thread and back for each request
+        (docs/performance.md, "The ingest's checks on the event loop")."""
+        peek = getattr(get_scopes(), "cached_key_scope", None)
+        scope: KeyScope | None = peek(principal) if peek is not None else None
+        if scope is None:
+            return None
+        pending = getattr(get_producer(), "pending", None)
+        if not isinstance(pending, int) or pending > ON_LOOP_MAX_PENDING:
+            return None
+        return scope
 
     @router.post(
         EVENTS_PATH,
@@ -529,12 +551,17 @@ def build_ingest_router(
                     {"max_events": max_events, "events": len(items)},
                 )
             tenant = principal.tenant
-            # pydantic over up to 100 events, then the hand-over to librdkafka: off the event
-            # loop, in one trip to the thread pool; the acknowledgement is awaited on the loop.
+            # pydantic over up to 100 events, then the hand-over to librdkafka: on the loop when
+            # neither can block (on_loop), else in one trip to the thread pool; the
+            # acknowledgement is awaited on the loop.
             judged_at_ms = now_ms()
-            results, accepted, delivered = await run_in_threadpool(
-                check_and_submit, items, tenant, judged_at_ms, principal
-            )
+            scope = on_loop(principal) if len(items) <= ON_LOOP_MAX_EVENTS else None
+            if scope is not None:
+                results, accepted, delivered = check_and_submit(items, tenant, judged_at_ms, principal, scope)
+            else:
+                results, accepted, delivered = await run_in_threadpool(
+                    check_and_submit, items, tenant, judged_at_ms, principal
+                )
             if accepted:
                 try:
                     if isinstance(delivered, Exception):

@@ -22,8 +22,8 @@ entities are the only ones ever loaded, and the message names only the field and
 The decisions (``TenantScope``, ``KeyScope``, ``judge``) are pure. ``ScopeStore`` does the I/O:
 one parameterized query per tenant loads what they need from ``entities``, kept for ``ttl_s``
 (a ``cachetools.TTLCache``; concurrent misses of one tenant wait for a single load), so a request
-costs set lookups per event. The HTTP ingest calls it from its thread pool, never on the event
-loop. Entities are judged as they stand when the request arrives, up to ``ttl_s`` old: a
+costs set lookups per event. The HTTP ingest reads a scope (``key_scope``) from its thread pool,
+never on the event loop; on the loop it only takes one already kept (``cached_key_scope``). Entities are judged as they stand when the request arrives, up to ``ttl_s`` old: a
 workspace created (and applied by the aggregator) a moment ago may be refused for that long.
 """
 
@@ -234,10 +234,13 @@ class ScopeStore:
         self._client = client
         self._db = database
         self._load: Callable[[str], TenantScope] = self._fetch
+        self._cache: cachetools.TTLCache[str, TenantScope] | None = None
+        self._lock = threading.Condition()
         if ttl_s > 0:
-            lock = threading.Condition()
-            cache: cachetools.TTLCache[str, TenantScope] = cachetools.TTLCache(max_tenants, ttl_s, timer)
-            self._load = cachetools.cached(cache, lock=lock, condition=lock)(self._fetch)
+            self._cache = cachetools.TTLCache(max_tenants, ttl_s, timer)
+            self._load = cachetools.cached(
+                self._cache, key=lambda tenant: tenant, lock=self._lock, condition=self._lock
+            )(self._fetch)
 
     def tenant_scope(self, tenant: str) -> TenantScope:
         return self._load(tenant)
@@ -246,6 +249,17 @@ class ScopeStore:
         return self.tenant_scope(principal.tenant).for_key(
             principal.scope, principal.workspace_id, principal.member_id
         )
+
+    def cached_key_scope(self, principal: Principal) -> KeyScope | None:
+        """``key_scope`` when the tenant's scope is kept and younger than the TTL, else None:
+        never reads ClickHouse, so an event loop may call it."""
+        if self._cache is None:
+            return None
+        with self._lock:
+            tenant = self._cache.get(principal.tenant)
+        if tenant is None:
+            return None
+        return tenant.for_key(principal.scope, principal.workspace_id, principal.member_id)
 
     def _fetch(self, tenant: str) -> TenantScope:
         rows = self._client.query(

@@ -288,6 +288,27 @@ def test_the_store_loads_each_tenant_once_per_ttl() -> None:
     assert [q[1]["tenant"] for q in client.queries] == ["acme", "globex", "acme"]
 
 
+def test_the_kept_scope_is_given_without_a_read_and_only_while_kept() -> None:
+    now = [0.0]
+    client = FakeClient({"acme": ROWS})
+    store = ScopeStore(client, "db", ttl_s=2.0, timer=lambda: now[0])  # type: ignore[arg-type]
+    key = principal("acme", "workspace", "mid")
+    assert store.cached_key_scope(key) is None  # nothing kept yet, and nothing read for it
+    assert client.queries == []
+    loaded = store.key_scope(key)
+    kept = store.cached_key_scope(key)
+    assert kept is not None and kept.workspaces == loaded.workspaces == {"mid", "leaf", "deep"}
+    # the kept tenant scope answers for another key of the tenant too, with that key's own scope
+    other = store.cached_key_scope(principal("acme", "workspace", "leaf"))
+    assert other is not None and other.workspaces == {"leaf", "deep"}
+    assert store.cached_key_scope(principal("globex", "workspace", "mid")) is None
+    assert len(client.queries) == 1
+    now[0] = 2.5  # past the TTL: no longer kept
+    assert store.cached_key_scope(key) is None
+    assert len(client.queries) == 1
+    assert ScopeStore(client, "db", ttl_s=0).cached_key_scope(key) is None  # type: ignore[arg-type]
+
+
 def test_the_store_query_is_parameterized_and_filtered_by_tenant() -> None:
     client = FakeClient({})
     store = ScopeStore(client, "db", ttl_s=0)  # type: ignore[arg-type]
