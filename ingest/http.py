@@ -499,11 +499,14 @@ def build_ingest_router(
         waits for room (``_produce``'s wait on a full librdkafka queue). A trip to the pool
         costs more than the work: the GIL handed to a worker thread and back for each request
         (docs/performance.md, "The ingest's checks on the event loop")."""
-        peek = getattr(get_scopes(), "cached_key_scope", None)
-        scope: KeyScope | None = peek(principal) if peek is not None else None
-        if scope is None:
+        try:
+            peek = getattr(get_scopes(), "cached_key_scope", None)
+            scope: KeyScope | None = peek(principal) if peek is not None else None
+            if scope is None:
+                return None
+            pending = getattr(get_producer(), "pending", None)
+        except Exception:  # whatever fails here fails again in the pool, where it is answered
             return None
-        pending = getattr(get_producer(), "pending", None)
         if not isinstance(pending, int) or pending > ON_LOOP_MAX_PENDING:
             return None
         return scope

@@ -115,6 +115,18 @@ def test_a_producer_with_a_long_queue_sends_the_request_to_the_pool() -> None:
     assert answer.status_code == 202 and p.on_loop == [True]
 
 
+class BrokenScopes(KeptScopes):
+    """Its kept-scope lookup fails: the request is judged in the pool, where failures are answered."""
+
+    def cached_key_scope(self, principal: Principal) -> KeyScope | None:
+        raise RuntimeError("the cache is broken")
+
+
+def test_a_failing_kept_scope_lookup_sends_the_request_to_the_pool() -> None:
+    answer, p, _ = _run(BrokenScopes)
+    assert answer.status_code == 202 and p.on_loop == [False]
+
+
 def test_a_request_larger_than_the_loops_share_goes_to_the_pool() -> None:
     answer, p, fake = _run(KeptScopes, n=ON_LOOP_MAX_EVENTS + 1, max_events=ON_LOOP_MAX_EVENTS + 1)
     assert answer.status_code == 202 and answer.json()["accepted"] == ON_LOOP_MAX_EVENTS + 1
