@@ -242,28 +242,6 @@ def _check(
     return check_event_time(time, received, backfill=backfill)
 
 
-def decode_messages(messages: Iterable[SourceMessage]) -> Decoded:
-    total = Decoded()
-    for msg in messages:
-        d = decode_message(msg)
-        total.rows.extend(d.rows)
-        total.rejects.extend(d.rejects)
-    return total
-
-
-class _RawOut(msgspec.Struct, array_like=False):
-    tenant: str
-    event_id: str
-    type: str
-    source: str
-    subject: str
-    time: datetime
-    data: msgspec.Raw
-    src_partition: int
-    src_offset: int
-    ingested_at: str
-
-
 _lines = msgspec.json.Encoder().encode_lines
 
 #: ClickHouse settings the raw rows need: ISO-8601 times as written by msgspec; ``data`` is a
@@ -272,27 +250,6 @@ RAW_INSERT_SETTINGS = {
     "date_time_input_format": "best_effort",
     "input_format_json_read_objects_as_strings": 1,
 }
-
-
-def raw_rows_json(rows: Iterable[RawRow], ingested_at: str) -> bytes:
-    """JSONEachRow for ``events_raw``, encoded in one call."""
-    return _lines(
-        [
-            _RawOut(
-                r.tenant,
-                r.event_id,
-                r.type.value,
-                r.source,
-                r.subject,
-                r.time,
-                msgspec.Raw(r.data),
-                r.partition,
-                r.offset,
-                ingested_at,
-            )
-            for r in rows
-        ]
-    )
 
 
 class _StagedOut(msgspec.Struct, array_like=False):

@@ -17,8 +17,8 @@ Since issue 11 the processor's batches (``staged_refusals``) try here only what 
 statements cannot try before the raw insert: the lifecycle events (the entities statement), and
 every row when an operator changed a period table's or ``gauge_15m``'s value types. The usage
 events' conversions are tried by the statement that fills the rollup stage from the batch's new
-rows, run before the raw insert (processor.py, step 4; ``isolate`` bisects there too). Replays
-(``refusals``) still try every statement here.
+rows, run before the raw insert (processor.py, step 4; ``isolate`` bisects there too). A replay
+writes its rows on the same path (``BatchProcessor.rewrite``), so it is tried the same way.
 
 When a trial fails with a data error (errors.py), ``isolate`` bisects the rows with further
 trials down to the events that fail on their own. The caller dead-letters those, with the
@@ -41,12 +41,10 @@ import logging
 import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
 from aggregators import rollup, stage
-from aggregators.decode import RawRow
 from aggregators.errors import NotTheData, is_data_error, reason
 from aggregators.faults import CrashPoint, checkpoint
 from aggregators.rollup import Ranges
@@ -103,14 +101,6 @@ def isolate(
         if err is not None:
             raise NotTheData("the events left still fail together", err)
     return [(rows[i], e) for i, e in refused]
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """An event ClickHouse refuses, and the engine's reason."""
-
-    row: RawRow
-    reason: str
 
 
 class _TrialWriter(ClickHouseWriter):
@@ -202,15 +192,6 @@ class _TrialWriter(ClickHouseWriter):
         if not self.staged_only:
             super()._fill_stage(periods, pending)
 
-    def attempt(self, rows: Sequence[RawRow], ingested_at: datetime) -> None:
-        """Every statement the real writer would run for ``rows`` alone; raises what they raise."""
-        self.forget()
-        self.staged_only = False
-        self.types = frozenset(r.type for r in rows)
-        self.client.command(f"TRUNCATE TABLE {self.db}.{Table.EVENTS_RAW}")
-        self.insert_raw(rows, ingested_at)
-        self.catch_up(sorted({r.partition for r in rows}))
-
     def attempt_staged(
         self, rows_table: str, keys: Sequence[tuple[int, int]] | None, ingested_at: datetime
     ) -> None:
@@ -292,23 +273,6 @@ class Preflight:
         self._probe = _TrialWriter(writer.client, self.db, writer.catalog)
         self._ready = False
 
-    def refusals(self, rows: Sequence[RawRow], ingested_at: datetime) -> list[Refusal]:
-        """The events of ``rows`` that ClickHouse would refuse (one trial when there are none).
-        Raises on an outage, and ``NotTheData`` when the failure is not the rows' fault."""
-        if not rows:
-            return []
-        found = isolate(rows, lambda part: self._trial(part, ingested_at), self._dry)
-        for row, exc in found:
-            log.warning(
-                "event %s/%s (partition %d offset %d) refused by ClickHouse: %s",
-                row.tenant,
-                row.event_id,
-                row.partition,
-                row.offset,
-                reason(exc),
-            )
-        return [Refusal(row, reason(exc)) for row, exc in found]
-
     def staged_refusals(self, rows_table: str, ingested_at: datetime) -> list[tuple[tuple[int, int], str]]:
         """The (message, position) of the judged rows of a batch (stage.py) that ClickHouse would
         refuse, with the engine's reason: one trial when there are none, then a bisect."""
@@ -328,9 +292,6 @@ class Preflight:
             self._dry,
         )
         return [(key, reason(exc)) for key, exc in found]
-
-    def _trial(self, rows: Sequence[RawRow], ingested_at: datetime) -> BaseException | None:
-        return self._data_error(lambda: self._probe.attempt(rows, ingested_at))
 
     def _dry(self) -> BaseException | None:
         """A failure without rows is the query's (or the schema's), not the data's."""

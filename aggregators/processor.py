@@ -4,7 +4,8 @@ Python handles Kafka messages; ClickHouse handles events (stage.py). The steps, 
 (why each is safe after a crash: docs/exactly-once.md):
 1. skip messages already in ``events_raw`` (offset <= its watermark for the partition);
 2. per message, in Python: its syntax and size (a message that is not JSON, or too large, is
-   rejected whole), no per-event work;
+   rejected whole), no per-event work; the control topic's messages (lifecycle events: few,
+   written by administrators, folded into ``entities``) are left to pydantic whole;
 3. the messages' values, joined, parsed by ClickHouse into a stage table (one insert; a message
    the engine cannot read is found by bisecting and left to pydantic), then judged by SQL
    generated from the pydantic models; pydantic decides (and words the reject of) every event
@@ -221,11 +222,88 @@ class BatchProcessor:
         else:
             self.prepared_ahead += 1
             metrics.BATCHES_PREPARED_AHEAD.inc()
+        stats.events = ahead.events
+        fresh = ahead.messages
+        rejects, storage_rejects = self._write_new(ahead, stats, raw_wm, fence=True)
+        t4 = time.perf_counter()
+        ranges: dict[int, tuple[int, int]] = {}
+        for m in fresh:
+            lo, hi = ranges.get(m.partition, (m.offset - 1, m.offset))
+            ranges[m.partition] = (min(lo, m.offset - 1), max(hi, m.offset))
+        written = self.writer.written(Ranges(ranges)) if ranges else []
+        stats.written = sum(w[5] for w in written)
+        accepted_events = stats.events - stats.rejected - stats.refused
+        stats.duplicates = max(0, accepted_events - stats.written)
+
+        # 5. every derived table up to the raw table
+        applied = self.writer.catch_up(partitions)
+        checkpoint(CrashPoint.AFTER_DERIVED)
+        t5 = time.perf_counter()
+        timings["rollups"] += t5 - t4
+
+        last_time: dict[str, datetime] = {}
+        for tenant, _p, last, _lo, _hi, _n in written:
+            if last > last_time.get(tenant, datetime.min.replace(tzinfo=UTC)):
+                last_time[tenant] = last
+        refreshed = self.clock()
+        self.writer.touch_freshness(last_time, refreshed)
+        stats.tenants = set(last_time)
+        self.writer.release_batch()
+        timings["freshness"] += time.perf_counter() - t5
+
+        metrics.BATCHES.inc()
+        metrics.EVENTS_IN.inc(stats.events)
+        metrics.EVENTS_WRITTEN.inc(stats.written)
+        metrics.DUPLICATES.inc(stats.duplicates)
+        for rej in (*rejects, *storage_rejects):
+            metrics.REJECTED.labels(rej.code).inc()
+        metrics.DEAD_LETTERED.inc(len(rejects) + len(storage_rejects))
+        for table, n in applied.items():
+            metrics.ROWS_WRITTEN.labels(table.value).inc(n)
+        metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
+        _record_freshness(written, fresh, refreshed)
+        checkpoint(CrashPoint.AFTER_BATCH)
+        return stats
+
+    def rewrite(
+        self, messages: Sequence[SourceMessage]
+    ) -> tuple[BatchStats, tuple[datetime, datetime] | None]:
+        """Write ``messages`` to events_raw again, on the batch's own path (steps 2 to 4b): what
+        ``metering replay`` does with the messages it re-reads (aggregators/replay.py), after it
+        deleted their raw rows and their keys (``replay.delete_raw_from``). So nothing is skipped
+        by the raw watermark (a replay of one tenant leaves the others' rows above it), there is
+        no fence (a replay is the only writer) and the derived tables are left to the rebuild
+        that follows (``replay.rebuild_from_raw``). The dedupe is the live one: a copy of an
+        event counted earlier in the log, or earlier in the replay, is left out (its key is in
+        event_keys). Returns the stats and the event-time span of the rows written."""
+        stats = BatchStats(messages=len(messages))
+        if not messages:
+            return stats, None
+        lanes = sorted({m.partition for m in messages})
+        raw_wm = self.writer.watermarks(Table.EVENTS_RAW, lanes)
+        self.writer.keys_catch_up(raw_wm)
+        ahead = self.prepare(messages, self.writer)
+        stats.events = ahead.events
+        self._write_new(ahead, stats, raw_wm, fence=False)
+        stats.written, span = self.writer.new_span()
+        stats.duplicates = max(0, stats.events - stats.rejected - stats.refused - stats.written)
+        self.writer.forget()  # the raw watermarks: a replay's rows may sit below them
+        self.writer.release_batch()
+        return stats, span
+
+    def _write_new(
+        self, ahead: Prepared, stats: BatchStats, raw_wm: dict[int, int], fence: bool
+    ) -> tuple[list[Reject], list[Reject]]:
+        """Steps 3 (pydantic's part) to 4b of a prepared batch: the events the SQL did not accept
+        decided by pydantic and the rejects dead-lettered, the trial, the new rows selected and
+        inserted into events_raw and their keys into event_keys. ``fence``: check first that
+        nobody else wrote the batch's partitions since ``raw_wm`` was read (``process``).
+        Returns the rejects and the events the engine refused (both dead-lettered)."""
+        timings = self.timings
         self.writer.read_rows_from(ahead.rows_table)
         fresh = ahead.messages
         items, python, flagged = ahead.items, ahead.python, ahead.flagged
         decoded = Decoded(rejects=list(ahead.rejects))
-        stats.events = ahead.events
         t2 = time.perf_counter()
         positions: dict[int, list[int]] = defaultdict(list)
         for mi, pos in flagged:
@@ -282,7 +360,7 @@ class BatchProcessor:
         # owner wrote the same offsets: both would insert them (the chaos suite's SIGSTOP
         # scenario, docs/exactly-once.md). Found here, nothing of the batch is written yet: it is
         # applied again from the watermarks as they are (process_with_retry).
-        moved = self.writer.raw_moved(raw_wm)
+        moved = self.writer.raw_moved(raw_wm) if fence else []
         if moved:
             raise WrittenMeanwhile(moved)
 
@@ -293,46 +371,8 @@ class BatchProcessor:
         checkpoint(CrashPoint.RAW_BEFORE_KEYS)
         self.writer.insert_keys(now)
         checkpoint(CrashPoint.AFTER_RAW_INSERT)
-        t4 = time.perf_counter()
-        timings["raw_insert"] += t4 - t3c
-        ranges: dict[int, tuple[int, int]] = {}
-        for m in fresh:
-            lo, hi = ranges.get(m.partition, (m.offset - 1, m.offset))
-            ranges[m.partition] = (min(lo, m.offset - 1), max(hi, m.offset))
-        written = self.writer.written(Ranges(ranges)) if ranges else []
-        stats.written = sum(w[5] for w in written)
-        accepted_events = stats.events - stats.rejected - stats.refused
-        stats.duplicates = max(0, accepted_events - stats.written)
-
-        # 5. every derived table up to the raw table
-        applied = self.writer.catch_up(partitions)
-        checkpoint(CrashPoint.AFTER_DERIVED)
-        t5 = time.perf_counter()
-        timings["rollups"] += t5 - t4
-
-        last_time: dict[str, datetime] = {}
-        for tenant, _p, last, _lo, _hi, _n in written:
-            if last > last_time.get(tenant, datetime.min.replace(tzinfo=UTC)):
-                last_time[tenant] = last
-        refreshed = self.clock()
-        self.writer.touch_freshness(last_time, refreshed)
-        stats.tenants = set(last_time)
-        self.writer.release_batch()
-        timings["freshness"] += time.perf_counter() - t5
-
-        metrics.BATCHES.inc()
-        metrics.EVENTS_IN.inc(stats.events)
-        metrics.EVENTS_WRITTEN.inc(stats.written)
-        metrics.DUPLICATES.inc(stats.duplicates)
-        for rej in (*decoded.rejects, *storage_rejects):
-            metrics.REJECTED.labels(rej.code).inc()
-        metrics.DEAD_LETTERED.inc(len(decoded.rejects) + len(storage_rejects))
-        for table, n in applied.items():
-            metrics.ROWS_WRITTEN.labels(table.value).inc(n)
-        metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
-        _record_freshness(written, fresh, refreshed)
-        checkpoint(CrashPoint.AFTER_BATCH)
-        return stats
+        timings["raw_insert"] += time.perf_counter() - t3c
+        return decoded.rejects, storage_rejects
 
     # ---- preparing a batch (steps 2 and 3): its own tables, no side effect -------------------
 

@@ -3,9 +3,11 @@ gives the same tables as running it once, and the same as the live pipeline.
 
 - ``rebuild_from_raw``: recompute the period, gauge and entity tables of a tenant (or all) over
   a time range from ``events_raw``, with the same SQL the live path runs.
-- ``replay_from_kafka``: re-read the events topic from an offset or a timestamp, rewrite
-  ``events_raw`` rows from there (same offsets, same dedupe rule: the first occurrence in the
-  log wins), then rebuild the derived tables over the time span those events cover.
+- from Kafka (``metering replay --from-offset/--from-time``, aggregators/replay_cli.py): the raw
+  rows from an offset or a timestamp on deleted with their keys (``delete_raw_from``), the
+  messages from there re-read and written again on the live aggregator's own path
+  (``replay_messages``: the same statements, the same dedupe, the first occurrence in the log
+  wins), then the derived tables rebuilt over the time span those events cover.
 
 With the embedded engine, stop ``metering run`` first: chdb locks its data directory.
 """
@@ -18,9 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aggregators import rollup
-from aggregators.decode import SourceMessage, decode_messages
-from aggregators.dedupe import first_occurrences
-from aggregators.preflight import Preflight
+from aggregators.decode import SourceMessage
+from aggregators.processor import BatchProcessor
 from aggregators.projection import LifecycleEvent, fold
 from aggregators.rollup import Grain
 from aggregators.writer import ClickHouseWriter, fmt_time
@@ -186,54 +187,27 @@ class KafkaReplayReport:
 
 
 def replay_messages(
-    writer: ClickHouseWriter,
+    processor: BatchProcessor,
     messages: list[SourceMessage],
     tenant: str | None,
-    start: dict[int, int],
     report: KafkaReplayReport,
-    preflight: Preflight | None = None,
 ) -> None:
-    """Rewrite ``events_raw`` from ``messages`` (all at offsets >= ``start`` of their partition):
-    the old rows from those offsets are deleted first, so running it twice changes nothing.
-    Events ClickHouse refuses are left out (counted as rejected), as the live aggregator leaves
-    them out (preflight.py): a replay writes the same rows."""
-    c, db = writer.client, writer.db
+    """Write ``messages`` (re-read from ``start`` on, after ``delete_raw_from``) to events_raw
+    again on the live aggregator's own path (``BatchProcessor.rewrite``: parsed and judged by the
+    engine, pydantic for what the SQL flags, the same trial, the same dedupe against event_keys),
+    so a replay writes the rows the live pipeline wrote: the first occurrence of an event wins,
+    whether it is before ``start`` or earlier in the replay, and the events the engine refuses
+    are left out. Running it twice changes nothing: ``delete_raw_from`` deletes first."""
     msgs = [m for m in messages if tenant is None or (m.key or b"").decode() == tenant]
     report.messages += len(msgs)
-    decoded = decode_messages(msgs)
-    report.rejected += len(decoded.rejects)
-    keep = first_occurrences((r.tenant, r.event_id) for r in decoded.rows)
-    rows = [decoded.rows[i] for i in keep]
-    # The first occurrence in the log wins: drop events whose id already exists before `start`.
-    by_tenant: dict[str, list[str]] = {}
-    for r in rows:
-        by_tenant.setdefault(r.tenant, []).append(r.event_id)
-    earlier: set[tuple[str, str]] = set()
-    for t, ids in by_tenant.items():
-        for p, off in start.items():
-            found = c.query(
-                f"SELECT event_id FROM {db}.{Table.EVENTS_RAW} WHERE tenant = {{t:String}} AND event_id IN {{ids:Array(String)}} "
-                "AND NOT (src_partition = {p:Int32} AND src_offset >= {o:Int64})",
-                parameters={"t": t, "ids": ids, "p": p, "o": off},
-            ).result_rows
-            earlier.update((t, str(x[0])) for x in found)
-    fresh = [r for r in rows if (r.tenant, r.event_id) not in earlier]
-    report.duplicates += len(decoded.rows) - len(fresh)
-    now = datetime.now(UTC)
-    probe = preflight or Preflight(writer)
-    try:
-        refused = {(f.row.tenant, f.row.event_id) for f in probe.refusals(fresh, now)}
-    finally:
-        if preflight is None:
-            probe.close()
-    fresh = [r for r in fresh if (r.tenant, r.event_id) not in refused]
-    report.rejected += len(refused)
-    if fresh:
-        writer.insert_raw(fresh, now)
-        report.events_written += len(fresh)
-        times = [r.time for r in fresh]
-        report.first_event = min([*times, *([report.first_event] if report.first_event else [])])
-        report.last_event = max([*times, *([report.last_event] if report.last_event else [])])
+    stats, span = processor.rewrite(msgs)
+    report.rejected += stats.rejected + stats.refused
+    report.duplicates += stats.duplicates
+    report.events_written += stats.written
+    if span is not None:
+        lo, hi = span
+        report.first_event = min(lo, report.first_event) if report.first_event else lo
+        report.last_event = max(hi, report.last_event) if report.last_event else hi
 
 
 def delete_raw_from(

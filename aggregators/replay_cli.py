@@ -79,6 +79,7 @@ def _replay_kafka(settings, writer, tenant, from_offset, from_time, report, bar)
 
     from aggregators import replay as rp
     from aggregators.decode import SourceMessage
+    from aggregators.processor import BatchProcessor, ListSink
     from deploy.runner import kafka_bootstrap
     from schemas.wire import control_lane
 
@@ -116,31 +117,39 @@ def _replay_kafka(settings, writer, tenant, from_offset, from_time, report, bar)
         total = sum(ends[lane] - o for lane, o in start.items())
         task = bar.add_task("reading Kafka", total=total or 1)
         span = rp.delete_raw_from(writer, start, tenant)
+        # the live aggregator's path (BatchProcessor.rewrite); rejects are recorded in the
+        # rejections table as the live path records them, not sent to the dead-letter topic again
+        processor = BatchProcessor(writer, ListSink())
         consumer.assign(
             [TopicPartition(t, p, start[lane]) for (t, p), lane in lane_of.items() if lane in start]
         )
-        done, remaining = 0, dict(start)
-        while remaining:
-            batch = []
-            for m in consumer.consume(500, timeout=1.0):
-                off = m.offset()
-                part = lane_of.get((m.topic() or "", m.partition() or 0))
-                if m.error() or part is None or off is None or part not in remaining:
-                    continue
-                if off >= ends[part]:
-                    remaining.pop(part, None)
-                    continue
-                raw_headers = m.headers() or []
-                pairs = raw_headers.items() if isinstance(raw_headers, dict) else raw_headers
-                headers = [(str(k), v if isinstance(v, bytes) else (v or "").encode()) for k, v in pairs]
-                batch.append(SourceMessage(part, off, m.timestamp()[1], m.key(), m.value() or b"", headers))
-                if off >= ends[part] - 1:
-                    remaining.pop(part, None)
-            if batch:
-                rp.replay_messages(writer, batch, tenant, start, report)
-                done += len(batch)
-                bar.update(task, completed=done)
-        consumer.close()
+        try:
+            done, remaining = 0, dict(start)
+            while remaining:
+                batch = []
+                for m in consumer.consume(500, timeout=1.0):
+                    off = m.offset()
+                    part = lane_of.get((m.topic() or "", m.partition() or 0))
+                    if m.error() or part is None or off is None or part not in remaining:
+                        continue
+                    if off >= ends[part]:
+                        remaining.pop(part, None)
+                        continue
+                    raw_headers = m.headers() or []
+                    pairs = raw_headers.items() if isinstance(raw_headers, dict) else raw_headers
+                    headers = [(str(k), v if isinstance(v, bytes) else (v or "").encode()) for k, v in pairs]
+                    batch.append(
+                        SourceMessage(part, off, m.timestamp()[1], m.key(), m.value() or b"", headers)
+                    )
+                    if off >= ends[part] - 1:
+                        remaining.pop(part, None)
+                if batch:
+                    rp.replay_messages(processor, batch, tenant, report)
+                    done += len(batch)
+                    bar.update(task, completed=done)
+        finally:
+            consumer.close()
+            processor.preflight.close()  # its probe database
         lo = (
             min(x for x in (report.first_event, span[0] if span else None) if x)
             if (report.first_event or span)

@@ -23,7 +23,7 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from aggregators import insert_token, rollup, stage
-from aggregators.decode import RAW_INSERT_SETTINGS, RawRow, raw_rows_json, staged_rows_json
+from aggregators.decode import RAW_INSERT_SETTINGS, RawRow, staged_rows_json
 from aggregators.faults import CrashPoint, checkpoint
 from aggregators.projection import LifecycleEvent, fold
 from aggregators.rollup import Ranges
@@ -230,6 +230,14 @@ class ClickHouseWriter:
         if keys is None:
             self._staged_since = dict(since)
 
+    def new_span(self) -> tuple[int, tuple[datetime, datetime] | None]:
+        """How many new events ``select_new`` chose, and the span of their event times."""
+        n, lo, hi = self.client.query(f"SELECT count(), min(time), max(time) FROM {self._new}").result_rows[0]
+        if not int(n):
+            return 0, None
+        lo, hi = (t.replace(tzinfo=UTC) if t.tzinfo is None else t for t in (lo, hi))
+        return int(n), (lo, hi)
+
     def insert_new(self, ingested_at: datetime) -> None:
         """The batch's new events (``select_new``) into events_raw: one INSERT, one part, all
         rows or none; without deduplication on a non-replicated table (its ``ingested_at`` makes
@@ -402,30 +410,6 @@ class ClickHouseWriter:
             else:
                 for p in partitions:
                     cache.pop(p, None)
-
-    # ---- dedupe support -----------------------------------------------------------------------
-
-    # ---- raw ----------------------------------------------------------------------------------
-
-    def insert_raw(self, rows: Sequence[RawRow], ingested_at: datetime) -> None:
-        """One INSERT, hence one part: all rows or none. No deduplication token here on purpose:
-        after an error the processor re-reads the watermark, which says whether the insert
-        landed; a token could instead drop rows legitimately re-inserted by a replay. Nor any
-        deduplication on a non-replicated table (insert_token.insert_settings without a token)."""
-        if not rows:
-            return
-        body = raw_rows_json(rows, fmt_time(ingested_at))
-        settings = {
-            **RAW_INSERT_SETTINGS,
-            **insert_token.insert_settings(self.client, self.db, Table.EVENTS_RAW, None),
-        }
-        self.client.raw_insert(
-            f"{self.db}.{Table.EVENTS_RAW}", None, body, fmt="JSONEachRow", settings=settings
-        )
-        cache = self._wm[Table.EVENTS_RAW]
-        for r in rows:
-            if r.offset > cache.get(r.partition, NO_OFFSET):
-                cache[r.partition] = r.offset
 
     # ---- derived tables -----------------------------------------------------------------------
 

@@ -106,3 +106,44 @@ def test_replay_from_kafka_gives_identical_tables_twice(
     assert result.exit_code == 0, result.output
     assert raw(client, db) == before_raw
     assert snapshot(client, db) == before
+
+
+def test_replay_of_one_lane_finds_a_copy_in_a_later_chunk(
+    kafka_bootstrap, topic, clickhouse, clickhouse_dsn, monkeypatch
+) -> None:
+    """A replay re-reads the log in chunks (at most 500 messages each). A copy of an event in a
+    later chunk than its first occurrence is left out, as the live aggregator left it out, also
+    when every message re-read is on one lane (one tenant: one partition)."""
+    client, db = clickhouse
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
+    evs = [
+        event(
+            f"solo-{i}",
+            "render.completed",
+            {"workspace_id": "w", "render_id": f"r{i}", "output_duration_seconds": 1.5},
+            base + timedelta(seconds=i),
+            "solo",
+        )
+        for i in range(520)
+    ]
+    evs.append(evs[3])  # the same event again, 517 messages later
+    produce_batches(kafka_bootstrap, topic, evs, per_message=1)
+    proc = make_processor(client, db)
+    messages = consume_all(kafka_bootstrap, topic)
+    assert len({m.partition for m in messages}) == 1
+    proc.process(messages)
+    before_raw, before = raw(client, db), snapshot(client, db)
+    assert len(before_raw) == 520
+
+    for k, v in {
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "METERING_TOPIC_EVENTS": topic,
+        "METERING_CLICKHOUSE_DSN": clickhouse_dsn,
+        "METERING_CLICKHOUSE_DATABASE": db,
+    }.items():
+        monkeypatch.setenv(k, v)
+    result = CliRunner().invoke(app, ["replay", "--from-offset", "0"])
+    assert result.exit_code == 0, result.output
+    assert "replayed 521 messages: 520 events written, 1 duplicates" in result.output
+    assert raw(client, db) == before_raw
+    assert snapshot(client, db) == before

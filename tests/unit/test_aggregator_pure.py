@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 import orjson
 
 from aggregators.decode import SourceMessage, decode_message
-from aggregators.dedupe import first_occurrences
 from aggregators.projection import LifecycleEvent, fold
 from schemas.events import EntityKind, EventType
 from schemas.validation import RejectCode
@@ -65,10 +64,6 @@ def test_unknown_type_code() -> None:
     e = good(1)
     e["type"] = "mystery.event"
     assert decode_message(msg([e])).rejects[0].code == RejectCode.UNKNOWN_TYPE
-
-
-def test_first_occurrences_keeps_the_first() -> None:
-    assert first_occurrences([("a", "1"), ("a", "2"), ("a", "1"), ("b", "1")]) == [0, 1, 3]
 
 
 def test_fold_orders_by_event_time_not_arrival() -> None:

@@ -1,6 +1,7 @@
 """Bounds per field and strict numbers (issue 7, items 2 and 6), pure: the event models, the
 reject codes, and one decision on every path -- the SDK and the HTTP ingest (``prepare_event``)
-and the aggregator (``decode_message``: its fast paths and pydantic)."""
+and the aggregator's pydantic decisions (``decode_message``; the SQL path is held to them by
+tests/unit/test_stage_sql.py)."""
 
 from __future__ import annotations
 
