@@ -34,6 +34,7 @@ def replay(
     tables from the raw table (--from-raw). Idempotent. Stop `metering run` first when using the
     embedded ClickHouse (it locks its data directory)."""
     from aggregators import replay as rp
+    from aggregators.processor import BatchProcessor, ListSink
     from aggregators.writer import ClickHouseWriter
     from deploy.runner import open_clickhouse
     from deploy.settings import CommonSettings
@@ -51,35 +52,45 @@ def replay(
             err=True,
         )
         raise typer.Exit(1) from exc
-    writer = ClickHouseWriter(client, settings.clickhouse_database, default_catalog())
+    # the live aggregator's processor (BatchProcessor.rewrite for a replay from Kafka); closed at
+    # the end, which drops its stage tables and probe database: nothing of the replay is left in
+    # the tables analysts read. Rejects are recorded in the rejections table as the live path
+    # records them, not sent to the dead-letter topic again (ListSink).
+    processor = BatchProcessor(
+        ClickHouseWriter(client, settings.clickhouse_database, default_catalog()), ListSink()
+    )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns) as bar:
-        if from_raw:
-            task = bar.add_task("rebuilding", total=6)
+    try:
+        with Progress(*columns) as bar:
+            if from_raw:
+                task = bar.add_task("rebuilding", total=6)
 
-            def step(desc: str, done: int, total: int) -> None:
-                bar.update(task, description=desc, completed=done, total=total)
+                def step(desc: str, done: int, total: int) -> None:
+                    bar.update(task, description=desc, completed=done, total=total)
 
-            report = rp.rebuild_from_raw(writer, tenant, _parse_time(from_time), _parse_time(until), step)
-            typer.echo(
-                f"rebuilt {', '.join(report.statements)} for {tenant or 'all tenants'} "
-                f"from {report.since:%Y-%m-%d} to {report.until:%Y-%m-%d}"
-            )
-            return
-        kafka = rp.KafkaReplayReport()
-        _replay_kafka(settings, writer, tenant, from_offset, _parse_time(from_time), kafka, bar)
+                report = rp.rebuild_from_raw(
+                    processor.writer, tenant, _parse_time(from_time), _parse_time(until), step
+                )
+                typer.echo(
+                    f"rebuilt {', '.join(report.statements)} for {tenant or 'all tenants'} "
+                    f"from {report.since:%Y-%m-%d} to {report.until:%Y-%m-%d}"
+                )
+                return
+            kafka = rp.KafkaReplayReport()
+            _replay_kafka(settings, processor, tenant, from_offset, _parse_time(from_time), kafka, bar)
+    finally:
+        processor.close()
     typer.echo(
         f"replayed {kafka.messages} messages: {kafka.events_written} events written, "
         f"{kafka.duplicates} duplicates, {kafka.rejected} rejected"
     )
 
 
-def _replay_kafka(settings, writer, tenant, from_offset, from_time, report, bar) -> None:  # type: ignore[no-untyped-def]
+def _replay_kafka(settings, processor, tenant, from_offset, from_time, report, bar) -> None:  # type: ignore[no-untyped-def]
     from confluent_kafka import Consumer, TopicPartition
 
     from aggregators import replay as rp
     from aggregators.decode import SourceMessage
-    from aggregators.processor import BatchProcessor, ListSink
     from deploy.runner import kafka_bootstrap
     from schemas.wire import control_lane
 
@@ -116,10 +127,8 @@ def _replay_kafka(settings, writer, tenant, from_offset, from_time, report, bar)
         start = {lane: o for lane, o in start.items() if o < ends[lane]}
         total = sum(ends[lane] - o for lane, o in start.items())
         task = bar.add_task("reading Kafka", total=total or 1)
+        writer = processor.writer
         span = rp.delete_raw_from(writer, start, tenant)
-        # the live aggregator's path (BatchProcessor.rewrite); rejects are recorded in the
-        # rejections table as the live path records them, not sent to the dead-letter topic again
-        processor = BatchProcessor(writer, ListSink())
         consumer.assign(
             [TopicPartition(t, p, start[lane]) for (t, p), lane in lane_of.items() if lane in start]
         )
@@ -149,7 +158,6 @@ def _replay_kafka(settings, writer, tenant, from_offset, from_time, report, bar)
                     bar.update(task, completed=done)
         finally:
             consumer.close()
-            processor.preflight.close()  # its probe database
         lo = (
             min(x for x in (report.first_event, span[0] if span else None) if x)
             if (report.first_event or span)

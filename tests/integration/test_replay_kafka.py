@@ -147,3 +147,16 @@ def test_replay_of_one_lane_finds_a_copy_in_a_later_chunk(
     assert "replayed 521 messages: 520 events written, 1 duplicates" in result.output
     assert raw(client, db) == before_raw
     assert snapshot(client, db) == before
+    # the period tables rebuilt from the raw table: the same again
+    result = CliRunner().invoke(app, ["replay", "--from-raw", "--tenant", "solo"])
+    assert result.exit_code == 0, result.output
+    assert "rebuilt usage_15m" in result.output and "for solo" in result.output
+    assert snapshot(client, db) == before
+    # the replay's stage tables and probe database are its process's scratch: none is left
+    # behind in the tables analysts read (the live processor's own dropped first)
+    proc.close()
+    left = client.query(
+        "SELECT database, name FROM system.tables WHERE database LIKE {db:String} AND name LIKE '%stage%'",
+        parameters={"db": f"{db}%"},
+    ).result_rows
+    assert left == []
